@@ -1,0 +1,34 @@
+"""Entrypoint for ``ray job submit --working-dir . -- python jobs/continual_train.py --config C``.
+
+Joins the cluster at RAY_ADDRESS (set by the Job Submission API) or starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import load_config
+from pipeline.errors import StrataError
+from pipeline.train import init_ray, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        init_ray()
+        summary = run(cfg)
+    except StrataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

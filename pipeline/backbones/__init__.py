@@ -1,0 +1,3 @@
+from pipeline.backbones.factory import Backbone, InputSpec, create_backbone, register_family
+
+__all__ = ["Backbone", "InputSpec", "create_backbone", "register_family"]

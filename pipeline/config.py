@@ -1,0 +1,228 @@
+"""Typed run configuration: pydantic models, YAML loading and dotted ``--set`` overrides.
+
+Every run is reproducible from its resolved config alone: defaults are filled in, the task
+manifest is inlined, and the result is written next to the run's outputs and to MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+Scenario = Literal["til", "cil", "dil", "dcil"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParquetSource(StrictModel):
+    """Parquet files of encoded images (columns ``image`` bytes and ``label`` int)."""
+
+    type: Literal["parquet"] = "parquet"
+    path: str | list[str] = Field(description="file, directory of *.parquet, glob, or list; any fsspec URI")
+
+
+class FolderSource(StrictModel):
+    """An image folder with one subfolder per class (class names = sorted subfolder names)."""
+
+    type: Literal["folder"] = "folder"
+    path: str
+
+
+class GeneratorSource(StrictModel):
+    """An in-process generator registered in ``pipeline.data.generators`` (tests, quickstart)."""
+
+    type: Literal["generator"] = "generator"
+    name: str
+    split: Literal["train", "test"] = "train"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+Source = Annotated[ParquetSource | FolderSource | GeneratorSource, Field(discriminator="type")]
+
+
+class TaskConfig(StrictModel):
+    id: str = Field(min_length=1)
+    train: Source
+    test: Source
+    classes: list[str] | None = Field(
+        default=None, description="the source's class names by label; read from the Parquet metadata when absent"
+    )
+    domain: str | None = None
+    class_subset: list[int | str] | None = Field(
+        default=None, description="source labels (or class names) to keep, in this order; others are dropped"
+    )
+    rename: dict[str, str] = Field(
+        default_factory=dict,
+        description="class name -> name used in the stream; tasks share a class exactly when names are equal",
+    )
+
+
+class StreamConfig(StrictModel):
+    scenario: Scenario = "cil"
+    manifest: str | None = Field(default=None, description="YAML file with a top-level 'tasks' list")
+    tasks: list[TaskConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_task_source(self) -> StreamConfig:
+        if self.manifest is not None and self.tasks:
+            raise ValueError("give either 'manifest' or 'tasks', not both")
+        return self
+
+
+class BackboneConfig(StrictModel):
+    name: str = Field(default="timm:vit_tiny_patch16_224", description="FAMILY:MODEL, e.g. timm:resnet18")
+    pretrained: bool | str = Field(default=False, description="the library's own pretrained weights (True or a tag)")
+    checkpoint: str | None = Field(default=None, description="local weights file (.safetensors, or a torch state dict)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor")
+    seed: int = Field(default=0, description="seed for random init, so every worker builds the same model")
+
+
+class MethodConfig(BaseModel):
+    """The method's name plus its own hyperparameters, validated by the method's typed config."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = "ncm"
+
+
+class TrainConfig(StrictModel):
+    batch_size: int = Field(default=32, ge=1, description="global batch size, split across workers")
+    lr: float | None = Field(default=None, gt=0, description="overrides the method's default learning rate")
+    passes: int = Field(default=1, ge=1, description="passes over each task's training data")
+    num_workers: int = Field(default=2, ge=0, description="Ray Train workers; 0 runs the loop in the driver")
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    amp: bool = Field(default=True, description="autocast to bfloat16 on GPU; ignored on CPU")
+    max_failures: int = Field(default=0, ge=0, description="worker-group restarts; a restart resumes at the last task")
+    log_every: int = Field(default=10, ge=1, description="steps between progress lines")
+    storage_path: str | None = Field(default=None, description="Ray Train storage; default OUTPUT_DIR/ray")
+
+
+class DataConfig(StrictModel):
+    rows_per_chunk: int = Field(default=512, ge=1, description="rows per read unit (a row-group slice, files, ...)")
+    decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
+    shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
+    image_size: int | None = Field(default=None, ge=1, description="resize side; default: the backbone's input size")
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = Field(default=128, ge=1)
+
+
+class TrackingConfig(StrictModel):
+    enabled: bool = True
+    uri: str | None = Field(default=None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    experiment: str = "strata"
+    run_name: str | None = None
+
+
+class MemoryConfig(StrictModel):
+    uri: str | None = Field(default=None, description="memory store directory or fsspec URI; default OUTPUT_DIR/memory")
+
+
+class StrataConfig(StrictModel):
+    stream: StreamConfig
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    memory: MemoryConfig = MemoryConfig()
+    output_dir: str = "runs/latest"
+    seed: int = 0
+
+    @property
+    def memory_uri(self) -> str:
+        return self.memory.uri or str(Path(self.output_dir) / "memory")
+
+
+def format_validation_error(origin: str, err: ValidationError) -> str:
+    """One line: ``origin: a.b.c: message`` for each problem, joined by '; '."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return f"{origin}: " + "; ".join(parts)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.0.c=value`` in place; the value is parsed as YAML (so 3, true, [1, 2] work)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: no list index {part!r} at {'.'.join(parts[:depth])}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: no list index {last!r}")
+        node[int(last)] = _parse_value(raw)
+    else:
+        node[last] = _parse_value(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> StrataConfig:
+    """Read a YAML config, apply ``--set`` overrides, inline the task manifest, validate."""
+    data = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    origin = str(path) if path is not None else "config"
+    stream = data.get("stream")
+    if isinstance(stream, dict) and stream.get("manifest") and not stream.get("tasks"):
+        manifest = read_yaml(stream["manifest"])
+        extra = set(manifest) - {"tasks"}
+        if extra:
+            raise ConfigError(f"{stream['manifest']}: unknown top-level key {sorted(extra)[0]!r} (expected 'tasks')")
+        origin = f"{origin} (tasks from {stream['manifest']})"
+        data = {**data, "stream": {**stream, "tasks": manifest.get("tasks", []), "manifest": None}}
+    return validate_config(data, origin)
+
+
+def validate_config(data: dict[str, Any], origin: str = "config") -> StrataConfig:
+    try:
+        return StrataConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(origin, err)) from None
+
+
+def dump_config(cfg: StrataConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

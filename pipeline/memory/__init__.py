@@ -1,0 +1,3 @@
+from pipeline.memory.store import MemoryStore, RecordEntry, TaskRecord
+
+__all__ = ["MemoryStore", "RecordEntry", "TaskRecord"]

@@ -1,0 +1,30 @@
+"""Continual-learning methods. Importing this package registers every built-in method."""
+
+from pipeline.methods import finetune, ncm  # noqa: F401  (registration side effect)
+from pipeline.methods.base import (
+    Batch,
+    Collective,
+    LocalCollective,
+    Method,
+    MethodParams,
+    TaskInfo,
+    available_methods,
+    create_method,
+    method_class,
+    register_method,
+    resolve_method_params,
+)
+
+__all__ = [
+    "Batch",
+    "Collective",
+    "LocalCollective",
+    "Method",
+    "MethodParams",
+    "TaskInfo",
+    "available_methods",
+    "create_method",
+    "method_class",
+    "register_method",
+    "resolve_method_params",
+]

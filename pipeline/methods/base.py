@@ -1,0 +1,173 @@
+"""The method interface, its typed config, and the registry (``@register_method`` / ``create_method``).
+
+A method sees a frozen backbone, a ``Collective`` for cross-worker reductions, and one batch
+at a time. The trainer owns the loop, the optimizer step, the gradient all-reduce and the
+memory store; a method owns its adapters, its loss, its statistics and its task record.
+The rule that keeps every worker identical: a method's state after a task is exactly what its
+record restores (``end_task`` applies its own record), and statistics are reduced through the
+collective before they enter the record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from pipeline.backbones import Backbone
+from pipeline.config import MethodConfig
+from pipeline.errors import ConfigError
+from pipeline.memory import TaskRecord
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    index: int
+    id: str
+    classes: tuple[int, ...]  # stream label ids of this task's classes
+    num_seen_classes: int  # label space size after this task; seen classes are [0, num_seen_classes)
+    class_names: tuple[str, ...]  # names of the seen classes, by stream label id
+    domain: str | None = None
+
+
+Batch = dict[str, torch.Tensor]  # image (normalised float), label, task, sample_id
+
+
+class Collective(Protocol):
+    """Cross-worker reductions; every rank must make the same calls in the same order."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor: ...  # in-place sum
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+
+
+class LocalCollective:
+    """The single-process collective: reductions are the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+
+class MethodParams(BaseModel):
+    """Hyperparameters every method has; a method's own config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    scenarios: ClassVar[frozenset[str]]
+    Config: ClassVar[type[MethodParams]] = MethodParams
+    trains_jointly: ClassVar[bool] = False  # one training phase over every task's data (the upper bound)
+
+    def __init__(self, cfg: MethodParams, backbone: Backbone, collective: Collective | None = None) -> None:
+        self.cfg = cfg
+        self.backbone = backbone
+        self.collective: Collective = collective or LocalCollective()
+        self.task: TaskInfo | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone._mean.device
+
+    @torch.no_grad()
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.features(images)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        self.task = task
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    @abstractmethod
+    def training_step(self, batch: Batch) -> torch.Tensor | None:
+        """Mean loss over the batch, or None for a method that only accumulates statistics."""
+
+    @abstractmethod
+    def end_task(self) -> TaskRecord:
+        """Reduce statistics across workers, apply and return the task's record."""
+
+    @abstractmethod
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        """Rebuild the state after ``len(records)`` tasks from their records, in order."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_seen_classes); ``task_ids`` only in task-incremental evaluation."""
+
+    def build_optimizer(
+        self, params: Iterable[nn.Parameter], total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        cfg = self.cfg
+        params = list(params)
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.schedule == "cosine":
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.min_lr)
+        return opt, None
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_methods() -> dict[str, type[Method]]:
+    return dict(sorted(_METHODS.items()))
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise ConfigError(f"method.name: {name!r} is not a registered method (known: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def resolve_method_params(cfg: MethodConfig, lr: float | None = None) -> MethodParams:
+    """Validate ``method:`` against the method's typed config; ``lr`` is train.lr's override."""
+    cls = method_class(cfg.name)
+    data: dict[str, Any] = cfg.model_dump()
+    if lr is not None:
+        data["lr"] = lr
+    try:
+        return cls.Config.model_validate(data)
+    except ValidationError as err:
+        parts = [f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("; ".join(parts)) from None
+
+
+def create_method(cfg: MethodParams, backbone: Backbone, collective: Collective | None = None) -> Method:
+    return method_class(cfg.name)(cfg, backbone, collective)

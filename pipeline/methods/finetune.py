@@ -1,0 +1,62 @@
+"""Finetune: a linear head over all classes seen so far, trained task after task (lower bound).
+
+Plain cross-entropy over every seen class on the current task's data, with nothing to protect
+earlier classes, so in class-incremental streams it forgets: the reference floor. ``joint``
+is the same model trained once on every task's data (the reference ceiling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.memory import TaskRecord
+from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods.heads import GrowingLinear
+
+
+class FinetuneConfig(MethodParams):
+    lr: float = 1e-2
+
+
+@register_method("finetune")
+class Finetune(Method):
+    """Linear head over all seen classes, trained task after task (the lower bound)."""
+
+    scenarios = frozenset({"cil", "dil", "til"})
+    Config = FinetuneConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head = GrowingLinear(self.backbone.feature_dim).to(self.device)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.head.grow(task.num_seen_classes)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.frozen_features(batch["image"])), batch["label"])
+
+    def end_task(self) -> TaskRecord:
+        return TaskRecord({"head.weight": self.head.weight.detach().clone(), "head.bias": self.head.bias.detach().clone()})
+
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        if records:
+            self.head.load(records[-1].tensors["head.weight"], records[-1].tensors["head.bias"])
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.frozen_features(images))
+
+
+@register_method("joint")
+class Joint(Finetune):
+    """All tasks' data at once in one training phase: the upper bound, not a continual method."""
+
+    trains_jointly = True

@@ -1,0 +1,195 @@
+"""The driver of a run: validate everything, stream every task through one TorchTrainer, report.
+
+Nothing about a task's data passes through the driver: it plans chunks from metadata and the
+label column, builds lazy Ray Datasets, and reads back only the progress checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.backbones import create_backbone
+from pipeline.config import StrataConfig, dump_config
+from pipeline.data.ray_data import split_dataset
+from pipeline.data.stream import StreamPlan, resolve_stream
+from pipeline.errors import ConfigError, StoreError, StrataError
+from pipeline.eval import metrics
+from pipeline.eval.report import write_heatmap, write_matrix_csv
+from pipeline.memory import MemoryStore
+from pipeline.methods import method_class, resolve_method_params
+from pipeline.tracking import TrackedRun
+from pipeline.train.data_config import ExactlyOnceDataConfig
+from pipeline.train.worker import Phase, Progress, WorkerJob, make_phases, train_loop_per_worker
+
+log = logging.getLogger("strata")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray sized so Data and Train can't starve."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # More logical CPUs than cores: train workers take fractions, and Ray Data's read tasks
+    # must still get a slot, or two 1-CPU workers on a 2-core machine hang. The dashboard
+    # serves the state API that Train's placement-group cleaner polls.
+    ray.init(
+        num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}},
+    )
+
+
+def _resolved_config(cfg: StrataConfig) -> StrataConfig:
+    params = resolve_method_params(cfg.method, cfg.train.lr)
+    return cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})
+
+
+def _datasets(cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int) -> dict[str, ray.data.Dataset]:
+    common = {"size": size, "decode_cpus": cfg.data.decode_cpus}
+    datasets: dict[str, ray.data.Dataset] = {}
+    for p, phase in enumerate(phases):
+        parts = [
+            split_dataset(
+                plan.tasks[i].train,
+                label_map=plan.tasks[i].label_map,
+                task_index=i,
+                shuffle_seed=cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None,
+                **common,
+            )
+            for i in phase.tasks
+        ]
+        datasets[f"train_{p}"] = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    for j, task in enumerate(plan.tasks):
+        datasets[f"test_{j}"] = split_dataset(task.test, label_map=task.label_map, task_index=j, **common)
+    return datasets
+
+
+def find_user_error(exc: BaseException) -> StrataError | None:
+    """The StrataError behind a Ray Train / Ray Data failure, if that is what went wrong."""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        err = stack.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # RayTaskError keeps the original exception here
+        if isinstance(err, StrataError):
+            if isinstance(cause, StrataError):
+                return cause
+            if type(err).__module__.startswith("pipeline"):
+                return err
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+        stack.extend(e for e in (cause, err.__cause__, err.__context__) if isinstance(e, BaseException))
+    return None
+
+
+def _summary(
+    cfg: StrataConfig, plan: StreamPlan, progress: Progress, store: MemoryStore, run: TrackedRun | None, wall_s: float
+) -> dict[str, Any]:
+    matrix = progress.accuracy_matrix
+    memory_bytes: list[int | None] = [None] * len(plan.tasks)
+    backbone_id = None
+    for entry in store.entries():
+        memory_bytes[entry.task_index] = entry.memory_bytes
+        backbone_id = entry.backbone_id
+    return {
+        "tasks": [t.id for t in plan.tasks],
+        "accuracy_matrix": matrix,
+        **metrics.summarize(matrix),
+        "samples_seen": progress.samples_seen,
+        "memory_bytes": memory_bytes,
+        "memory_store": store.uri,
+        "wall_s": wall_s,
+        "mlflow_run_id": run.run_id if run else None,
+        "config": cfg.model_dump(mode="json"),
+        "method": cfg.method.name,
+        "scenario": plan.scenario,
+        "backbone_id": backbone_id,
+        "class_names": list(plan.class_names),
+        "train_loss": progress.train_loss,
+        "phase_wall_s": progress.phase_wall_s,
+    }
+
+
+def run(cfg: StrataConfig) -> dict[str, Any]:
+    """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it."""
+    started = time.time()
+    cfg = _resolved_config(cfg)
+    method_cls = method_class(cfg.method.name)
+    if cfg.stream.scenario not in method_cls.scenarios:
+        raise ConfigError(
+            f"method.name: {cfg.method.name} supports {sorted(method_cls.scenarios)}, not stream.scenario {cfg.stream.scenario!r}"
+        )
+    plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
+    backbone = create_backbone(cfg.backbone)
+    size = cfg.data.image_size or backbone.input_spec.size
+    del backbone
+    store = MemoryStore(cfg.memory_uri)
+    if store.version:
+        raise StoreError(f"{cfg.memory_uri}: already holds {store.version} records; use a new output_dir or memory.uri")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+
+    init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    run_ = TrackedRun.start(cfg.tracking, tags={"strata.method": cfg.method.name}) if cfg.tracking.enabled else None
+    if run_:
+        run_.log_params(cfg.model_dump(mode="json"))
+        run_.log_artifact(out / "config.yaml")
+    phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
+    job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"strata-{run_.run_id if run_ else int(started)}",
+            storage_path=str(Path(cfg.train.storage_path or out / "ray").absolute()),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=_datasets(cfg, plan, phases, size),
+        dataset_config=ExactlyOnceDataConfig(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if run_:
+            run_.finish(ok=False)
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise type(user_error)(str(user_error).splitlines()[0]) from None
+        raise
+    progress = Progress.from_checkpoint(result.checkpoint, len(plan.tasks))
+    summary = _summary(cfg, plan, progress, store, run_, time.time() - started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "memory_manifest.json").write_text(json.dumps([e.to_dict() for e in store.entries()], indent=1))
+    write_matrix_csv(out / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
+    write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
+    if run_:
+        run_.log_metrics({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "wall_s")})
+        for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
+            run_.log_artifact(out / name)
+        run_.log_artifact(out / "memory_manifest.json")
+        run_.finish(ok=True)
+    return summary

@@ -1,0 +1,195 @@
+"""The Ray Train worker loop: every task of the stream in one ``TorchTrainer.fit``.
+
+Per phase (one task, or every task at once for a joint method): train the method's adapters
+on this worker's shard, let the method reduce its statistics, have rank 0 append the task
+record to the memory store, evaluate every seen task's test set, report a checkpoint of the
+stream's progress. A restarted worker group resumes at the first unfinished phase from that
+checkpoint plus the memory store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.backbones import create_backbone
+from pipeline.config import StrataConfig
+from pipeline.data.stream import StreamPlan
+from pipeline.eval.evaluate import evaluate_task
+from pipeline.memory import MemoryStore
+from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
+from pipeline.tracking import TrackedRun
+from pipeline.train.collective import current_collective
+from pipeline.train.loop import broadcast_parameters, train_phase
+
+log = logging.getLogger("strata")
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class Phase:
+    tasks: tuple[int, ...]  # whose training data this phase consumes
+    row: int  # the accuracy-matrix row it fills
+
+
+def make_phases(num_tasks: int, joint: bool) -> tuple[Phase, ...]:
+    if joint:
+        return (Phase(tuple(range(num_tasks)), num_tasks - 1),)
+    return tuple(Phase((i,), i) for i in range(num_tasks))
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    cfg: StrataConfig
+    method: MethodParams
+    plan: StreamPlan
+    phases: tuple[Phase, ...]
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class Progress:
+    """The stream's position and results so far; the checkpoint of a run."""
+
+    num_tasks: int
+    phases_done: int = 0
+    records: int = 0
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
+    samples_seen: list[int] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)
+    phase_wall_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = self.num_tasks
+        self.accuracy_matrix = self.accuracy_matrix or [[None] * t for _ in range(t)]
+        self.samples_seen = self.samples_seen or [0] * t
+        self.train_loss = self.train_loss or [None] * t
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: ray.train.Checkpoint | None, num_tasks: int) -> Progress:
+        if checkpoint is None:
+            return cls(num_tasks)
+        with checkpoint.as_directory() as path:
+            return cls(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
+
+    def write(self, directory: Path) -> None:
+        (directory / PROGRESS_FILE).write_text(json.dumps(asdict(self)))
+
+
+def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
+    last = max(phase.tasks)
+    tasks = [plan.tasks[i] for i in phase.tasks]
+    num_seen = plan.num_seen(last)
+    return TaskInfo(
+        index=phase.row,
+        id=tasks[0].id if len(tasks) == 1 else "joint",
+        classes=tuple(sorted({c for t in tasks for c in t.classes})),
+        num_seen_classes=num_seen,
+        class_names=plan.class_names[:num_seen],
+        domain=tasks[0].domain if len(tasks) == 1 else None,
+    )
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[strata] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job: WorkerJob = config["job"]
+    cfg, plan = job.cfg, job.plan
+    num_tasks = len(plan.tasks)
+    _setup_logging()
+    collective = current_collective()
+    rank, world = collective.rank, collective.world_size
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.backbone).to(device)
+    method = create_method(job.method, backbone, collective)
+    store = MemoryStore(cfg.memory_uri)
+    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), num_tasks)
+    if rank == 0:
+        store.truncate(progress.records)
+    collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
+    method.restore(store.load_all(backbone_id=backbone.backbone_id, upto=progress.records))
+    run = TrackedRun(job.tracking_uri, job.run_id) if rank == 0 and job.run_id and job.tracking_uri else None
+    local_batch = max(1, cfg.train.batch_size // max(world, 1))
+    eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
+
+    def prepare(batch: Batch) -> Batch:
+        return {**batch, "image": backbone.normalize(batch["image"])}
+
+    for phase_index in range(progress.phases_done, len(job.phases)):
+        started = time.perf_counter()
+        phase = job.phases[phase_index]
+        info = phase_task_info(plan, phase)
+        label = f"task {phase.row + 1}/{num_tasks} '{info.id}'"
+        num_samples = sum(plan.tasks[i].train.num_samples for i in phase.tasks)
+        if rank == 0:
+            log.info("%s | training on %d samples, %d classes seen", label, num_samples, info.num_seen_classes)
+        method.begin_task(info)
+        broadcast_parameters(method.trainable_parameters(), collective)
+        shard = ray.train.get_dataset_shard(f"train_{phase_index}")
+        stats = train_phase(
+            method,
+            lambda: (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device)),
+            passes=cfg.train.passes,
+            num_tasks=num_tasks,
+            num_samples=num_samples,
+            global_batch_size=local_batch * max(world, 1),
+            amp=cfg.train.amp,
+            log_every=cfg.train.log_every,
+            label=label,
+        )
+        record = method.end_task()
+        if rank == 0:
+            store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
+        row = progress.accuracy_matrix[phase.row]
+        for j in range(phase.row + 1):
+            test = ray.train.get_dataset_shard(f"test_{j}")
+            row[j] = evaluate_task(
+                method,
+                test.iter_torch_batches(batch_size=eval_batch, device=device),
+                task_classes=plan.tasks[j].classes,
+                task_index=j,
+                task_aware=plan.scenario == "til",
+                prepare=prepare,
+            )
+        for i in phase.tasks:
+            progress.samples_seen[i] = stats.samples_per_task[i]
+        progress.train_loss[phase.row] = stats.mean_loss
+        progress.phases_done = phase_index + 1
+        progress.records += 1
+        progress.phase_wall_s.append(time.perf_counter() - started)
+        seen_acc = sum(v for v in row if v is not None) / (phase.row + 1)
+        metrics = {"avg_seen_acc": seen_acc, "train_loss": stats.mean_loss, "samples": float(sum(stats.samples_per_task))}
+        metrics |= {f"acc/task_{j}": row[j] for j in range(phase.row + 1)}
+        if rank == 0:
+            loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
+            log.info(
+                "%s | %d samples | loss %s | accuracy on seen tasks %.4f [%s] | %.1fs",
+                label, sum(stats.samples_per_task), loss, seen_acc,
+                " ".join(f"{v:.3f}" for v in row[: phase.row + 1]), progress.phase_wall_s[-1],
+            )  # fmt: skip
+            if run is not None:
+                run.log_metrics(metrics, step=phase.row)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                progress.write(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"task_index": phase.row, **{k: v for k, v in metrics.items() if v is not None}}, checkpoint=checkpoint)
