@@ -98,7 +98,7 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(default=32, ge=1, description="global batch size, split across workers")
     lr: float | None = Field(default=None, gt=0, description="overrides the method's default learning rate")
     passes: int = Field(default=1, ge=1, description="passes over each task's training data")
-    num_workers: int = Field(default=2, ge=0, description="Ray Train workers; 0 runs the loop in the driver")
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(default=0.5, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
     amp: bool = Field(default=True, description="autocast to bfloat16 on GPU; ignored on CPU")

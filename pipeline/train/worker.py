@@ -101,6 +101,7 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
 
 
 def _setup_logging() -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[strata] %(message)s"))

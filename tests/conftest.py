@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray for the whole session, tiny streams, tiny backbones."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))  # so `import strata_test_methods` works here and in Ray workers
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+
+TINY_VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}}
+
+
+def blobs_task(task_id: str, *, classes: int = 4, rows: int = 48, seed: int = 0, subset: list[int] | None = None) -> dict[str, Any]:
+    params = {"num_classes": classes, "rows": rows, "size": 16, "seed": seed}
+    task: dict[str, Any] = {
+        "id": task_id,
+        "train": {"type": "generator", "name": "blobs", "split": "train", "params": params},
+        "test": {"type": "generator", "name": "blobs", "split": "test", "params": {**params, "rows": rows // 2}},
+    }
+    if subset is not None:
+        task["class_subset"] = subset
+    return task
+
+
+def run_config(tmp_path: Path, tasks: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    """A complete config dict for a tiny run that writes everything under tmp_path."""
+    return {
+        "stream": {"scenario": "cil", "tasks": tasks},
+        "backbone": TINY_VIT,
+        "method": {"name": "ncm"},
+        "train": {"batch_size": 16, "num_workers": 2, "cpus_per_worker": 0.5},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+        "output_dir": str(tmp_path / "out"),
+        **sections,
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every integration test (the pattern of Ray's ray_start_regular_shared)."""
+    import ray
+
+    ray.init(
+        num_cpus=8,  # more logical CPUs than cores: fractional workers plus Ray Data tasks
+        include_dashboard=True,  # Train's placement-group cleaner polls the state API it serves
+        dashboard_host="127.0.0.1",
+        object_store_memory=512 * 1024**2,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}},
+    )
+    yield ray
+    ray.shutdown()

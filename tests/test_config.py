@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import apply_override, load_config
+from pipeline.errors import ConfigError
+from pipeline.methods import resolve_method_params
+
+from conftest import blobs_task
+
+REPO = Path(__file__).parent.parent
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base(tmp_path: Path) -> dict:
+    return {"stream": {"tasks": [blobs_task("a")]}, "output_dir": str(tmp_path / "out")}
+
+
+def test_quickstart_config_loads_with_defaults():
+    cfg = load_config(REPO / "configs/quickstart.yaml")
+    assert len(cfg.stream.tasks) >= 4
+    assert cfg.train.num_workers == 2
+    assert cfg.memory_uri.endswith("memory")
+
+
+def test_overrides_are_typed_and_reach_lists(tmp_path):
+    path = write(tmp_path / "c.yaml", base(tmp_path))
+    cfg = load_config(path, ["train.batch_size=7", "train.use_gpu=false", "stream.tasks.0.domain=sketch", "method.name=finetune"])
+    assert cfg.train.batch_size == 7
+    assert cfg.train.use_gpu is False
+    assert cfg.stream.tasks[0].domain == "sketch"
+    assert cfg.method.name == "finetune"
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = write(tmp_path / "c.yaml", {**base(tmp_path), "train": {"batch_sise": 3}})
+    with pytest.raises(ConfigError, match=r"train\.batch_sise: Extra inputs are not permitted"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = write(tmp_path / "c.yaml", base(tmp_path))
+    with pytest.raises(ConfigError, match=r"train\.num_workers: Input should be a valid integer"):
+        load_config(path, ["train.num_workers=many"])
+
+
+def test_wrong_source_type_names_the_task_field(tmp_path):
+    data = base(tmp_path)
+    data["stream"]["tasks"][0]["train"] = {"type": "csv", "path": "x"}
+    with pytest.raises(ConfigError, match=r"stream\.tasks\.0\.train"):
+        load_config(write(tmp_path / "c.yaml", data))
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "train.batch_size")
+    with pytest.raises(ConfigError, match="no list index"):
+        apply_override({"stream": {"tasks": []}}, "stream.tasks.3.id=x")
+
+
+def test_manifest_is_inlined(tmp_path):
+    manifest = write(tmp_path / "stream.yaml", {"tasks": [blobs_task("a"), blobs_task("b")]})
+    path = write(tmp_path / "c.yaml", {"stream": {"scenario": "dil", "manifest": str(manifest)}})
+    cfg = load_config(path)
+    assert [t.id for t in cfg.stream.tasks] == ["a", "b"]
+    assert cfg.stream.scenario == "dil"
+    write(tmp_path / "stream.yaml", {"tasks": [], "extra": 1})
+    with pytest.raises(ConfigError, match="unknown top-level key 'extra'"):
+        load_config(path)
+
+
+def test_method_params_are_validated_by_the_method(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", base(tmp_path)), ["method.name=finetune", "method.lr=0.5"])
+    assert resolve_method_params(cfg.method).lr == 0.5
+    assert resolve_method_params(cfg.method, lr=0.1).lr == 0.1  # train.lr overrides
+    bad = load_config(write(tmp_path / "d.yaml", base(tmp_path)), ["method.name=finetune", "method.lrr=1"])
+    with pytest.raises(ConfigError, match=r"method\.lrr: Extra inputs are not permitted"):
+        resolve_method_params(bad.method)
+    unknown = load_config(write(tmp_path / "e.yaml", base(tmp_path)), ["method.name=nope"])
+    with pytest.raises(ConfigError, match=r"method\.name: 'nope' is not a registered method"):
+        resolve_method_params(unknown.method)

@@ -1,0 +1,140 @@
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import StreamConfig
+from pipeline.data.ray_data import load_chunks
+from pipeline.data.sources import reader_for
+from pipeline.data.stream import resolve_stream
+from pipeline.errors import DataError
+
+from conftest import blobs_task
+
+
+def png(value: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet(path: Path, labels: list[int], classes: list[str], row_group_size: int = 4, images=None) -> Path:
+    images = images or [png(10 * i % 255) for i in range(len(labels))]
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int16())})
+    table = table.replace_schema_metadata({"classes": json.dumps(classes)})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def stream(*tasks, scenario="cil") -> StreamConfig:
+    return StreamConfig.model_validate({"scenario": scenario, "tasks": list(tasks)})
+
+
+def pq_task(task_id: str, train: Path, test: Path, **extra) -> dict:
+    return {"id": task_id, "train": {"type": "parquet", "path": str(train)}, "test": {"type": "parquet", "path": str(test)}, **extra}
+
+
+def test_label_space_is_ordered_union_of_names(tmp_path):
+    classes = ["cat", "dog", "emu"]
+    a = write_parquet(tmp_path / "a.parquet", [0, 1, 2, 0, 1, 2], classes)
+    plan = resolve_stream(
+        stream(
+            pq_task("t0", a, a, class_subset=["emu", "cat"]),
+            pq_task("t1", a, a, class_subset=[1], rename={"dog": "hound"}),
+            pq_task("t2", a, a),  # all three again: cat, dog, emu
+        ),
+        rows_per_chunk=4,
+    )
+    assert plan.class_names == ("emu", "cat", "hound", "dog")
+    assert plan.tasks[0].classes == (0, 1) and plan.tasks[0].label_map == (1, -1, 0)
+    assert plan.tasks[1].classes == (2,)
+    assert plan.tasks[2].classes == (1, 3, 0)
+    assert [t.train.num_samples for t in plan.tasks] == [4, 2, 6]
+    assert [plan.num_seen(i) for i in range(3)] == [2, 3, 4]
+
+
+def test_parquet_chunks_follow_row_groups_and_number_every_row(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", [0, 1] * 5, ["x", "y"], row_group_size=4)  # groups of 4, 4, 2
+    b = write_parquet(tmp_path / "b.parquet", [1, 1, 0], ["x", "y"])
+    spec = stream(pq_task("t", tmp_path, a)).tasks[0].train  # a directory: both files, sorted
+    chunks = reader_for("parquet").chunks(spec, rows_per_chunk=3)
+    assert [(c.first_id, c.num_rows) for c in chunks] == [(0, 3), (3, 1), (4, 3), (7, 1), (8, 2), (10, 3)]
+    ids, labels = [], []
+    for c in chunks:
+        rows = reader_for("parquet").read(c)
+        ids += rows.sample_ids.tolist()
+        labels += rows.labels.tolist()
+    assert ids == list(range(13))
+    assert labels == [0, 1] * 5 + [1, 1, 0]
+    assert b.exists()
+
+
+def test_load_chunks_decodes_filters_and_relabels(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", [0, 1, 2, 1], ["x", "y", "z"])
+    plan = resolve_stream(stream(pq_task("t", a, a, class_subset=[2, 1])), rows_per_chunk=10)
+    task = plan.tasks[0]
+    batch = {"chunk": np.array([c.to_json() for c in task.train.chunks], dtype=object)}
+    out = list(load_chunks(batch, label_map=task.label_map, task_index=3, size=5))
+    assert len(out) == 1
+    assert out[0]["image"].shape == (3, 3, 5, 5) and out[0]["image"].dtype == np.uint8
+    assert out[0]["label"].tolist() == [1, 0, 1]  # y -> 1, z -> 0 (subset order)
+    assert out[0]["sample_id"].tolist() == [1, 2, 3]
+    assert out[0]["task"].tolist() == [3, 3, 3]
+
+
+def test_corrupt_image_names_file_and_row(tmp_path):
+    images = [png(1), b"not an image", png(3)]
+    a = write_parquet(tmp_path / "a.parquet", [0, 1, 0], ["x", "y"], images=images)
+    task = resolve_stream(stream(pq_task("t", a, a)), rows_per_chunk=10).tasks[0]
+    batch = {"chunk": np.array([task.train.chunks[0].to_json()], dtype=object)}
+    with pytest.raises(DataError, match=r"a\.parquet row group 0 row 1: cannot decode image"):
+        list(load_chunks(batch, label_map=task.label_map, task_index=0, size=4))
+
+
+def test_validation_errors_name_task_and_file(tmp_path):
+    good = write_parquet(tmp_path / "good.parquet", [0, 1], ["x", "y"])
+    bad = write_parquet(tmp_path / "bad.parquet", [0, 1, 0, 0, 7], ["x", "y"])
+    with pytest.raises(DataError, match=r"missing\.parquet: no such file"):
+        resolve_stream(stream(pq_task("t", tmp_path / "missing.parquet", good)), 8)
+    with pytest.raises(DataError, match="duplicate task id 't'"):
+        resolve_stream(stream(pq_task("t", good, good), pq_task("t", good, good)), 8)
+    with pytest.raises(DataError, match=r"task 'u' train: .*bad\.parquet: label 7 at row 4 is outside the 2 classes"):
+        resolve_stream(stream(pq_task("u", bad, good)), 8)
+    with pytest.raises(DataError, match="task 'e': the train split has no samples in its class_subset"):
+        resolve_stream(stream(blobs_task("e", classes=4, rows=2, subset=[3])), 8)
+    with pytest.raises(DataError, match="task 'n': class_subset names 'zebra'"):
+        resolve_stream(stream(pq_task("n", good, good, class_subset=["zebra"])), 8)
+    unnamed = tmp_path / "unnamed.parquet"
+    pq.write_table(pa.table({"image": pa.array([png(1)], pa.binary()), "label": pa.array([0], pa.int16())}), unnamed)
+    with pytest.raises(DataError, match="task 'm': no class names given"):
+        resolve_stream(stream(pq_task("m", unnamed, unnamed)), 8)
+
+
+def test_image_folder_source(tmp_path):
+    for name, values in {"cat": [1, 2], "dog": [3]}.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for v in values:
+            (tmp_path / "imgs" / name / f"{v}.png").write_bytes(png(v))
+    spec = {"type": "folder", "path": str(tmp_path / "imgs")}
+    plan = resolve_stream(stream({"id": "f", "train": spec, "test": spec}), rows_per_chunk=2)
+    task = plan.tasks[0]
+    assert plan.class_names == ("cat", "dog") and task.train.num_samples == 3
+    rows = [reader_for("folder").read(c) for c in task.train.chunks]
+    assert [r.labels.tolist() for r in rows] == [[0, 0], [1]]
+    assert rows[1].locations[0].endswith("dog/3.png")
+
+
+def test_generators_are_deterministic_by_row():
+    gen = reader_for("generator")
+    spec = stream(blobs_task("b", rows=10)).tasks[0].train
+    whole = gen.read(gen.chunks(spec, 10)[0])
+    parts = [gen.read(c) for c in gen.chunks(spec, 3)]
+    assert [img for p in parts for img in p.images] == whole.images
+    digits = stream({"id": "d", "train": {"type": "generator", "name": "digits"}, "test": {"type": "generator", "name": "digits", "split": "test"}})
+    plan = resolve_stream(digits, 512)
+    assert (plan.tasks[0].train.num_samples, plan.tasks[0].test.num_samples) == (1437, 360)

@@ -1,0 +1,48 @@
+import pytest
+
+from pipeline.eval import metrics
+
+# A hand-made 3-task run. Row i = after task i.
+A = [
+    [0.9, None, None],
+    [0.6, 0.8, None],
+    [0.5, 0.7, 1.0],
+]
+
+
+def test_avg_acc_is_mean_of_row_means_over_seen_tasks():
+    assert metrics.avg_acc(A) == pytest.approx((0.9 + (0.6 + 0.8) / 2 + (0.5 + 0.7 + 1.0) / 3) / 3)
+
+
+def test_last_acc():
+    assert metrics.last_acc(A) == pytest.approx((0.5 + 0.7 + 1.0) / 3)
+
+
+def test_forgetting_uses_best_earlier_accuracy():
+    # task 0: best 0.9 (after task 0) -> 0.5; task 1: best 0.8 -> 0.7
+    assert metrics.forgetting(A) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+
+
+def test_forgetting_takes_max_not_diagonal():
+    a = [[0.5, None, None], [0.9, 0.9, None], [0.6, 0.8, 0.7]]
+    assert metrics.forgetting(a) == pytest.approx(((0.9 - 0.6) + (0.9 - 0.8)) / 2)
+    assert metrics.bwt(a) == pytest.approx(((0.6 - 0.5) + (0.8 - 0.9)) / 2)
+
+
+def test_bwt():
+    assert metrics.bwt(A) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+
+
+def test_transfer_needs_future_evaluations():
+    assert metrics.transfer(A) is None
+    zero_shot = [[0.9, 0.2, 0.1], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
+    assert metrics.transfer(zero_shot) == pytest.approx((0.2 + (0.1 + 0.3) / 2) / 2)
+
+
+def test_single_task_and_missing_rows():
+    assert metrics.forgetting([[0.7]]) is None
+    assert metrics.bwt([[0.7]]) is None
+    joint = [[None, None], [0.8, 0.6]]  # the upper bound fills only the last row
+    assert metrics.last_acc(joint) == pytest.approx(0.7)
+    assert metrics.avg_acc(joint) is None
+    assert metrics.forgetting(joint) is None

@@ -1,0 +1,113 @@
+"""Integration: real local Ray (one per session), real MLflow store, real memory store."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import validate_config
+from pipeline.memory import MemoryStore
+from pipeline.train import run
+
+from conftest import REPO, blobs_task, run_config
+from test_data import png
+
+pytestmark = pytest.mark.ray
+
+CONTRACT_KEYS = {
+    "tasks", "accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "transfer",
+    "samples_seen", "memory_bytes", "memory_store", "wall_s", "mlflow_run_id", "config",
+}  # fmt: skip
+
+
+def test_every_sample_reaches_exactly_one_worker_once(ray_session, tmp_path):
+    import strata_test_methods  # noqa: F401  (registers sample_counter)
+
+    tasks = [blobs_task("odd", rows=101, seed=1), blobs_task("even", rows=64, seed=2)]
+    sections = {"method": {"name": "sample_counter", "max_id": 128}, "tracking": {"enabled": False}, "data": {"rows_per_chunk": 8}}
+    cfg = validate_config(run_config(tmp_path, tasks, **sections))
+    summary = run(cfg)
+    store = MemoryStore(summary["memory_store"])
+    for entry, rows in zip(store.entries(), (101, 64), strict=True):
+        record = store.load(entry)
+        visits = record.tensors["visits"]
+        assert visits[:rows].tolist() == [1] * rows, f"{entry.task_id}: some sample seen 0 or 2+ times"
+        assert int(visits[rows:].sum()) == 0
+        per_rank = record.tensors["per_rank"][:2].tolist()
+        assert sum(per_rank) == rows and min(per_rank) > 0  # both workers got a share
+    assert summary["samples_seen"] == [101, 64]
+
+
+def digit_pairs_in_train_split() -> list[int]:
+    """Training-set size of each quickstart task, counted straight from scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target[np.arange(1797) % 5 != 0]
+    return [int(np.isin(labels, [2 * k, 2 * k + 1]).sum()) for k in range(5)]
+
+
+def quickstart(tmp_path: Path, method: str) -> dict:
+    out = tmp_path / method
+    result = CliRunner().invoke(
+        main,
+        ["run", str(REPO / "configs/quickstart.yaml"), "--set", f"output_dir={out}", "--set", f"method.name={method}",
+         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_quickstart_ncm_beats_finetune_and_mlflow_matches(ray_session, tmp_path):
+    ncm = quickstart(tmp_path, "ncm")
+    finetune = quickstart(tmp_path, "finetune")
+    assert ncm["last_acc"] > finetune["last_acc"]
+    for summary in (ncm, finetune):
+        assert CONTRACT_KEYS <= set(summary)
+        t = len(summary["tasks"])
+        assert t >= 4
+        matrix = summary["accuracy_matrix"]
+        assert all((v is not None) == (j <= i) for i, row in enumerate(matrix) for j, v in enumerate(row))
+        assert all(0.0 <= v <= 1.0 for row in matrix for v in row if v is not None)
+        assert summary["samples_seen"] == digit_pairs_in_train_split()
+        assert all(b and b > 0 for b in summary["memory_bytes"])
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mlflow_run = client.get_run(summary["mlflow_run_id"])
+        assert mlflow_run.info.status == "FINISHED"
+        logged = mlflow_run.data.metrics
+        for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
+            assert logged[key] == pytest.approx(summary[key], abs=1e-12)
+        history = client.get_metric_history(summary["mlflow_run_id"], "acc/task_0")
+        assert [(m.step, m.value) for m in history] == [(i, matrix[i][0]) for i in range(t)]
+        assert mlflow_run.data.params["method.name"] == summary["method"]
+        artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+        assert {"summary.json", "accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml"} <= artifacts
+    assert ncm["memory_bytes"][0] == 2 * 64 * 4 + 2 * 8 * 2  # two class means (float32) + ids and counts (int64)
+    shown = CliRunner().invoke(main, ["memory", "show", ncm["memory_store"], "--json"])
+    assert [e["task_id"] for e in json.loads(shown.output)] == ncm["tasks"]
+
+
+def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
+    images = [png(i * 40) for i in range(6)]
+    images[4] = b"\x89PNG broken"
+    bad = tmp_path / "bad.parquet"
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(np.arange(6) % 2, pa.int16())})
+    pq.write_table(table.replace_schema_metadata({"classes": json.dumps(["a", "b"])}), bad)
+    tasks = [blobs_task("fine", rows=16), {"id": "broken", "train": {"type": "parquet", "path": str(bad)}, "test": {"type": "parquet", "path": str(bad)}}]
+    config = run_config(tmp_path, tasks)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "bad.parquet row group 0 row 4: cannot decode image" in errors[0]
+    store = MemoryStore(str(tmp_path / "out/memory"))
+    assert [e.task_id for e in store.verify()] == ["fine"]  # the failed task left no record
+    client = MlflowClient(config["tracking"]["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
