@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.train.get_dataset_shard(f"train_{phase_index}")
         stats = train_phase(
             method,
-            lambda: (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device)),
+            lambda shard=shard: (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device)),
             passes=cfg.train.passes,
             num_tasks=num_tasks,
             num_samples=num_samples,
