@@ -82,6 +82,10 @@ class BackboneConfig(StrictModel):
     name: str = Field(default="timm:vit_tiny_patch16_224", description="FAMILY:MODEL, e.g. timm:resnet18")
     pretrained: bool | str = Field(default=False, description="the library's own pretrained weights (True or a tag)")
     checkpoint: str | None = Field(default=None, description="local weights file (.safetensors, or a torch state dict)")
+    key_remap: str | None = Field(
+        default=None,
+        description="'in_order' (checkpoint tensors onto the model's, in order, shape for shape) or 'module:function'",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor")
     seed: int = Field(default=0, description="seed for random init, so every worker builds the same model")
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+import importlib
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from pipeline.backbones.hooks import HookedAttention, HookedWeight, PromptInsertion, Routing
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
 
@@ -27,7 +30,14 @@ class InputSpec:
 
 
 class Backbone(nn.Module):
-    """A frozen image model with a pooled-feature interface."""
+    """A frozen image model with a pooled-feature interface and adapter hooks.
+
+    Families subclass it to say where their hooks go (``_attention_sites``, ``_tower``,
+    ``_token_module``). Hooks are installed on demand by the methods that need them; until
+    then the model runs exactly as the library built it.
+    """
+
+    attention_kind: Literal["timm", "mha"] = "timm"
 
     def __init__(self, name: str, model: nn.Module, feature_dim: int, input_spec: InputSpec) -> None:
         super().__init__()
@@ -35,6 +45,10 @@ class Backbone(nn.Module):
         self.model = model
         self.feature_dim = feature_dim
         self.input_spec = input_spec
+        self.routing = Routing()
+        self._attention_hooks: dict[str, list[HookedAttention]] = {}
+        self._weight_hooks: dict[str, dict[str, HookedWeight]] = {}
+        self._prompt_hook: PromptInsertion | None = None
         self.register_buffer("_mean", torch.tensor(input_spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(input_spec.std).view(1, 3, 1, 1), persistent=False)
         model.requires_grad_(False)
@@ -52,6 +66,64 @@ class Backbone(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits features (B, feature_dim) of normalised images."""
         return self.model(images)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Every output token (B, N, D) of a transformer, or the last feature map of a CNN."""
+        return self.model.forward_features(images)
+
+    # --- where hooks go (per family) ---
+    def _tower(self, tower: str) -> nn.Module:
+        if tower != "image":
+            raise ValueError(f"{self.name} has no {tower} tower")
+        return self.model
+
+    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str]]:
+        from timm.layers import Attention
+
+        return [(parent, name) for parent in self._tower(tower).modules() for name, child in parent.named_children() if type(child) is Attention]
+
+    def _token_module(self) -> nn.Module:
+        return self.model.patch_drop
+
+    # --- installing hooks ---
+    def attention_hooks(self, tower: str = "image") -> list[HookedAttention]:
+        """Hook every self-attention block of ``tower`` (in depth order); idempotent."""
+        if tower not in self._attention_hooks:
+            hooks = []
+            for parent, name in self._attention_sites(tower):
+                hook = HookedAttention(getattr(parent, name), self.routing, self.attention_kind)
+                setattr(parent, name, hook)
+                hooks.append(hook)
+            self._attention_hooks[tower] = hooks
+        return self._attention_hooks[tower]
+
+    def weight_hooks(self, tower: str = "image") -> dict[str, HookedWeight]:
+        """Hook every linear and conv layer of ``tower`` (the classifier head excluded); idempotent."""
+        if tower not in self._weight_hooks:
+            root = self._tower(tower)
+            sites = [
+                (name, module)
+                for name, module in root.named_modules()
+                if isinstance(module, nn.Linear | nn.Conv2d)
+            ]
+            hooks = {}
+            for name, module in sites:
+                if name.split(".")[-1] in ("head", "fc", "classifier", "out_proj"):
+                    continue  # heads are the method's; MultiheadAttention reads out_proj.weight itself
+                parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
+                hook = HookedWeight(module, self.routing)
+                setattr(parent, name.rpartition(".")[2], hook)
+                hooks[name] = hook
+            self._weight_hooks[tower] = hooks
+        return self._weight_hooks[tower]
+
+    def prompt_hook(self, position: Literal["prepend", "after_cls"] = "prepend") -> PromptInsertion:
+        """Insert ``routing.prompts`` into the token sequence right after position embedding."""
+        if self._prompt_hook is None:
+            self._prompt_hook = PromptInsertion(self.routing, position)
+            self._token_module().register_forward_hook(self._prompt_hook)
+        self._prompt_hook.position = position
+        return self._prompt_hook
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -78,6 +150,47 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ConfigError(f"backbone.checkpoint: {path}: not a state dict")
     return state
+
+
+def remap_in_order(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Pair the checkpoint's tensors with the model's, in order, shape for shape.
+
+    Tensors left over at the end of the checkpoint (a classifier the headless model lacks) are
+    dropped; anything else that does not pair up is an error naming the first mismatch.
+    """
+    targets = list(model.state_dict().items())
+    sources = list(state.items())
+    if len(sources) < len(targets):
+        raise ConfigError(f"backbone.key_remap: checkpoint has {len(sources)} tensors, the model needs {len(targets)}")
+    out = {}
+    for (key, target), (src_key, tensor) in zip(targets, sources, strict=False):
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ConfigError(
+                f"backbone.key_remap: checkpoint tensor {src_key} {tuple(tensor.shape)} does not fit {key} {tuple(target.shape)}"
+            )
+        out[key] = tensor
+    return out
+
+
+def load_checkpoint(model: nn.Module, cfg: BackboneConfig) -> None:
+    """Load ``cfg.checkpoint`` strictly, after the optional key remap; heads the model lacks are dropped."""
+    assert cfg.checkpoint is not None
+    state = load_state_dict_file(cfg.checkpoint)
+    if cfg.key_remap == "in_order":
+        state = remap_in_order(state, model)
+    elif cfg.key_remap:
+        module_name, _, fn_name = cfg.key_remap.partition(":")
+        try:
+            state = getattr(importlib.import_module(module_name), fn_name)(state, model)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"backbone.key_remap: cannot use {cfg.key_remap!r} ({exc})") from None
+    expected = set(model.state_dict())
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith(("head.", "fc.", "classifier."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"backbone.checkpoint: {cfg.checkpoint}: does not fit {cfg.name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 Family = Callable[[str, BackboneConfig], Backbone]
@@ -113,13 +226,7 @@ def _timm(model_name: str, cfg: BackboneConfig) -> Backbone:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"backbone: timm cannot build {full_name!r} with {cfg.kwargs}: {exc}") from None
     if cfg.checkpoint:
-        state = {k: v for k, v in load_state_dict_file(cfg.checkpoint).items() if not k.startswith(("head.", "fc.", "classifier."))}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"backbone.checkpoint: {cfg.checkpoint}: does not fit {model_name} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_checkpoint(model, cfg)
     data_cfg = resolve_data_config({}, model=model)
     # A ViT built with img_size=... keeps its pretrained cfg's input size; the patch grid is the truth.
     grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)

@@ -20,6 +20,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.v2._internal.execution import context as train_context
 
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
@@ -101,7 +102,9 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
 
 
 def _setup_logging() -> None:
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    # Ray 2.60 names this logger by file path, so RunConfig's LoggingConfig misses it; its
+    # "Reporting training result" line per report per rank drowns the progress lines.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[strata] %(message)s"))

@@ -1,0 +1,100 @@
+"""open_clip backbones (CLIP and CoCa): image and text towers, tokenizer, cached class embeddings.
+
+``open_clip:NAME`` builds ``open_clip.create_model(NAME)``; ``pretrained`` is its pretrained tag
+(``openai``, ``laion2b_s34b_b88k``, ... for users with network or a cache); ``checkpoint`` loads a
+local file. strata's tiny test configs (``strata-tiny-clip``, ``strata-tiny-coca``) are
+registered through open_clip's own config mechanism on import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from pipeline.backbones.factory import Backbone, InputSpec, load_checkpoint, register_family
+from pipeline.config import BackboneConfig
+from pipeline.errors import ConfigError
+
+open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class ClipBackbone(Backbone):
+    """A dual encoder: ``features`` is the image embedding, ``encode_text`` the text embedding."""
+
+    attention_kind = "mha"
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, input_spec: InputSpec) -> None:
+        super().__init__(name, model, int(model.visual.output_dim), input_spec)
+        self.tokenizer = tokenizer
+        self._class_cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        saved = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            return visual(images)[1]
+        finally:
+            visual.output_tokens = saved
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self._mean.device))
+
+    def class_embeddings(self, class_names: list[str] | tuple[str, ...], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
+        """L2-normalised text embeddings of ``template`` filled with each class name.
+
+        Cached per (names, template) while no adapter is routed; a routed text tower recomputes.
+        """
+        key = (tuple(class_names), template)
+        if self.routing.slots is not None:
+            return nn.functional.normalize(self.encode_text([template.format(c) for c in class_names]), dim=-1)
+        if key not in self._class_cache:
+            with torch.no_grad():
+                self._class_cache[key] = nn.functional.normalize(self.encode_text([template.format(c) for c in class_names]), dim=-1)
+        return self._class_cache[key]
+
+    def _tower(self, tower: str) -> nn.Module:
+        if tower == "image":
+            return self.model.visual
+        if tower == "text":
+            return self.model.text if hasattr(self.model, "text") else self.model.transformer
+        raise ValueError(f"{self.name} has no {tower} tower")
+
+    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str]]:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        return [
+            (block, "attn")
+            for block in self._tower(tower).modules()
+            if isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")  # self-attention only
+        ]
+
+    def _token_module(self) -> nn.Module:
+        return self.model.visual.patch_dropout
+
+
+@register_family("open_clip")
+def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
+    pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) else None
+    if cfg.pretrained is True:
+        raise ConfigError("backbone.pretrained: open_clip needs a pretrained tag (e.g. 'openai'), not true")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, **cfg.kwargs)
+    except RuntimeError as exc:
+        raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {exc}") from None
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg)
+    model.eval()
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    spec = InputSpec(size=int(size), mean=tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN), std=tuple(visual.image_std or open_clip.OPENAI_DATASET_STD))
+    name = f"open_clip:{model_name}" + (f".{pretrained}" if pretrained else "")
+    return ClipBackbone(name, model, open_clip.get_tokenizer(model_name), spec)
