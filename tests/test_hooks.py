@@ -74,17 +74,26 @@ def test_identity_adapters_are_exact_and_real_ones_are_not(label, spec, tower, a
         adapted = run_tower(backbone, tower, x)
     torch.testing.assert_close(adapted, frozen, rtol=0, atol=1e-6)
 
-    changed = []
-    with torch.no_grad():
-        if attention:
-            for hook in backbone.attention_hooks(tower):
-                hook.residual_v[0].normal_()
-        if weights:
-            for hook in backbone.weight_hooks(tower).values():
-                hook.lm[0].normal_(std=0.1)
-        with backbone.routing(slots):
-            changed.append(run_tower(backbone, tower, x))
-    assert not torch.allclose(changed[0][0], frozen[0], atol=1e-4)
+    def one_change(edit, undo) -> None:
+        with torch.no_grad():
+            edit()
+            with backbone.routing(slots):
+                out = run_tower(backbone, tower, x)
+            undo()
+        assert not torch.allclose(out[0], frozen[0], atol=1e-4)
+
+    attn, wts = (backbone.attention_hooks(tower) if attention else []), list(backbone.weight_hooks(tower).values() if weights else [])
+    for hook in attn:
+        one_change(lambda h=hook: h.residual_v[0].normal_(), lambda h=hook: h.residual_v[0].zero_())
+    if tokens is not None:
+        one_change(lambda: [h.token_keep[0][3:].zero_() for h in attn], lambda: [h.token_keep[0].fill_(1) for h in attn])
+    for field, edit, undo in (
+        ("mask", lambda t: t.bernoulli_(0.5), lambda t: t.fill_(1)),
+        ("lm", lambda t: t.normal_(std=0.1), lambda t: t.zero_()),
+        ("scale", lambda t: t.uniform_(0.5, 1.5), lambda t: t.fill_(1)),
+    ):
+        if wts:
+            one_change(lambda f=field, e=edit: [e(getattr(h, f)[0]) for h in wts], lambda f=field, u=undo: [u(getattr(h, f)[0]) for h in wts])
 
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -122,6 +131,9 @@ def test_each_attention_adapter_changes_the_output():
         with backbone.routing(None, prompts=prompts):
             tokens = backbone.tokens(x)
         assert tokens.shape == (3, 17 + 4, 32)
+        backbone.prompt_hook("after_cls", pos_embed=True)
+        with backbone.routing(None, prompts=prompts):
+            assert not torch.allclose(backbone.tokens(x), tokens)  # the CLS position embedding was added
         with backbone.routing(None):
             torch.testing.assert_close(backbone.features(x), frozen, rtol=0, atol=0)
 

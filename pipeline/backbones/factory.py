@@ -85,6 +85,9 @@ class Backbone(nn.Module):
     def _token_module(self) -> nn.Module:
         return self.model.patch_drop
 
+    def _cls_position(self) -> torch.Tensor:
+        return self.model.pos_embed[0, 0]
+
     # --- installing hooks ---
     def attention_hooks(self, tower: str = "image") -> list[HookedAttention]:
         """Hook every self-attention block of ``tower`` (in depth order); idempotent."""
@@ -117,12 +120,14 @@ class Backbone(nn.Module):
             self._weight_hooks[tower] = hooks
         return self._weight_hooks[tower]
 
-    def prompt_hook(self, position: Literal["prepend", "after_cls"] = "prepend") -> PromptInsertion:
-        """Insert ``routing.prompts`` into the token sequence right after position embedding."""
+    def prompt_hook(self, position: Literal["prepend", "after_cls"] = "prepend", pos_embed: bool = False) -> PromptInsertion:
+        """Insert ``routing.prompts`` into the token sequence right after position embedding;
+        with ``pos_embed`` each prompt also gets the CLS token's position embedding."""
         if self._prompt_hook is None:
-            self._prompt_hook = PromptInsertion(self.routing, position)
+            self._prompt_hook = PromptInsertion(self.routing)
             self._token_module().register_forward_hook(self._prompt_hook)
         self._prompt_hook.position = position
+        self._prompt_hook.cls_position = self._cls_position().detach() if pos_embed else None
         return self._prompt_hook
 
 

@@ -224,17 +224,26 @@ class HookedWeight(nn.Module):
 
 
 class PromptInsertion:
-    """Forward hook on the module whose output is the position-embedded token sequence."""
+    """Forward hook on the module whose output is the position-embedded token sequence.
 
-    def __init__(self, routing: Routing, position: Literal["prepend", "after_cls"] = "prepend") -> None:
+    ``cls_position`` (the CLS token's position embedding) is added to every prompt when given;
+    by default prompts carry no position embedding (L2P's default).
+    """
+
+    def __init__(
+        self, routing: Routing, position: Literal["prepend", "after_cls"] = "prepend", cls_position: torch.Tensor | None = None
+    ) -> None:
         self.routing = routing
         self.position = position
+        self.cls_position = cls_position
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         prompts = self.routing.prompts
         if prompts is None:
             return output
         prompts = prompts.to(output.dtype)
+        if self.cls_position is not None:
+            prompts = prompts + self.cls_position.to(output.device, output.dtype)
         if self.position == "prepend":
             return torch.cat([prompts, output], dim=1)
         return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)

@@ -80,6 +80,9 @@ class ClipBackbone(Backbone):
     def _token_module(self) -> nn.Module:
         return self.model.visual.patch_dropout
 
+    def _cls_position(self) -> torch.Tensor:
+        return self.model.visual.positional_embedding[0]
+
 
 @register_family("open_clip")
 def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
