@@ -16,7 +16,7 @@ from pipeline.train import init_ray, run
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--config", required=True, action="append", help="run config YAML (repeat to merge)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:

@@ -38,15 +38,16 @@ def main() -> None:
 
 
 @main.command("run")
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @_one_line_errors
-def run_cmd(config: str, overrides: tuple[str, ...]) -> None:
-    """Train and evaluate the task stream in CONFIG; writes OUTPUT_DIR/summary.json."""
+def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Train and evaluate the task stream in CONFIGS (later files merge over earlier ones, e.g.
+    a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json."""
     from pipeline.config import load_config
     from pipeline.train import run
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(configs, overrides)
     summary = run(cfg)
     _print_summary(summary, cfg.output_dir)
 

@@ -204,12 +204,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> StrataConfig:
-    """Read a YAML config, apply ``--set`` overrides, inline the task manifest, validate."""
-    data = read_yaml(path) if path is not None else {}
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(
+    path: str | Path | list[str | Path] | tuple[str | Path, ...] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> StrataConfig:
+    """Read YAML config(s) (later files merge over earlier ones), apply ``--set`` overrides,
+    inline the task manifest, validate."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    data: dict[str, Any] = {}
+    for item in paths:
+        data = deep_merge(data, read_yaml(item))
     for assignment in overrides:
         apply_override(data, assignment)
-    origin = str(path) if path is not None else "config"
+    origin = " + ".join(str(p) for p in paths) or "config"
     stream = data.get("stream")
     if isinstance(stream, dict) and stream.get("manifest") and not stream.get("tasks"):
         manifest = read_yaml(stream["manifest"])

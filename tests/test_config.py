@@ -84,3 +84,11 @@ def test_method_params_are_validated_by_the_method(tmp_path):
     unknown = load_config(write(tmp_path / "e.yaml", base(tmp_path)), ["method.name=nope"])
     with pytest.raises(ConfigError, match=r"method\.name: 'nope' is not a registered method"):
         resolve_method_params(unknown.method)
+
+
+def test_later_files_merge_over_earlier_ones(tmp_path):
+    first = write(tmp_path / "a.yaml", {**base(tmp_path), "train": {"batch_size": 8, "passes": 2}})
+    second = write(tmp_path / "b.yaml", {"method": {"name": "finetune", "lr": 0.2}, "train": {"batch_size": 64}})
+    cfg = load_config([first, second])
+    assert (cfg.train.batch_size, cfg.train.passes) == (64, 2)
+    assert cfg.method.name == "finetune" and resolve_method_params(cfg.method).lr == 0.2

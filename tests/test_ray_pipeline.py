@@ -129,3 +129,24 @@ def test_job_entrypoint_runs_joint_as_one_phase(ray_session, tmp_path, capsys):
     assert summary["avg_acc"] is None and summary["forgetting"] is None
     assert summary["samples_seen"] == [16, 16]
     assert summary["memory_bytes"][0] is None and summary["memory_bytes"][1] == 4 * (32 * 4 + 4)  # one head, 4 classes
+
+
+def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):
+    tasks = [blobs_task("p0", classes=4, rows=32, seed=5, subset=[0, 1]), blobs_task("p1", classes=4, rows=32, seed=5, subset=[2, 3])]
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(run_config(tmp_path, tasks, data={"rows_per_chunk": 8})))
+    result = CliRunner().invoke(
+        main,
+        ["run", str(tmp_path / "stream.yaml"), str(REPO / "configs/methods/l2p-single-pass.yaml"),
+         "--set", "train.batch_size=8", "--set", "method.pool_size=4", "--set", "method.top_n=2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert CONTRACT_KEYS <= set(summary) and summary["method"] == "l2p"
+    assert summary["samples_seen"] == [16, 16]
+    assert all(v is not None for v in summary["accuracy_matrix"][1])
+    m, lp, d = 4, 5, 32
+    for classes, nbytes in zip((2, 4), summary["memory_bytes"], strict=True):
+        assert nbytes == 4 * (m * lp * d + m * d) + 4 * (classes * d + classes)
+    records = MemoryStore(summary["memory_store"]).entries()
+    counts = MemoryStore(summary["memory_store"]).load(records[1]).meta["selection_counts"]
+    assert sum(counts) == 2 * 32  # every training sample of both tasks selected top-2 prompts once

@@ -1,0 +1,159 @@
+"""L2P — Learning to Prompt (Wang et al., CVPR 2022): a prompt pool with key-query matching.
+
+Per step:
+1. query q(x) = pre-logits [CLS] feature of the frozen, unprompted backbone (one extra forward,
+   computed once and used for selection, the key loss and the selection counts);
+2. match score cos(q, k_m) for the M keys; take the top-N prompts per sample, or (switch
+   ``batchwise_selection``, which the official code always uses, in training and evaluation)
+   the N ids chosen most often in the batch for every sample;
+3. the chosen prompts (N * L_p tokens) are inserted at the input through the backbone's prompt
+   hook; the head reads the mean of the outputs at the prompt positions;
+4. loss = CE (logits of classes outside the current task masked) - lambda * mean cos(q, k_sel).
+   The official code sums the cosine over the N selected keys and averages over the batch
+   (lambda * N in effect); strata follows the paper and METHODS.md: the mean over both.
+
+Diversified selection (paper Eq. 4; never shipped by the official code), option ``diversify``:
+while training task t > 0, prompt m's distance 1 - cos(q, k_m) is multiplied by
+h_m = (c_m + 1) / (sum_j c_j + M), where c_m counts how often m was selected during tasks
+0..t-1 (all-reduced over workers). Rarely used prompts get small distances and are picked;
+the +1 smoothing keeps the similarity meaningful among never-used prompts. Evaluation uses
+plain cosine.
+
+Stored per task (the whole pool, versioned): prompts (M, L_p, d), keys (M, d), the head over
+all seen classes; the cumulative selection counts travel in the record's JSON metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.memory import TaskRecord
+from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods.heads import GrowingLinear
+
+
+class L2PConfig(MethodParams):
+    pool_size: int = 10  # M
+    top_n: int = 5  # N
+    prompt_length: int = 5  # L_p
+    key_loss_weight: float = 0.1  # lambda
+    batchwise_selection: bool = True
+    diversify: bool = False
+    init_range: tuple[float, float] = (0.0, 0.01)  # JAX official; the PyTorch port uses (-1, 1)
+    position: Literal["prepend", "after_cls"] = "prepend"
+    prompt_pos_embed: bool = False
+    lr: float = 0.015  # 0.03 x batch 128 / 256
+    grad_clip: float | None = 1.0
+
+
+def select_prompts(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    top_n: int,
+    *,
+    batchwise: bool,
+    penalty: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prompt ids (B, N): top-N by cosine, frequency-penalised distances if ``penalty`` is given,
+    and the batch's N most frequent ids for every sample if ``batchwise`` (ties: lower id)."""
+    cosine = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T  # (B, M)
+    score = cosine if penalty is None else -(1.0 - cosine) * penalty
+    idx = score.topk(top_n, dim=1).indices
+    if batchwise:
+        counts = torch.bincount(idx.flatten(), minlength=keys.shape[0])
+        major = torch.argsort(-counts, stable=True)[:top_n]
+        idx = major.unsqueeze(0).expand(query.shape[0], -1)
+    return idx
+
+
+def frequency_penalty(counts: torch.Tensor) -> torch.Tensor:
+    """h_m = (c_m + 1) / (sum_j c_j + M): the diversified-selection weight of each prompt."""
+    counts = counts.double()
+    return ((counts + 1) / (counts.sum() + len(counts))).float()
+
+
+@register_method("l2p")
+class L2P(Method):
+    """Prompt pool with key-query matching; prompts at the input, head on prompt outputs."""
+
+    scenarios = frozenset({"cil", "dil"})
+    Config = L2PConfig
+    cfg: L2PConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg, dim = self.cfg, self.backbone.feature_dim
+        low, high = cfg.init_range
+        self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, dim, device=self.device).uniform_(low, high))
+        self.keys = nn.Parameter(torch.empty(cfg.pool_size, dim, device=self.device).uniform_(low, high))
+        self.head = GrowingLinear(dim).to(self.device)
+        self.counts = torch.zeros(cfg.pool_size, dtype=torch.int64, device=self.device)  # earlier tasks
+        self._task_counts = torch.zeros_like(self.counts)
+        self.backbone.prompt_hook(cfg.position, pos_embed=cfg.prompt_pos_embed)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.head.grow(task.num_seen_classes)
+        self._task_counts = torch.zeros_like(self.counts)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.prompts, self.keys, *self.head.parameters()]
+
+    def _forward(self, images: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, query, selected ids)."""
+        cfg = self.cfg
+        query = self.frozen_features(images)
+        use_penalty = training and cfg.diversify and bool(self.counts.any())
+        idx = select_prompts(
+            query, self.keys.detach(), cfg.top_n, batchwise=cfg.batchwise_selection,
+            penalty=frequency_penalty(self.counts) if use_penalty else None,
+        )  # fmt: skip
+        prompts = self.prompts[idx].flatten(1, 2)  # (B, N * L_p, d)
+        with self.backbone.routing(None, prompts=prompts):
+            tokens = self.backbone.tokens(images)
+        start = 0 if cfg.position == "prepend" else 1
+        pooled = tokens[:, start : start + prompts.shape[1]].mean(dim=1)
+        return self.head(pooled), query, idx
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        assert self.task is not None
+        logits, query, idx = self._forward(batch["image"], training=True)
+        outside = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        outside[list(self.task.classes)] = False
+        ce = F.cross_entropy(logits.masked_fill(outside, float("-inf")), batch["label"])
+        pull = (F.normalize(self.keys[idx], dim=-1) * F.normalize(query, dim=-1).unsqueeze(1)).sum(-1).mean()
+        self._task_counts += torch.bincount(idx.flatten(), minlength=self.cfg.pool_size)
+        return ce - self.cfg.key_loss_weight * pull
+
+    def end_task(self) -> TaskRecord:
+        counts = self.counts + self.collective.all_reduce_(self._task_counts.clone())
+        record = TaskRecord(
+            {
+                "prompts": self.prompts.detach().clone(),
+                "keys": self.keys.detach().clone(),
+                "head.weight": self.head.weight.detach().clone(),
+                "head.bias": self.head.bias.detach().clone(),
+            },
+            meta={"selection_counts": counts.tolist()},
+        )
+        self.restore([record])
+        return record
+
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        if not records:
+            return
+        last = records[-1]
+        with torch.no_grad():
+            self.prompts.copy_(last.tensors["prompts"])
+            self.keys.copy_(last.tensors["keys"])
+        self.head.load(last.tensors["head.weight"], last.tensors["head.bias"])
+        self.counts = torch.tensor(last.meta["selection_counts"], dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(images, training=False)[0]

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from pipeline.backbones import create_backbone
+from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.methods import TaskInfo, create_method, resolve_method_params
+from pipeline.methods.l2p import frequency_penalty, select_prompts
+
+from conftest import TINY_VIT
+
+KEYS = torch.eye(4)  # key m points along axis m
+
+
+def test_top_n_by_cosine_per_sample():
+    query = torch.tensor([[3.0, 2.0, 0.0, 0.1], [0.0, 0.0, 1.0, 2.0]])
+    idx = select_prompts(query, KEYS, 2, batchwise=False)
+    assert idx.tolist() == [[0, 1], [3, 2]]
+
+
+def test_batchwise_majority_gives_every_sample_the_most_frequent_ids():
+    query = torch.tensor([[3.0, 2.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]])
+    # per sample: {0,1}, {1,0}, {2,0} -> counts 0:3, 1:2, 2:1
+    idx = select_prompts(query, KEYS, 2, batchwise=True)
+    assert idx.tolist() == [[0, 1]] * 3
+
+
+def test_frequency_penalty_changes_the_choice_as_the_formula_says():
+    counts = torch.tensor([90, 0, 10, 0])
+    h = frequency_penalty(counts)
+    torch.testing.assert_close(h, torch.tensor([91, 1, 11, 1]) / 104.0)
+    query = torch.tensor([[0.9, 0.5, 0.0, 0.0]])  # cos to key 0 is highest
+    assert select_prompts(query, KEYS, 1, batchwise=False).tolist() == [[0]]
+    cos = torch.nn.functional.normalize(query, dim=1)[0]
+    distances = (1 - cos) * h  # key 0: (1-0.874)*0.875 = 0.110; key 1: (1-0.486)*0.0096 = 0.005
+    assert int(distances.argmin()) == 1
+    assert select_prompts(query, KEYS, 1, batchwise=False, penalty=h).tolist() == [[1]]
+
+
+def l2p(**params):
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    method = create_method(resolve_method_params(MethodConfig(name="l2p", **params)), backbone)
+    method.begin_task(TaskInfo(0, "t", (0, 1), 3, ("a", "b", "c")))
+    return backbone, method
+
+
+def batch(n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.randn(n, 3, 16, 16, generator=g), "label": torch.randint(0, 2, (n,), generator=g)}
+
+
+def test_gradient_reaches_only_prompts_keys_and_head_and_other_classes_are_masked():
+    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, batchwise_selection=False)
+    method.training_step(batch()).backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert method.prompts.grad.abs().sum() > 0 and method.keys.grad.abs().sum() > 0
+    assert method.head.weight.grad[:2].abs().sum() > 0
+    assert torch.equal(method.head.weight.grad[2], torch.zeros(32))  # class 2 is not in this task
+
+
+def test_key_loss_pulls_selected_keys_toward_their_queries():
+    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, init_range=(-1.0, 1.0), key_loss_weight=1.0)
+    optimizer = torch.optim.Adam([method.keys], lr=0.05)
+    b = batch()
+    query = torch.nn.functional.normalize(method.frozen_features(b["image"]), dim=-1)
+
+    @torch.no_grad()
+    def mean_cos() -> float:
+        idx = select_prompts(query, method.keys, 2, batchwise=True)
+        return float((torch.nn.functional.normalize(method.keys[idx], dim=-1) * query.unsqueeze(1)).sum(-1).mean())
+
+    before = mean_cos()
+    for _ in range(5):
+        optimizer.zero_grad()
+        method.training_step(b).backward()
+        optimizer.step()
+    assert mean_cos() > before + 0.05
+
+
+def test_record_bytes_and_exact_restore():
+    backbone, method = l2p()
+    method.training_step(batch())
+    record = method.end_task()
+    m, lp, d, classes = 10, 5, 32, 3
+    assert record.nbytes == 4 * (m * lp * d + m * d) + 4 * (classes * d + classes)
+    assert sum(record.meta["selection_counts"]) == 8 * 5  # 8 samples x top-5
+    fresh = create_method(method.cfg, backbone)
+    fresh.restore([record])
+    x = batch()["image"]
+    assert torch.equal(fresh.predict(x), method.predict(x))
+
+
+@pytest.mark.parametrize("position", ["prepend", "after_cls"])
+def test_head_reads_the_prompt_positions(position):
+    backbone, method = l2p(pool_size=4, top_n=2, prompt_length=2, position=position)
+    x = batch(2)["image"]
+    logits = method.predict(x)
+    with torch.no_grad():
+        idx = select_prompts(method.frozen_features(x), method.keys, 2, batchwise=True)
+        with backbone.routing(None, prompts=method.prompts[idx].flatten(1, 2)):
+            tokens = backbone.tokens(x)
+        start = 0 if position == "prepend" else 1
+        expected = method.head(tokens[:, start : start + 4].mean(1))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
