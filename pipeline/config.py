@@ -120,6 +120,11 @@ class DataConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     batch_size: int = Field(default=128, ge=1)
+    label_space: Literal["auto", "task", "seen"] = Field(
+        default="auto",
+        description="classes a test sample is scored against: its task's own (til; dcil as in MTIL), "
+        "or every seen class (cil, dil); auto picks by scenario",
+    )
 
 
 class TrackingConfig(StrictModel):

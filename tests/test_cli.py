@@ -9,8 +9,9 @@ def test_methods_lists_every_method_with_its_scenarios():
     result = CliRunner().invoke(main, ["methods", "--json"])
     assert result.exit_code == 0
     listed = {row["name"]: set(row["scenarios"]) for row in json.loads(result.output)}
-    assert {"finetune", "ncm", "joint", "l2p"} <= set(listed)
+    assert {"finetune", "ncm", "joint", "l2p", "diki", "zeroshot"} <= set(listed)
     assert "cil" in listed["l2p"]
+    assert {"dcil", "cil", "dil"} <= listed["diki"] and "dcil" in listed["zeroshot"]
 
 
 def test_config_errors_are_one_line_and_exit_2(tmp_path):

@@ -52,3 +52,30 @@ def test_uneven_shards_match_single_process(tmp_path):
     train_phase(single, lambda: merged, passes=1, num_tasks=1, num_samples=7, global_batch_size=4, amp=False, log_every=100, label="t")
     torch.testing.assert_close(ranks[0]["w"], single.head.weight.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(ranks[0]["b"], single.head.bias.detach(), rtol=0, atol=1e-6)
+
+
+def gaussian_worker(rank: int, init_file: str, out: str) -> None:
+    from pipeline.methods.gaussian import GaussianAccumulator
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    features = torch.randn(50, 6, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
+    acc = GaussianAccumulator(6, torch.device("cpu"))
+    acc.update(features[: 17 + 20 * rank])  # uneven shares: 17 and 37 rows
+    acc.reduce(TorchCollective())
+    mean, cov = acc.finalize(eps=1e-7)
+    save_file({"mean": mean, "cov": cov}, f"{out}/gauss{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_gaussian_over_two_ranks_equals_single_process(tmp_path):
+    from pipeline.methods.gaussian import GaussianAccumulator
+
+    mp.start_processes(gaussian_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [load_file(tmp_path / f"gauss{r}.safetensors") for r in range(2)]
+    union = torch.cat([torch.randn(50, 6, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64)[: 17 + 20 * r] for r in range(2)])
+    single = GaussianAccumulator(6, torch.device("cpu"))
+    single.update(union)
+    mean, cov = single.finalize(eps=1e-7)
+    for result in ranks:
+        torch.testing.assert_close(result["mean"], mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["cov"], cov, rtol=0, atol=1e-6)

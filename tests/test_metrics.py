@@ -39,6 +39,12 @@ def test_transfer_needs_future_evaluations():
     assert metrics.transfer(zero_shot) == pytest.approx((0.2 + (0.1 + 0.3) / 2) / 2)
 
 
+def test_mtil_average_uses_every_row():
+    full = [[0.9, 0.2, 0.1], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
+    assert metrics.mtil_average(full) == pytest.approx(((0.9 + 0.6 + 0.5) / 3 + (0.2 + 0.8 + 0.7) / 3 + (0.1 + 0.3 + 1.0) / 3) / 3)
+    assert metrics.mtil_average(A) is None
+
+
 def test_single_task_and_missing_rows():
     assert metrics.forgetting([[0.7]]) is None
     assert metrics.bwt([[0.7]]) is None

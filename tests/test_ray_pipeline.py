@@ -150,3 +150,50 @@ def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):
     records = MemoryStore(summary["memory_store"]).entries()
     counts = MemoryStore(summary["memory_store"]).load(records[1]).meta["selection_counts"]
     assert sum(counts) == 2 * 32  # every training sample of both tasks selected top-2 prompts once
+
+
+def dcil_stream(tmp_path: Path) -> list[dict]:
+    colours = blobs_task("colours", classes=2, rows=32, seed=11)
+    colours["rename"] = {"class0": "red", "class1": "blue"}
+    shapes = blobs_task("shapes", classes=2, rows=32, seed=12)
+    shapes["rename"] = {"class0": "circle", "class1": "square"}
+    return [colours, shapes]
+
+
+def test_diki_dcil_end_to_end_fills_transfer_average_last(ray_session, tmp_path):
+    config = run_config(
+        tmp_path, dcil_stream(tmp_path), backbone={"name": "open_clip:strata-tiny-clip"}, data={"rows_per_chunk": 8}
+    )
+    config["stream"]["scenario"] = "dcil"
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(
+        main,
+        ["run", str(tmp_path / "stream.yaml"), str(REPO / "configs/methods/diki-single-pass.yaml"),
+         "--set", "method.image_layers=[0, 1]", "--set", "method.text_layers=[0, 1]", "--set", "method.residual_length=2",
+         "--set", "train.batch_size=8"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["method"] == "diki" and summary["class_names"] == ["red", "blue", "circle", "square"]
+    assert all(v is not None for row in summary["accuracy_matrix"] for v in row)  # future task evaluated zero-shot
+    assert summary["transfer"] == summary["accuracy_matrix"][0][1]
+    for key in ("transfer", "mtil_average", "last_acc"):
+        assert summary[key] is not None and 0.0 <= summary[key] <= 1.0
+    assert summary["samples_seen"] == [32, 32]
+    per_task = 4 * (2 * 2 * (2 * 2 * 32) + 2 * 2 * (2 * 2 * 16) + 32 + 32 * 33 // 2)
+    assert summary["memory_bytes"] == [per_task, per_task]
+    logged = MlflowClient(config["tracking"]["uri"]).get_run(summary["mlflow_run_id"]).data.metrics
+    assert logged["mtil_average"] == pytest.approx(summary["mtil_average"], abs=1e-12)
+
+
+def test_zeroshot_reads_no_data_and_every_row_is_the_frozen_model(ray_session, tmp_path):
+    config = run_config(tmp_path, dcil_stream(tmp_path), backbone={"name": "open_clip:strata-tiny-clip"}, tracking={"enabled": False})
+    config["stream"]["scenario"] = "dcil"
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "stream.yaml"), str(REPO / "configs/methods/zeroshot.yaml")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    matrix = summary["accuracy_matrix"]
+    assert matrix[0] == matrix[1] and None not in matrix[0]
+    assert summary["samples_seen"] == [0, 0] and summary["memory_bytes"] == [0, 0]
+    assert summary["forgetting"] == 0.0 and summary["mlflow_run_id"] is None

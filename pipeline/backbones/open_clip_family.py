@@ -45,6 +45,11 @@ class ClipBackbone(Backbone):
         finally:
             visual.output_tokens = saved
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned temperature, exp(logit_scale)."""
+        return self.model.logit_scale.exp()
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self._mean.device))
 

@@ -6,7 +6,7 @@ all-reduce of (correct, total) gives the exact accuracy over the whole test set.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -17,24 +17,30 @@ def evaluate_task(
     method: Method,
     batches: Iterable[Batch],
     *,
-    task_classes: tuple[int, ...],
+    candidates: Sequence[int],
+    candidate_names: Sequence[str],
     task_index: int,
     task_aware: bool,
     prepare: Callable[[Batch], Batch] = lambda b: b,
 ) -> float:
-    """Fraction correct. ``task_aware`` (til): the method gets task ids and the argmax is over the
-    task's classes; otherwise over every class seen so far, with no task id."""
+    """Fraction of samples whose argmax over ``candidates`` (stream label ids) is their label.
+    ``task_aware`` (til): the method also gets the task id."""
     correct = torch.zeros(2, dtype=torch.float64, device=method.device)
+    ids = torch.tensor(list(candidates), device=method.device)
     for raw in batches:
         batch = prepare(raw)
         images, labels = batch["image"], batch["label"]
         task_ids = torch.full_like(labels, task_index) if task_aware else None
-        logits = method.predict(images, task_ids).float()
-        if task_aware:
-            allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-            allowed[list(task_classes)] = True
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        correct[0] += (logits.argmax(dim=1) == labels).sum()
+        logits = method.score(images, candidates, candidate_names, task_ids).float()
+        correct[0] += (ids[logits.argmax(dim=1)] == labels).sum()
         correct[1] += len(labels)
     method.collective.all_reduce_(correct)
     return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
+
+
+def candidate_classes(label_space: str, task_classes: Sequence[int], num_seen: int) -> list[int]:
+    """The classes an evaluation chooses among: the task's own ("task"), or every class seen
+    so far plus the task's own ("seen"; a future task's classes are not seen yet)."""
+    if label_space == "task":
+        return list(task_classes)
+    return sorted(set(range(num_seen)) | set(task_classes))

@@ -62,5 +62,20 @@ def transfer(a: Matrix) -> float | None:
     return fmean(fmean(c) for c in cols if c is not None)
 
 
+def mtil_average(a: Matrix) -> float | None:
+    """MTIL "Average": mean over j of the mean over every row i of A[i][j] (needs the full matrix)."""
+    cols = [_all([row[j] for row in a]) for j in range(len(a))]
+    if not cols or any(c is None for c in cols):
+        return None
+    return fmean(fmean(c) for c in cols if c is not None)
+
+
 def summarize(a: Matrix) -> dict[str, float | None]:
-    return {"avg_acc": avg_acc(a), "last_acc": last_acc(a), "forgetting": forgetting(a), "bwt": bwt(a), "transfer": transfer(a)}
+    return {
+        "avg_acc": avg_acc(a),
+        "last_acc": last_acc(a),
+        "forgetting": forgetting(a),
+        "bwt": bwt(a),
+        "transfer": transfer(a),
+        "mtil_average": mtil_average(a),
+    }

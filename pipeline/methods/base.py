@@ -81,6 +81,8 @@ class Method(ABC):
     scenarios: ClassVar[frozenset[str]]
     Config: ClassVar[type[MethodParams]] = MethodParams
     trains_jointly: ClassVar[bool] = False  # one training phase over every task's data (the upper bound)
+    zero_shot: ClassVar[bool] = False  # can score classes it has not seen: future tasks are evaluated too
+    consumes_data: ClassVar[bool] = True  # False: nothing to learn from training data (zero-shot baseline)
 
     def __init__(self, cfg: MethodParams, backbone: Backbone, collective: Collective | None = None) -> None:
         self.cfg = cfg
@@ -117,6 +119,18 @@ class Method(ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, num_seen_classes); ``task_ids`` only in task-incremental evaluation."""
+
+    def score(
+        self,
+        images: torch.Tensor,
+        candidates: Sequence[int],
+        candidate_names: Sequence[str],
+        task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, len(candidates)) over the classes an evaluation asks about, by stream id
+        and name. Methods with a classifier over seen classes read its columns; zero-shot
+        methods score the names."""
+        return self.predict(images, task_ids)[:, list(candidates)]
 
     def build_optimizer(
         self, params: Iterable[nn.Parameter], total_steps: int

@@ -187,7 +187,7 @@ def run(cfg: StrataConfig) -> dict[str, Any]:
     write_matrix_csv(out / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
     write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
     if run_:
-        run_.log_metrics({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "wall_s")})
+        run_.log_metrics({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s")})
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
             run_.log_artifact(out / name)
         run_.log_artifact(out / "memory_manifest.json")

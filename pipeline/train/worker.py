@@ -25,7 +25,7 @@ from ray.train.v2._internal.execution import context as train_context
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
-from pipeline.eval.evaluate import evaluate_task
+from pipeline.eval.evaluate import candidate_classes, evaluate_task
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import TrackedRun
@@ -131,6 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
     collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
     method.restore(store.load_all(backbone_id=backbone.backbone_id, upto=progress.records))
     run = TrackedRun(job.tracking_uri, job.run_id) if rank == 0 and job.run_id and job.tracking_uri else None
+    label_space = cfg.eval.label_space
+    if label_space == "auto":
+        label_space = "task" if plan.scenario in ("til", "dcil") else "seen"
     local_batch = max(1, cfg.train.batch_size // max(world, 1))
     eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
 
@@ -148,9 +151,15 @@ def train_loop_per_worker(config: dict) -> None:
         method.begin_task(info)
         broadcast_parameters(method.trainable_parameters(), collective)
         shard = ray.train.get_dataset_shard(f"train_{phase_index}")
+
+        def batches(shard=shard):  # a method with nothing to learn does not read its data
+            if not method.consumes_data:
+                return iter(())
+            return (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device))
+
         stats = train_phase(
             method,
-            lambda shard=shard: (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device)),
+            batches,
             passes=cfg.train.passes,
             num_tasks=num_tasks,
             num_samples=num_samples,
@@ -163,12 +172,15 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
         row = progress.accuracy_matrix[phase.row]
-        for j in range(phase.row + 1):
+        evaluated = range(num_tasks if method.zero_shot else phase.row + 1)  # zero-shot: future tasks too
+        for j in evaluated:
             test = ray.train.get_dataset_shard(f"test_{j}")
+            candidates = candidate_classes(label_space, plan.tasks[j].classes, info.num_seen_classes)
             row[j] = evaluate_task(
                 method,
                 test.iter_torch_batches(batch_size=eval_batch, device=device),
-                task_classes=plan.tasks[j].classes,
+                candidates=candidates,
+                candidate_names=[plan.class_names[c] for c in candidates],
                 task_index=j,
                 task_aware=plan.scenario == "til",
                 prepare=prepare,
@@ -179,9 +191,9 @@ def train_loop_per_worker(config: dict) -> None:
         progress.phases_done = phase_index + 1
         progress.records += 1
         progress.phase_wall_s.append(time.perf_counter() - started)
-        seen_acc = sum(v for v in row if v is not None) / (phase.row + 1)
+        seen_acc = sum(v for v in row[: phase.row + 1] if v is not None) / (phase.row + 1)
         metrics = {"avg_seen_acc": seen_acc, "train_loss": stats.mean_loss, "samples": float(sum(stats.samples_per_task))}
-        metrics |= {f"acc/task_{j}": row[j] for j in range(phase.row + 1)}
+        metrics |= {f"acc/task_{j}": row[j] for j in evaluated}
         if rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
             log.info(

@@ -1,0 +1,175 @@
+"""DIKI — residual attention with distribution-aware calibration (Tang et al., ECCV 2024).
+
+Per task t and chosen layer l of both CLIP encoders: residual keys/values K_r, V_r (H, L_r, d_h),
+used by the backbone's residual-attention hook:
+    O = [softmax(Q K^T / sqrt(d_h)) V + w * softmax(Q K_r^T / sqrt(d_h)) V_r] W_O + b.
+K_r ~ U(-1, 1) and V_r = 0, so an untrained task is exactly the frozen CLIP (zero K_r as well
+would block K_r's gradient).
+
+Training task t (task id known, w = 1): image and class-name text ("a photo of a {c}.") both
+through task t's residuals; loss = CE over exp(logit_scale) * cosine similarities to the task's
+classes. In the same single pass, the frozen image features (L2-normalised) feed task t's
+Gaussian (float64 count / sum / outer products, all-reduced; covariance + eps * I).
+
+Inference: s_t = log N(f(x); mu_t, Sigma_t) for every learned task, t* = argmax_t (per sample;
+batch-wise majority as a switch), w = sigmoid(s_t* / D - 1) (scale D = feature dimension and
+offset 1 are config; the official code hard-codes D = 512). The image uses task t*'s residuals
+with weight w; the text side uses each sample's t* with the batch-mean weight, as the official
+code does (METHODS.md leaves the text weight open). Before any task is learned, it is zero-shot
+CLIP exactly. The frozen forward serves both the Gaussian scores and the zero-shot path.
+
+Defaults follow the official code: SGD (no momentum, no weight decay) at lr 5.0 with cosine
+decay to 5e-3, layers 0-7 of both encoders, L_r = 8. Stored per task: K_r and V_r of every
+chosen layer of both towers, the Gaussian mean and the covariance's upper triangle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pipeline.backbones.open_clip_family import DEFAULT_TEMPLATE
+from pipeline.errors import ConfigError
+from pipeline.memory import TaskRecord
+from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, pack_upper, unpack_upper
+from pipeline.methods.zeroshot import clip_logits, require_clip
+
+TOWERS = ("image", "text")
+
+
+class DIKIConfig(MethodParams):
+    image_layers: list[int] = Field(default_factory=lambda: list(range(8)))
+    text_layers: list[int] = Field(default_factory=lambda: list(range(8)))
+    residual_length: int = 8  # L_r
+    gate_scale: float | None = None  # default: the feature dimension D
+    gate_offset: float = 1.0
+    batchwise_task: bool = False
+    eps: float = 1e-7
+    shrinkage: float = 0.0
+    template: str = DEFAULT_TEMPLATE
+    optimizer: Literal["adam", "adamw", "sgd"] = "sgd"
+    lr: float = 5.0
+    momentum: float = 0.0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr: float = 5e-3
+
+
+@register_method("diki")
+class DIKI(Method):
+    """Residual attention per task in both CLIP towers; Gaussian task inference gates it."""
+
+    scenarios = frozenset({"dcil", "cil", "dil"})
+    Config = DIKIConfig
+    zero_shot = True
+    cfg: DIKIConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clip = require_clip(self.backbone, self.name)
+        self.hooks = {}
+        for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers)):
+            available = self.clip.attention_hooks(tower)
+            bad = [layer for layer in layers if not 0 <= layer < len(available)]
+            if bad:
+                raise ConfigError(f"method.{tower}_layers: layer {bad[0]} is not in the {len(available)}-block {tower} tower")
+            self.hooks[tower] = [available[layer] for layer in layers]
+        self.gaussians = TaskGaussians()
+        self._accumulator: GaussianAccumulator | None = None
+        self._trainable: list[torch.nn.Parameter] = []
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self._trainable = []
+        for hooks in self.hooks.values():
+            for hook in hooks:
+                shape = (hook.num_heads, self.cfg.residual_length, hook.head_dim)
+                k = torch.nn.Parameter(torch.empty(shape, device=self.device).uniform_(-1.0, 1.0))
+                v = torch.nn.Parameter(torch.zeros(shape, device=self.device))
+                hook.residual_k = [*hook.residual_k, k]
+                hook.residual_v = [*hook.residual_v, v]
+                self._trainable += [k, v]
+        self._accumulator = GaussianAccumulator(self.clip.feature_dim, self.device)
+        self._local = torch.full((task.num_seen_classes,), -1, dtype=torch.long, device=self.device)
+        self._local[list(task.classes)] = torch.arange(len(task.classes), device=self.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self._trainable
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        assert self.task is not None and self._accumulator is not None
+        images = batch["image"]
+        with torch.no_grad():
+            self._accumulator.update(F.normalize(self.clip.features(images).float(), dim=-1))
+        slot = len(self.gaussians)
+        names = [self.task.class_names[c] for c in self.task.classes]
+        with self.clip.routing(slot):
+            logits = clip_logits(self.clip, self.clip.features(images), self.clip.encode_text([self.cfg.template.format(n) for n in names]))
+        return F.cross_entropy(logits, self._local[batch["label"]])
+
+    def end_task(self) -> TaskRecord:
+        assert self._accumulator is not None
+        self._accumulator.reduce(self.collective)
+        mean, cov = self._accumulator.finalize(self.cfg.eps, self.cfg.shrinkage)
+        slot = len(self.gaussians)
+        tensors = {
+            f"{tower}.{layer}.{kv}": getattr(hook, f"residual_{kv}")[slot].detach().clone()
+            for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers))
+            for layer, hook in zip(layers, self.hooks[tower], strict=True)
+            for kv in ("k", "v")
+        }
+        tensors |= {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float()}
+        record = TaskRecord(tensors)
+        for hooks in self.hooks.values():  # drop the trainable copies; the record is the state
+            for hook in hooks:
+                hook.residual_k, hook.residual_v = hook.residual_k[:slot], hook.residual_v[:slot]
+        self._apply(record)
+        return record
+
+    def _apply(self, record: TaskRecord) -> None:
+        t = record.tensors
+        for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers)):
+            for layer, hook in zip(layers, self.hooks[tower], strict=True):
+                hook.residual_k = [*hook.residual_k, t[f"{tower}.{layer}.k"].to(self.device)]
+                hook.residual_v = [*hook.residual_v, t[f"{tower}.{layer}.v"].to(self.device)]
+        dim = t["gaussian.mean"].shape[0]
+        self.gaussians.add(t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim))
+
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        for record in records:
+            self._apply(record)
+
+    def infer_tasks(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task per sample, gate per sample) from the Gaussians of the learned tasks."""
+        scores, tasks = self.gaussians.log_likelihood(F.normalize(frozen.float(), dim=-1)).max(dim=1)
+        weight = gate(scores, self.cfg.gate_scale or self.clip.feature_dim, self.cfg.gate_offset).float()
+        if self.cfg.batchwise_task:
+            tasks = torch.full_like(tasks, int(torch.mode(tasks).values))
+        return tasks, weight
+
+    @torch.no_grad()
+    def score(self, images, candidates, candidate_names, task_ids=None) -> torch.Tensor:
+        frozen = self.clip.features(images)
+        if not len(self.gaussians):
+            return clip_logits(self.clip, frozen, self.clip.class_embeddings(candidate_names, self.cfg.template))
+        tasks, weight = self.infer_tasks(frozen)
+        with self.clip.routing(tasks, gate=weight):
+            image = self.clip.features(images)
+        prompts = [self.cfg.template.format(n) for n in candidate_names]
+        text_gate = weight.mean().expand(len(prompts))
+        logits = torch.empty(len(images), len(prompts), device=images.device)
+        for t in torch.unique(tasks).tolist():
+            with self.clip.routing(int(t), gate=text_gate):
+                text = self.clip.encode_text(prompts)
+            rows = tasks == t
+            logits[rows] = clip_logits(self.clip, image[rows], text)
+        return logits
+
+    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.task is not None
+        names = self.task.class_names
+        return self.score(images, range(len(names)), names, task_ids)
