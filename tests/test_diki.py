@@ -76,13 +76,13 @@ def test_training_record_bytes_and_exact_restore():
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=5.0)
     x = images()
     batch = {"image": x, "label": torch.tensor([0, 1, 2, 0, 1, 2])}
-    first = float(method.training_step(batch))
+    first = method.training_step(batch).item()
     for _ in range(3):
         optimizer.zero_grad()
         loss = method.training_step(batch)
         loss.backward()
         optimizer.step()
-    assert float(loss) < first
+    assert loss.item() < first
     assert all(p.grad is None for p in backbone.parameters())
     record = method.end_task()
     # image tower: 2 layers x (K, V) x (2 heads x L_r 2 x 32); text: 2 x 2 x (2 x 2 x 16); Gaussian D = 32

@@ -197,3 +197,30 @@ def test_zeroshot_reads_no_data_and_every_row_is_the_frozen_model(ray_session, t
     assert matrix[0] == matrix[1] and None not in matrix[0]
     assert summary["samples_seen"] == [0, 0] and summary["memory_bytes"] == [0, 0]
     assert summary["forgetting"] == 0.0 and summary["mlflow_run_id"] is None
+
+
+@pytest.mark.parametrize(
+    "method,backbone",
+    [("piggyback", None), ("rkr", {"name": "timm:test_convnext"}), ("mask_rkr", None), ("meat", None)],
+)
+def test_mask_methods_til_end_to_end_with_task_inference(ray_session, tmp_path, method, backbone):
+    tasks = [blobs_task("m0", classes=4, rows=32, seed=21, subset=[0, 1]), blobs_task("m1", classes=4, rows=32, seed=22, subset=[2, 3])]
+    sections = {"data": {"rows_per_chunk": 8, "image_size": 32 if backbone else 16}, "tracking": {"enabled": False}}
+    if backbone:
+        sections["backbone"] = backbone
+    config = run_config(tmp_path, tasks, **sections)
+    config["stream"]["scenario"] = "til"
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(
+        main,
+        ["run", str(tmp_path / "stream.yaml"), str(REPO / f"configs/methods/{method}-single-pass.yaml"),
+         "--set", "method.task_inference=true", "--set", "train.batch_size=8"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["method"] == method and summary["samples_seen"] == [16, 16]
+    for key in ("accuracy_matrix", "cil_accuracy_matrix", "task_inference_matrix"):
+        assert all((v is not None) == (j <= i) for i, row in enumerate(summary[key]) for j, v in enumerate(row)), key
+    for key in ("last_acc", "cil_last_acc", "task_inference_acc"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["accuracy_matrix"][1][0] == summary["accuracy_matrix"][0][0]  # til: no forgetting by construction

@@ -38,6 +38,30 @@ def evaluate_task(
     return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
 
 
+def evaluate_inferred(
+    method: Method,
+    batches: Iterable[Batch],
+    *,
+    candidates: Sequence[int],
+    candidate_names: Sequence[str],
+    task_index: int,
+    prepare: Callable[[Batch], Batch] = lambda b: b,
+) -> tuple[float, float]:
+    """(class-incremental accuracy, task-inference accuracy) of a method that infers each
+    sample's task: one inference per sample serves both."""
+    counts = torch.zeros(3, dtype=torch.float64, device=method.device)
+    ids = torch.tensor(list(candidates), device=method.device)
+    for raw in batches:
+        batch = prepare(raw)
+        tasks = method.infer_tasks(batch["image"])
+        logits = method.score(batch["image"], candidates, candidate_names, tasks).float()
+        counts[0] += (ids[logits.argmax(dim=1)] == batch["label"]).sum()
+        counts[1] += (tasks == task_index).sum()
+        counts[2] += len(tasks)
+    method.collective.all_reduce_(counts)
+    return float(counts[0] / counts[2]), float(counts[1] / counts[2])
+
+
 def candidate_classes(label_space: str, task_classes: Sequence[int], num_seen: int) -> list[int]:
     """The classes an evaluation chooses among: the task's own ("task"), or every class seen
     so far plus the task's own ("seen"; a future task's classes are not seen yet)."""

@@ -124,6 +124,21 @@ def _summary(
         "class_names": list(plan.class_names),
         "train_loss": progress.train_loss,
         "phase_wall_s": progress.phase_wall_s,
+        **_task_inference_summary(progress),
+    }
+
+
+def _task_inference_summary(progress: Progress) -> dict[str, Any]:
+    """For til methods that also infer tasks: cil accuracy (task inferred) and inference accuracy."""
+    if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
+        return {}
+    cil = metrics.summarize(progress.cil_accuracy_matrix)
+    return {
+        "cil_accuracy_matrix": progress.cil_accuracy_matrix,
+        "cil_avg_acc": cil["avg_acc"],
+        "cil_last_acc": cil["last_acc"],
+        "task_inference_matrix": progress.task_inference_matrix,
+        "task_inference_acc": metrics.last_acc(progress.task_inference_matrix),
     }
 
 
@@ -187,7 +202,8 @@ def run(cfg: StrataConfig) -> dict[str, Any]:
     write_matrix_csv(out / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
     write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
     if run_:
-        run_.log_metrics({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s")})
+        final = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s", "cil_last_acc", "task_inference_acc")
+        run_.log_metrics({k: summary.get(k) for k in final})
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
             run_.log_artifact(out / name)
         run_.log_artifact(out / "memory_manifest.json")

@@ -25,7 +25,7 @@ from ray.train.v2._internal.execution import context as train_context
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
-from pipeline.eval.evaluate import candidate_classes, evaluate_task
+from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import TrackedRun
@@ -69,6 +69,9 @@ class Progress:
     samples_seen: list[int] = field(default_factory=list)
     train_loss: list[float | None] = field(default_factory=list)
     phase_wall_s: list[float] = field(default_factory=list)
+    # Methods that infer tasks (til methods with task_inference): the same rows without task ids.
+    cil_accuracy_matrix: list[list[float | None]] | None = None
+    task_inference_matrix: list[list[float | None]] | None = None
 
     def __post_init__(self) -> None:
         t = self.num_tasks
@@ -185,6 +188,23 @@ def train_loop_per_worker(config: dict) -> None:
                 task_aware=plan.scenario == "til",
                 prepare=prepare,
             )
+        if getattr(method, "infers_tasks", False):
+            if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
+                progress.cil_accuracy_matrix = [[None] * num_tasks for _ in range(num_tasks)]
+                progress.task_inference_matrix = [[None] * num_tasks for _ in range(num_tasks)]
+            seen = list(range(info.num_seen_classes))
+            for j in range(phase.row + 1):
+                test = ray.train.get_dataset_shard(f"test_{j}")
+                cil, inferred = evaluate_inferred(
+                    method,
+                    test.iter_torch_batches(batch_size=eval_batch, device=device),
+                    candidates=seen,
+                    candidate_names=list(info.class_names),
+                    task_index=j,
+                    prepare=prepare,
+                )
+                progress.cil_accuracy_matrix[phase.row][j] = cil
+                progress.task_inference_matrix[phase.row][j] = inferred
         for i in phase.tasks:
             progress.samples_seen[i] = stats.samples_per_task[i]
         progress.train_loss[phase.row] = stats.mean_loss
