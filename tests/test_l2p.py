@@ -101,3 +101,16 @@ def test_head_reads_the_prompt_positions(position):
         start = 0 if position == "prepend" else 1
         expected = method.head(tokens[:, start : start + 4].mean(1))
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_runs_on_an_open_clip_image_tower():
+    backbone = create_backbone(BackboneConfig(name="open_clip:strata-tiny-clip"))
+    method = create_method(resolve_method_params(MethodConfig(name="l2p", pool_size=4, top_n=2, prompt_length=2)), backbone)
+    method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
+    assert method.prompts.shape == (4, 2, 64) and method.keys.shape == (4, 32)  # token width 64, embedding 32
+    x = torch.randn(3, 3, 32, 32)
+    assert backbone.tokens(x).shape == (3, 1 + 16, 64)
+    loss = method.training_step({"image": x, "label": torch.tensor([0, 1, 0])})
+    loss.backward()
+    assert method.prompts.grad.abs().sum() > 0 and all(p.grad is None for p in backbone.parameters())
+    assert method.predict(x).shape == (3, 2)

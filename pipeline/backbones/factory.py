@@ -44,6 +44,7 @@ class Backbone(nn.Module):
         self.name = name
         self.model = model
         self.feature_dim = feature_dim
+        self.token_dim = int(getattr(model, "embed_dim", feature_dim))  # width of tokens()
         self.input_spec = input_spec
         self.routing = Routing()
         self._attention_hooks: dict[str, list[HookedAttention]] = {}

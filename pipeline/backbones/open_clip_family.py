@@ -30,6 +30,7 @@ class ClipBackbone(Backbone):
 
     def __init__(self, name: str, model: nn.Module, tokenizer, input_spec: InputSpec) -> None:
         super().__init__(name, model, int(model.visual.output_dim), input_spec)
+        self.token_dim = int(model.visual.transformer.width)
         self.tokenizer = tokenizer
         self._class_cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
 
@@ -37,13 +38,15 @@ class ClipBackbone(Backbone):
         return self.model.encode_image(images)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        visual = self.model.visual
-        saved = visual.output_tokens
-        visual.output_tokens = True
+        """The image tower's whole token sequence after its final norm (B, N, width), CLS and any
+        inserted prompts included (open_clip's own ``output_tokens`` drops position 0)."""
+        captured: list[torch.Tensor] = []
+        handle = self.model.visual.ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:
-            return visual(images)[1]
+            self.model.visual(images)
         finally:
-            visual.output_tokens = saved
+            handle.remove()
+        return captured[0]
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -87,11 +87,12 @@ class L2P(Method):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cfg, dim = self.cfg, self.backbone.feature_dim
+        cfg, width = self.cfg, self.backbone.token_dim
         low, high = cfg.init_range
-        self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, dim, device=self.device).uniform_(low, high))
-        self.keys = nn.Parameter(torch.empty(cfg.pool_size, dim, device=self.device).uniform_(low, high))
-        self.head = GrowingLinear(dim).to(self.device)
+        # Prompts live in token space; keys in the query's (the pooled feature's) space.
+        self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, width, device=self.device).uniform_(low, high))
+        self.keys = nn.Parameter(torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(low, high))
+        self.head = GrowingLinear(width).to(self.device)
         self.counts = torch.zeros(cfg.pool_size, dtype=torch.int64, device=self.device)  # earlier tasks
         self._task_counts = torch.zeros_like(self.counts)
         self.backbone.prompt_hook(cfg.position, pos_embed=cfg.prompt_pos_embed)
