@@ -23,21 +23,29 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ParquetSource(StrictModel):
+class SourceBase(StrictModel):
+    every: int = Field(
+        default=1,
+        ge=1,
+        description="keep every k-th row (row id % k == 0): a deterministic subsample, class-balanced on label-sorted files",
+    )
+
+
+class ParquetSource(SourceBase):
     """Parquet files of encoded images (columns ``image`` bytes and ``label`` int)."""
 
     type: Literal["parquet"] = "parquet"
     path: str | list[str] = Field(description="file, directory of *.parquet, glob, or list; any fsspec URI")
 
 
-class FolderSource(StrictModel):
+class FolderSource(SourceBase):
     """An image folder with one subfolder per class (class names = sorted subfolder names)."""
 
     type: Literal["folder"] = "folder"
     path: str
 
 
-class GeneratorSource(StrictModel):
+class GeneratorSource(SourceBase):
     """An in-process generator registered in ``pipeline.data.generators`` (tests, quickstart)."""
 
     type: Literal["generator"] = "generator"

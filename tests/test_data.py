@@ -87,6 +87,19 @@ def test_load_chunks_decodes_filters_and_relabels(tmp_path):
     assert out[0]["task"].tolist() == [3, 3, 3]
 
 
+def test_every_kth_row_is_kept_in_the_count_and_the_stream(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", [0] * 6 + [1] * 6 + [2] * 6, ["x", "y", "z"], row_group_size=5)
+    task = pq_task("t", a, a, class_subset=[0, 2])
+    task["train"]["every"] = 3
+    plan = resolve_stream(stream(task), rows_per_chunk=4).tasks[0]
+    kept_ids = [i for i in range(18) if i % 3 == 0 and not 6 <= i < 12]
+    assert plan.train.num_samples == len(kept_ids) == 4 and plan.test.num_samples == 12
+    batch = {"chunk": np.array([c.to_json() for c in plan.train.chunks], dtype=object)}
+    out = list(load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, every=3))
+    assert [i for b in out for i in b["sample_id"].tolist()] == kept_ids
+    assert [lab for b in out for lab in b["label"].tolist()] == [0, 0, 1, 1]
+
+
 def test_corrupt_image_names_file_and_row(tmp_path):
     images = [png(1), b"not an image", png(3)]
     a = write_parquet(tmp_path / "a.parquet", [0, 1, 0], ["x", "y"], images=images)

@@ -35,15 +35,16 @@ def decode_image(data: bytes, size: int, location: str) -> np.ndarray:
 
 
 def load_chunks(
-    batch: dict[str, np.ndarray], *, label_map: Sequence[int], task_index: int, size: int
+    batch: dict[str, np.ndarray], *, label_map: Sequence[int], task_index: int, size: int, every: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
-    """``map_batches`` UDF: read each chunk, keep rows of the task's classes, decode, relabel."""
+    """``map_batches`` UDF: read each chunk, keep rows of the task's classes (and every k-th
+    row), decode, relabel."""
     lookup = np.asarray(label_map, dtype=np.int64)
     for text in batch["chunk"]:
         chunk = Chunk.from_json(str(text))
         rows = reader_for(chunk.type).read(chunk)
         labels = lookup[rows.labels]
-        keep = np.flatnonzero(labels >= 0)
+        keep = np.flatnonzero((labels >= 0) & (rows.sample_ids % every == 0))
         for start in range(0, len(keep), OUTPUT_ROWS):
             idx = keep[start : start + OUTPUT_ROWS]
             yield {
@@ -72,5 +73,5 @@ def split_dataset(
         load_chunks,
         batch_size=1,
         num_cpus=decode_cpus,
-        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size},
+        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "every": split.source.every},
     )

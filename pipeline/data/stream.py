@@ -85,6 +85,7 @@ def _count(task: TaskConfig, split: str, label_map: np.ndarray) -> int:
     source = getattr(task, split)
     n = 0
     for block in reader_for(source.type).labels(source):
+        kept_rows = (block.first_row + np.arange(len(block.labels))) % source.every == 0
         bad = np.flatnonzero((block.labels < 0) | (block.labels >= len(label_map)))
         if len(bad):
             row = block.first_row + int(bad[0])
@@ -92,7 +93,7 @@ def _count(task: TaskConfig, split: str, label_map: np.ndarray) -> int:
                 f"task '{task.id}' {split}: {block.location}: label {int(block.labels[bad[0]])} at row {row} "
                 f"is outside the {len(label_map)} classes"
             )
-        n += int((label_map[block.labels] >= 0).sum())
+        n += int(((label_map[block.labels] >= 0) & kept_rows).sum())
     if n == 0:
         subset = " in its class_subset" if task.class_subset is not None else ""
         raise DataError(f"task '{task.id}': the {split} split has no samples{subset}")
