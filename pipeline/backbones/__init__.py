@@ -1,6 +1,6 @@
 """Frozen backbones and the adapter hooks. Importing this package registers every family."""
 
-from pipeline.backbones import open_clip_family  # noqa: F401  (registers open_clip:)
+from pipeline.backbones import open_clip_family, reference  # noqa: F401  (register open_clip:, timm:strata_hybrid_vit_effl0)
 from pipeline.backbones.factory import Backbone, InputSpec, create_backbone, register_family
 from pipeline.backbones.hooks import HookedAttention, HookedWeight, PromptInsertion, Routing
 from pipeline.backbones.open_clip_family import ClipBackbone

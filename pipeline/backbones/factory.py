@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipeline.backbones.hooks import HookedAttention, HookedWeight, PromptInsertion, Routing
+from pipeline.backbones.hooks import AttentionKind, HookedAttention, HookedWeight, PromptInsertion, Routing
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
 
@@ -36,8 +36,6 @@ class Backbone(nn.Module):
     ``_token_module``). Hooks are installed on demand by the methods that need them; until
     then the model runs exactly as the library built it.
     """
-
-    attention_kind: Literal["timm", "mha"] = "timm"
 
     def __init__(self, name: str, model: nn.Module, feature_dim: int, input_spec: InputSpec) -> None:
         super().__init__()
@@ -78,10 +76,9 @@ class Backbone(nn.Module):
             raise ValueError(f"{self.name} has no {tower} tower")
         return self.model
 
-    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str]]:
-        from timm.layers import Attention
-
-        return [(parent, name) for parent in self._tower(tower).modules() for name, child in parent.named_children() if type(child) is Attention]
+    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str, AttentionKind]]:
+        """(parent, attribute, kind) of every self-attention module of ``tower``, in depth order."""
+        return timm_attention_sites(self._tower(tower))
 
     def _token_module(self) -> nn.Module:
         return self.model.patch_drop
@@ -94,8 +91,8 @@ class Backbone(nn.Module):
         """Hook every self-attention block of ``tower`` (in depth order); idempotent."""
         if tower not in self._attention_hooks:
             hooks = []
-            for parent, name in self._attention_sites(tower):
-                hook = HookedAttention(getattr(parent, name), self.routing, self.attention_kind)
+            for parent, name, kind in self._attention_sites(tower):
+                hook = HookedAttention(getattr(parent, name), self.routing, kind)
                 setattr(parent, name, hook)
                 hooks.append(hook)
             self._attention_hooks[tower] = hooks
@@ -130,6 +127,12 @@ class Backbone(nn.Module):
         self._prompt_hook.position = position
         self._prompt_hook.cls_position = self._cls_position().detach() if pos_embed else None
         return self._prompt_hook
+
+
+def timm_attention_sites(root: nn.Module) -> list[tuple[nn.Module, str, AttentionKind]]:
+    from timm.layers import Attention
+
+    return [(parent, name, "timm") for parent in root.modules() for name, child in parent.named_children() if type(child) is Attention]
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -7,7 +7,9 @@ Methods never copy model code; they fill *banks* on hooks installed into the lib
   values (prefix tuning), a residual attention branch (extra head-split K_r, V_r with its own
   softmax, added before the output projection, scaled by a per-sample gate), and token masks
   inside the softmax (psi_ij = m_j exp(a_ij) / sum_s m_s exp(a_is); a token always attends to
-  itself and CLS is always kept).
+  itself and CLS is always kept). It also wraps a Hugging Face BERT ``BertSelfAttention`` (the
+  text tower of open_clip's HF text encoders), whose output projection lives in the next module:
+  there only the residual branch is supported, added to the module's own attention output.
 - ``HookedWeight`` wraps a linear or conv layer and uses ``W_s = W * M_s + LM_s @ RM_s``, the
   output scaled per channel by ``F_s`` (weight masks; low-rank rectification; scaling factors).
 - ``PromptInsertion`` inserts prompt tokens into the token sequence after position embedding.
@@ -28,6 +30,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+AttentionKind = Literal["timm", "mha", "bert"]
 
 
 class Routing:
@@ -74,13 +79,13 @@ def _gather(bank: Sequence[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
 class HookedAttention(nn.Module):
     """Self-attention with optional prefix K/V, residual K_r/V_r and token masks, per slot."""
 
-    def __init__(self, inner: nn.Module, routing: Routing, kind: Literal["timm", "mha"]) -> None:
+    def __init__(self, inner: nn.Module, routing: Routing, kind: AttentionKind) -> None:
         super().__init__()
         self.inner = inner
         self.routing = routing
         self.kind = kind
-        self.num_heads = inner.num_heads
-        self.head_dim = inner.head_dim
+        self.num_heads = int(inner.num_attention_heads if kind == "bert" else inner.num_heads)
+        self.head_dim = int(inner.attention_head_size if kind == "bert" else inner.head_dim)
         # Banks: sequences over slots. Shapes per slot: prefix/residual (H, L, head_dim); token_keep (N,).
         self.prefix_k: Sequence[torch.Tensor] = ()
         self.prefix_v: Sequence[torch.Tensor] = ()
@@ -134,10 +139,26 @@ class HookedAttention(nn.Module):
             # The libraries' own kernel: with no adapter in effect this is the frozen computation.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if self.residual_k:
-            rk, rv = _gather(self.residual_k, slots), _gather(self.residual_v, slots)  # (B, H, R, d)
-            weight = routing.weights(b, x.device, out.dtype).view(b, 1, 1, 1)
-            out = out + weight * F.scaled_dot_product_attention(q, rk, rv)
+            out = out + self._residual(q, slots)
         return self._output(out, x)
+
+    def _residual(self, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """gate * softmax(Q K_r^T / sqrt(d)) V_r, per sample's slot: (B, H, N, d)."""
+        rk, rv = _gather(self.residual_k, slots), _gather(self.residual_v, slots)  # (B, H, R, d)
+        weight = self.routing.weights(q.shape[0], q.device, q.dtype).view(-1, 1, 1, 1)
+        return weight * F.scaled_dot_product_attention(q, rk.to(q.dtype), rv.to(q.dtype))
+
+    def _bert_forward(self, x: torch.Tensor, *args, **kwargs):
+        """BERT self-attention: its own output plus the residual branch (the projection W_O follows)."""
+        if self.prefix_k or self.token_keep:
+            raise NotImplementedError("BERT attention hooks support the residual branch only")
+        out, *rest = self.inner(x, *args, **kwargs)
+        if self.residual_k:
+            b, n = x.shape[0], x.shape[1]
+            q = self.inner.query(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            residual = self._residual(q, self.routing.per_sample(b, x.device))
+            out = out + residual.transpose(1, 2).reshape(b, n, -1).to(out.dtype)
+        return (out, *rest)
 
     def _masked_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor
@@ -161,6 +182,8 @@ class HookedAttention(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):  # the wrapped module's own signature
         if not self._active():
             return self.inner(x, *args, **kwargs)
+        if self.kind == "bert":
+            return self._bert_forward(x, *args, **kwargs)
         if self.kind == "timm":
             return self._attend(x, kwargs.get("attn_mask", args[0] if args else None))
         key = kwargs.get("key", args[0] if args else x)

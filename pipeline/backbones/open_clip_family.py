@@ -14,7 +14,8 @@ import open_clip
 import torch
 from torch import nn
 
-from pipeline.backbones.factory import Backbone, InputSpec, load_checkpoint, register_family
+from pipeline.backbones.factory import Backbone, InputSpec, load_checkpoint, register_family, timm_attention_sites
+from pipeline.backbones.hooks import AttentionKind
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
 
@@ -24,13 +25,19 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 class ClipBackbone(Backbone):
-    """A dual encoder: ``features`` is the image embedding, ``encode_text`` the text embedding."""
+    """A dual encoder: ``features`` is the image embedding, ``encode_text`` the text embedding.
 
-    attention_kind = "mha"
+    Towers may be open_clip's own transformers, a timm model as image tower (``vision_cfg.
+    timm_model_name``: its ``trunk`` is a timm ViT) or a Hugging Face BERT as text tower
+    (``text_cfg.hf_model_name``); the hooks find each tower's attention modules either way.
+    """
 
     def __init__(self, name: str, model: nn.Module, tokenizer, input_spec: InputSpec) -> None:
-        super().__init__(name, model, int(model.visual.output_dim), input_spec)
-        self.token_dim = int(model.visual.transformer.width)
+        visual = model.visual
+        output_dim = visual.output_dim if hasattr(visual, "output_dim") else visual.head.proj.out_features
+        super().__init__(name, model, int(output_dim), input_spec)
+        self._timm_trunk: nn.Module | None = getattr(visual, "trunk", None)
+        self.token_dim = int(self._timm_trunk.embed_dim if self._timm_trunk is not None else visual.transformer.width)
         self.tokenizer = tokenizer
         self._class_cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
 
@@ -40,6 +47,8 @@ class ClipBackbone(Backbone):
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The image tower's whole token sequence after its final norm (B, N, width), CLS and any
         inserted prompts included (open_clip's own ``output_tokens`` drops position 0)."""
+        if self._timm_trunk is not None:
+            return self._timm_trunk.forward_features(images)
         captured: list[torch.Tensor] = []
         handle = self.model.visual.ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:
@@ -76,19 +85,26 @@ class ClipBackbone(Backbone):
             return self.model.text if hasattr(self.model, "text") else self.model.transformer
         raise ValueError(f"{self.name} has no {tower} tower")
 
-    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str]]:
+    def _attention_sites(self, tower: str) -> list[tuple[nn.Module, str, AttentionKind]]:
         from open_clip.transformer import ResidualAttentionBlock
 
+        root = self._tower(tower)
+        if tower == "image" and self._timm_trunk is not None:
+            return timm_attention_sites(self._timm_trunk)
+        if hasattr(root, "transformer") and hasattr(root, "pooler"):  # an HF text encoder (BERT family)
+            return [(parent, "self", "bert") for parent in root.modules() if hasattr(getattr(parent, "self", None), "query")]
         return [
-            (block, "attn")
-            for block in self._tower(tower).modules()
+            (block, "attn", "mha")
+            for block in root.modules()
             if isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")  # self-attention only
         ]
 
     def _token_module(self) -> nn.Module:
-        return self.model.visual.patch_dropout
+        return self._timm_trunk.patch_drop if self._timm_trunk is not None else self.model.visual.patch_dropout
 
     def _cls_position(self) -> torch.Tensor:
+        if self._timm_trunk is not None:
+            return self._timm_trunk.pos_embed[0, 0]
         return self.model.visual.positional_embedding[0]
 
 
@@ -99,7 +115,7 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
         raise ConfigError("backbone.pretrained: open_clip needs a pretrained tag (e.g. 'openai'), not true")
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, **cfg.kwargs)
-    except RuntimeError as exc:
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {exc}") from None
     if cfg.checkpoint:
         load_checkpoint(model, cfg)
@@ -107,5 +123,7 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     spec = InputSpec(size=int(size), mean=tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN), std=tuple(visual.image_std or open_clip.OPENAI_DATASET_STD))
-    name = f"open_clip:{model_name}" + (f".{pretrained}" if pretrained else "")
+    # A local-dir model is named by its folder, not its path, so moving the folder keeps its id.
+    shown = f"local-dir:{Path(model_name.removeprefix('local-dir:')).name}" if model_name.startswith("local-dir:") else model_name
+    name = f"open_clip:{shown}" + (f".{pretrained}" if pretrained else "")
     return ClipBackbone(name, model, open_clip.get_tokenizer(model_name), spec)

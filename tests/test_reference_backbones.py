@@ -1,0 +1,163 @@
+"""Reference-backbone machinery: the hybrid ViT, and open_clip dual encoders whose towers are a
+timm ViT and a Hugging Face BERT (the shape of bench's clip-offline), hooked like any CLIP."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, list_models, register_model
+
+from pipeline.backbones import create_backbone
+from pipeline.backbones.factory import weights_sha256
+from pipeline.config import BackboneConfig
+
+from test_hooks import identity_adapters, images
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "an", "emu", "."]
+
+
+TINY_TRUNK = "strata_test_tiny_trunk"
+default_cfgs = generate_default_cfgs({TINY_TRUNK: {"num_classes": 0, "input_size": (3, 16, 16)}})
+
+
+if TINY_TRUNK not in list_models(TINY_TRUNK):
+
+    @register_model
+    def strata_test_tiny_trunk(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        args = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2, **kwargs}
+        return build_model_with_cfg(VisionTransformer, TINY_TRUNK, pretrained=False, **args)
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory) -> Path:
+    """An open_clip local-dir model: tiny timm ViT image tower, tiny random BERT text tower, weights saved."""
+    import open_clip
+    from transformers import BertConfig, BertTokenizerFast
+
+    directory = tmp_path_factory.mktemp("hf-clip")
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(directory)
+    config = {
+        "model_cfg": {
+            "embed_dim": 24,
+            "vision_cfg": {"timm_model_name": TINY_TRUNK, "timm_model_pretrained": False, "timm_pool": "token",
+                           "timm_proj": "linear", "image_size": 16},
+            "text_cfg": {"hf_model_name": str(directory), "hf_tokenizer_name": str(directory), "hf_pooler_type": "mean_pooler",
+                         "hf_proj_type": "linear", "context_length": 12},
+        },
+        "preprocess_cfg": {"size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    }  # fmt: skip
+    (directory / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{directory}", pretrained_hf=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors")
+    return directory
+
+
+def hf_clip(directory: Path):
+    return create_backbone(BackboneConfig(name=f"open_clip:local-dir:{directory}"))
+
+
+TEXTS = ["a photo of a cat", "a dog", "an emu"]
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_timm_and_bert_towers_take_identity_adapters_exactly(hf_clip_dir, tower):
+    backbone = hf_clip(hf_clip_dir)
+    x = images(3, 16)
+
+    def run():
+        return backbone.features(x) if tower == "image" else backbone.encode_text(TEXTS)
+
+    with torch.no_grad():
+        frozen = run()
+    hooks = backbone.attention_hooks(tower)
+    assert len(hooks) == 2 and {h.kind for h in hooks} == {"timm" if tower == "image" else "bert"}
+    params = identity_adapters(backbone, tower, attention=True, weights=True, tokens=17 if tower == "image" else None)
+    slots = torch.tensor([0, 1, 0])
+    with torch.no_grad(), backbone.routing(slots):
+        torch.testing.assert_close(run(), frozen, rtol=0, atol=1e-6)
+        for hook in hooks:
+            hook.residual_v[0].normal_()
+        changed = run()
+    assert not torch.allclose(changed[0], frozen[0], atol=1e-4)
+    torch.testing.assert_close(changed[1], frozen[1], rtol=0, atol=1e-6)  # slot 1 still has V_r = 0
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with backbone.routing(slots):
+        run().pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for p in backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_bert_residual_routes_per_sample_and_is_gated(hf_clip_dir):
+    backbone = hf_clip(hf_clip_dir)
+    identity_adapters(backbone, "text", attention=True, weights=False, tokens=None)
+    with torch.no_grad():
+        for hook in backbone.attention_hooks("text"):
+            for v in hook.residual_v:
+                v.normal_()
+        slots, gate = torch.tensor([1, -1, 0]), torch.tensor([0.5, 1.0, 1.0])
+        with backbone.routing(slots, gate=gate):
+            mixed = backbone.encode_text(TEXTS)
+        for i, text in enumerate(TEXTS):
+            with backbone.routing(slots[i : i + 1], gate=gate[i : i + 1]):
+                torch.testing.assert_close(mixed[i : i + 1], backbone.encode_text([text]), rtol=0, atol=1e-5)
+        frozen = backbone.encode_text(TEXTS)
+        with backbone.routing(torch.zeros(3, dtype=torch.long), gate=torch.zeros(3)):
+            torch.testing.assert_close(backbone.encode_text(TEXTS), frozen, rtol=0, atol=1e-6)
+
+
+def test_diki_with_untrained_residuals_is_zeroshot_on_a_timm_bert_clip(hf_clip_dir):
+    from pipeline.config import MethodConfig
+    from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
+
+    names = ("cat", "dog", "emu")
+    info = TaskInfo(index=0, id="t", classes=(0, 1, 2), num_seen_classes=3, class_names=names, domain=None)
+    x = images(4, 16)
+    zeroshot = create_method(resolve_method_params(MethodConfig(name="zeroshot")), hf_clip(hf_clip_dir), LocalCollective())
+    diki = create_method(
+        resolve_method_params(MethodConfig(name="diki", image_layers=[0, 1], text_layers=[0, 1], residual_length=2)),
+        hf_clip(hf_clip_dir),
+        LocalCollective(),
+    )
+    diki.begin_task(info)
+    diki.training_step({"image": x, "label": torch.tensor([0, 1, 2, 0])})  # statistics only: no optimizer step
+    record = diki.end_task()
+    assert set(record.tensors) >= {"image.0.k", "text.1.v", "gaussian.mean"}
+    expected = zeroshot.score(x, range(3), list(names))
+    torch.testing.assert_close(diki.score(x, range(3), list(names)), expected, rtol=0, atol=1e-5)
+
+
+def test_local_dir_name_is_the_folder_so_ids_survive_a_move(hf_clip_dir, tmp_path):
+    import shutil
+
+    moved = tmp_path / hf_clip_dir.name
+    shutil.copytree(hf_clip_dir, moved)
+    assert hf_clip(moved).backbone_id == hf_clip(hf_clip_dir).backbone_id
+    assert hf_clip(moved).backbone_id.startswith(f"open_clip:local-dir:{hf_clip_dir.name}@")
+
+
+def test_hybrid_vit_stem_is_efficientnet_lite0_and_loads_by_path(tmp_path):
+    import timm
+
+    cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    hybrid = create_backbone(BackboneConfig(name="timm:strata_hybrid_vit_effl0", seed=1))
+    assert hybrid.input_spec.size == 96 and hybrid.input_spec.mean == (0.5, 0.5, 0.5) and hybrid.feature_dim == 192
+    stem = hybrid.model.patch_embed.backbone
+    stem.load_state_dict({k: v for k, v in cnn.state_dict().items() if k.startswith(("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(5))))})
+    x = images(2, 96)
+    with torch.no_grad():
+        expected = cnn.blocks[:5](cnn.bn1(cnn.conv_stem(x)))
+        assert torch.equal(stem(x), expected) and expected.shape == (2, 112, 6, 6)
+        assert hybrid.tokens(x).shape == (2, 37, 192)  # CLS + 6x6 grid
+    save_file({k: v.contiguous() for k, v in hybrid.model.state_dict().items()}, tmp_path / "h.safetensors")
+    loaded = create_backbone(BackboneConfig(name="timm:strata_hybrid_vit_effl0", checkpoint=str(tmp_path / "h.safetensors")))
+    assert loaded.backbone_id == f"timm:strata_hybrid_vit_effl0@{weights_sha256(hybrid.model)[:16]}"
+    with torch.no_grad():
+        assert torch.equal(loaded.features(x), hybrid.features(x))
