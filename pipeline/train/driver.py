@@ -124,6 +124,7 @@ def _summary(
         "class_names": list(plan.class_names),
         "train_loss": progress.train_loss,
         "phase_wall_s": progress.phase_wall_s,
+        "train_wall_s": progress.train_wall_s,
         **_task_inference_summary(progress),
     }
 

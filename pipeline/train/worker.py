@@ -69,6 +69,7 @@ class Progress:
     samples_seen: list[int] = field(default_factory=list)
     train_loss: list[float | None] = field(default_factory=list)
     phase_wall_s: list[float] = field(default_factory=list)
+    train_wall_s: list[float] = field(default_factory=list)  # of each phase: the pass and end_task, no evaluation
     # Methods that infer tasks (til methods with task_inference): the same rows without task ids.
     cil_accuracy_matrix: list[list[float | None]] | None = None
     task_inference_matrix: list[list[float | None]] | None = None
@@ -172,6 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
             label=label,
         )
         record = method.end_task()
+        progress.train_wall_s.append(time.perf_counter() - started)
         if rank == 0:
             store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
         row = progress.accuracy_matrix[phase.row]

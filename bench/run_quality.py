@@ -1,0 +1,198 @@
+"""Learning quality of every registered method on the benchmark streams, through ``strata run``.
+
+    python bench/build_backbones.py all     # once: effl0, hybrid-vit, clip-offline
+    python bench/run_quality.py             # every (stream, method, backbone) below; regenerates bench/RESULTS.md
+    python bench/run_quality.py --only l2p --only ncm      # some methods; --stream cil-cifar10 for some streams
+    python bench/run_quality.py --report                   # only regenerate bench/RESULTS.md from bench/results/
+
+Each run is ``strata run configs/benchmarks/STREAM.yaml [configs/methods/METHOD-single-pass.yaml]
+--set ...`` in this process (one local Ray for all of them). Its summary, minus nothing a
+reader needs, goes to ``bench/results/STREAM__METHOD__BACKBONE.json``; RESULTS.md is generated
+from those files only. Every method runs on each stream whose scenario it supports, on the
+backbones it fits: CLIP methods on clip-offline, ViT-only methods on hybrid-vit, the rest on
+hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
+with ``every`` to about ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
+class-balanced) and uses batch 32 for every method; ``--train-rows 0`` runs the full streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench/results"
+STREAMS = ("cil-cifar10", "dil-pacs", "dcil-5", "til-mix")
+BACKBONES: dict[str, list[str]] = {
+    "hybrid-vit": ["backbone.name=timm:strata_hybrid_vit_effl0", "backbone.checkpoint=bench/cache/hybrid-vit.safetensors"],
+    "effl0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.checkpoint=bench/cache/effl0.safetensors", "data.image_size=96"],
+    "clip-offline": ["backbone.name=open_clip:local-dir:bench/cache/clip-offline"],
+}
+CLIP_METHODS = {"zeroshot", "diki"}
+VIT_METHODS = {"l2p", "meat"}
+# Per (method, backbone): what the backbone's depth makes necessary (DIKI's default layers 0-7
+# need an 8-block tower; clip-offline has 4 image blocks and 6 text layers).
+EXTRA: dict[tuple[str, str], list[str]] = {
+    ("diki", "clip-offline"): ["method.image_layers=[0, 1, 2, 3]", "method.text_layers=[0, 1, 2, 3, 4, 5]"],
+}
+TIL_TASK_INFERENCE = {"piggyback", "rkr", "mask_rkr", "meat"}
+
+
+def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
+    """(stream, method, backbone) for every registered method on every stream its scenarios fit."""
+    from pipeline.config import load_config
+    from pipeline.methods import available_methods
+
+    runs = []
+    for stream in streams:
+        scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
+        for method, cls in available_methods().items():
+            if scenario not in cls.scenarios or (only and method not in only):
+                continue
+            if method in CLIP_METHODS:
+                backbones = ["clip-offline"]
+            elif method in VIT_METHODS or stream != "til-mix":
+                backbones = ["hybrid-vit"]
+            else:
+                backbones = ["hybrid-vit", "effl0"]
+            runs += [(stream, method, b) for b in backbones]
+    return runs
+
+
+def subsample(stream: str, train_rows: int, test_rows: int) -> list[str]:
+    """``every`` overrides that leave about ``train_rows`` / ``test_rows`` rows per task."""
+    from pipeline.config import load_config
+
+    overrides = []
+    for i, task in enumerate(load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.tasks):
+        for split, target in (("train", train_rows), ("test", test_rows)):
+            source = getattr(task, split)
+            meta = pq.ParquetFile(source.path).metadata
+            classes = len(json.loads(meta.metadata[b"classes"]))
+            kept = meta.num_rows * (len(task.class_subset) if task.class_subset else classes) / classes
+            overrides.append(f"stream.tasks.{i}.{split}.every={max(1, math.ceil(kept / target))}")
+    return overrides
+
+
+def method_files(method: str) -> list[str]:
+    for name in (f"{method}-single-pass.yaml", f"{method}.yaml"):
+        if (REPO / "configs/methods" / name).exists():
+            return [str(REPO / "configs/methods" / name)]
+    return []
+
+
+def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.cli import main as strata
+
+    name = f"{stream}__{method}__{backbone}"
+    out = REPO / "bench/cache/runs" / name
+    overrides = [
+        f"method.name={method}", *BACKBONES[backbone], *EXTRA.get((method, backbone), []),
+        f"output_dir={out}", f"memory.uri={out / 'memory'}", f"tracking.uri=sqlite:///{REPO / 'bench/cache/mlflow.db'}",
+        "tracking.experiment=strata-bench", f"train.batch_size={args.batch_size}", f"train.num_workers={args.workers}",
+    ]  # fmt: skip
+    if stream == "til-mix" and method in TIL_TASK_INFERENCE:
+        overrides.append("method.task_inference=true")
+    if args.train_rows:
+        overrides += subsample(stream, args.train_rows, args.test_rows)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    command = ["run", str(REPO / f"configs/benchmarks/{stream}.yaml"), *method_files(method)]
+    for item in overrides:
+        command += ["--set", item]
+    started = time.time()
+    strata(command, standalone_mode=False)
+    summary = json.loads((out / "summary.json").read_text())
+    keep = ("tasks", "accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average",
+            "cil_last_acc", "cil_avg_acc", "task_inference_acc", "samples_seen", "memory_bytes", "wall_s",
+            "backbone_id", "scenario", "method")  # fmt: skip
+    result = {k: summary.get(k) for k in keep} | {
+        "stream": stream, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
+        "profile": {"train_rows": args.train_rows, "test_rows": args.test_rows, "batch_size": args.batch_size, "workers": args.workers},
+        "host": {"cpus": os.cpu_count(), "gpu": summary["config"]["train"]["use_gpu"]}, "driver_s": round(time.time() - started, 1),
+    }  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
+    """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
+    rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
+    lines = [
+        "# strata benchmark results",
+        "",
+        "Generated by `python bench/run_quality.py` (or `--report` to rebuild this file from",
+        "`bench/results/*.json`); do not edit by hand. Backbones are the offline reference builds of",
+        "`bench/build_backbones.py` (numbers in `bench/BACKBONES.md`). Accuracies in %; `memory/task` is the",
+        "mean tensor bytes of a task's memory-store record; `samples/s` is training samples over the run's",
+        "whole wall time (start-up and evaluation included). Profile of each row: see its JSON.",
+        "",
+    ]
+    for stream in STREAMS:
+        part = [r for r in rows if r["stream"] == stream]
+        if not part:
+            continue
+        profile = part[0]["profile"]
+        lines += [
+            f"## {stream} ({part[0]['scenario']}, {len(part[0]['tasks'])} tasks; ~{profile['train_rows'] or 'all'} train / "
+            f"~{profile['test_rows'] or 'all'} test rows per task, batch {profile['batch_size']}, {profile['workers']} workers)",
+            "",
+            "| method | backbone | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(part, key=lambda r: (r["backbone"], r["method"])):
+            sizes = [b for b in r["memory_bytes"] if b is not None]
+            memory = f"{sum(sizes) / len(sizes) / 1024:,.1f} KiB" if sizes else "–"
+            rate = sum(r["samples_seen"]) / r["wall_s"] if r["wall_s"] else 0.0
+            lines.append(
+                f"| {r['method']} | {r['backbone']} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
+                f"{_pct(r['bwt'])} | {_pct(r['transfer'])} | {_pct(r['mtil_average'])} | {_pct(r['cil_last_acc'])} | "
+                f"{_pct(r['task_inference_acc'])} | {memory} | {r['wall_s']:.0f} | {rate:.1f} |"
+            )
+        lines.append("")
+    text = "\n".join(lines)
+    out.write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stream", action="append", choices=STREAMS, help="default: all")
+    parser.add_argument("--only", action="append", default=[], metavar="METHOD", help="default: every registered method")
+    parser.add_argument("--train-rows", type=int, default=500, help="rows per task after subsampling (0: all)")
+    parser.add_argument("--test-rows", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only regenerate bench/RESULTS.md")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs")
+    args = parser.parse_args()
+    os.chdir(REPO)  # the stream configs and backbone paths are relative to the repository
+    if not args.report:
+        runs = plan(list(args.stream or STREAMS), args.only)
+        for i, (stream, method, backbone) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {stream} · {method} · {backbone}", flush=True)
+            if not args.dry_run:
+                result = run_one(stream, method, backbone, args)
+                print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)
+    if not args.dry_run:
+        print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

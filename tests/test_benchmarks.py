@@ -1,0 +1,68 @@
+"""The benchmark streams and the quality runner's plan (real data from ../shared/datasets)."""
+
+import json
+import sys
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.stream import resolve_stream
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import run_quality  # noqa: E402
+
+DATASETS = REPO.parent / "shared/datasets"
+needs_datasets = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} (the shared real datasets) is not here")
+
+
+@needs_datasets
+@pytest.mark.parametrize(
+    "stream,scenario,tasks,classes",
+    # 10 digits + 7 PACS + 10 clothes + 7 PACS (the same names again) + 10 CIFAR-10, of which
+    # dog and horse are PACS names too: 35 distinct classes.
+    [("dcil-5", "dcil", 5, 35), ("til-mix", "til", 5, 35), ("dil-pacs", "dil", 4, 7), ("cil-cifar10", "cil", 5, 10)],
+)
+def test_benchmark_streams_validate_against_the_real_data(stream, scenario, tasks, classes):
+    cfg = load_config(REPO / f"configs/benchmarks/{stream}.yaml")
+    plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
+    assert plan.scenario == scenario and len(plan.tasks) == tasks
+    assert len(plan.class_names) == classes
+    if stream == "cil-cifar10":
+        assert [t.train.num_samples for t in plan.tasks] == [10000] * 5 and plan.tasks[2].class_names == ("deer", "dog")
+
+
+@needs_datasets
+def test_subsampling_keeps_about_the_asked_rows_per_task():
+    overrides = run_quality.subsample("cil-cifar10", train_rows=500, test_rows=250)
+    assert "stream.tasks.0.train.every=20" in overrides and "stream.tasks.4.test.every=8" in overrides
+    cfg = load_config(REPO / "configs/benchmarks/cil-cifar10.yaml", overrides)
+    plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
+    assert [t.train.num_samples for t in plan.tasks] == [500] * 5 and [t.test.num_samples for t in plan.tasks] == [250] * 5
+
+
+def test_every_method_runs_on_the_streams_its_scenarios_fit():
+    from pipeline.methods import available_methods
+
+    runs = run_quality.plan(list(run_quality.STREAMS), only=[])
+    for stream, method, backbone in runs:
+        scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
+        assert scenario in available_methods()[method].scenarios
+        assert (backbone == "clip-offline") == (method in run_quality.CLIP_METHODS)
+    planned = {m for _, m, _ in runs}
+    assert planned == set(available_methods()) - {"sample_counter"}  # every method the library registers
+    assert ("til-mix", "piggyback", "effl0") in runs and ("dcil-5", "diki", "clip-offline") in runs
+
+
+def test_results_table_is_generated_from_the_run_files(tmp_path):
+    row = {
+        "stream": "dil-pacs", "method": "ncm", "backbone": "hybrid-vit", "scenario": "dil", "tasks": ["a", "b"],
+        "avg_acc": 0.5, "last_acc": 0.25, "forgetting": 0.125, "bwt": -0.125, "transfer": None, "mtil_average": None,
+        "cil_last_acc": None, "task_inference_acc": None, "memory_bytes": [1024, 3072], "samples_seen": [100, 100], "wall_s": 50.0,
+        "profile": {"train_rows": 500, "test_rows": 250, "batch_size": 32, "workers": 2},
+    }  # fmt: skip
+    (tmp_path / "dil-pacs__ncm__hybrid-vit.json").write_text(json.dumps(row))
+    text = run_quality.report(tmp_path, tmp_path / "RESULTS.md")
+    assert "| ncm | hybrid-vit | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
+    assert (tmp_path / "RESULTS.md").read_text() == text
