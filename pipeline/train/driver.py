@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def _datasets(cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], si
         ]
         datasets[f"train_{p}"] = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     for j, task in enumerate(plan.tasks):
-        datasets[f"test_{j}"] = split_dataset(task.test, label_map=task.label_map, task_index=j, **common)
+        evaluated = task.test if cfg.eval.split == "test" else task.validation
+        assert evaluated is not None
+        datasets[f"test_{j}"] = split_dataset(evaluated, label_map=task.label_map, task_index=j, **common)
     return datasets
 
 
@@ -143,8 +146,13 @@ def _task_inference_summary(progress: Progress) -> dict[str, Any]:
     }
 
 
-def run(cfg: StrataConfig) -> dict[str, Any]:
-    """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it."""
+def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it.
+
+    ``callbacks`` go to Ray Train's RunConfig (a Tune trial passes ``TuneReportCallback``, so every
+    task's report reaches Tune); ``tracking_tags`` are set on the MLflow run (a sweep trial nests
+    itself under the sweep's run with ``mlflow.parentRunId``).
+    """
     started = time.time()
     cfg = _resolved_config(cfg)
     method_cls = method_class(cfg.method.name)
@@ -152,7 +160,9 @@ def run(cfg: StrataConfig) -> dict[str, Any]:
         raise ConfigError(
             f"method.name: {cfg.method.name} supports {sorted(method_cls.scenarios)}, not stream.scenario {cfg.stream.scenario!r}"
         )
-    plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
+    plan = resolve_stream(
+        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
+    )
     backbone = create_backbone(cfg.backbone)
     size = cfg.data.image_size or backbone.input_spec.size
     del backbone
@@ -166,7 +176,8 @@ def run(cfg: StrataConfig) -> dict[str, Any]:
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-    run_ = TrackedRun.start(cfg.tracking, tags={"strata.method": cfg.method.name}) if cfg.tracking.enabled else None
+    tags = {"strata.method": cfg.method.name, **(tracking_tags or {})}
+    run_ = TrackedRun.start(cfg.tracking, tags=tags) if cfg.tracking.enabled else None
     if run_:
         run_.log_params(cfg.model_dump(mode="json"))
         run_.log_artifact(out / "config.yaml")
@@ -183,6 +194,7 @@ def run(cfg: StrataConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
         datasets=_datasets(cfg, plan, phases, size),
         dataset_config=ExactlyOnceDataConfig(),

@@ -214,7 +214,14 @@ def train_loop_per_worker(config: dict) -> None:
         progress.records += 1
         progress.phase_wall_s.append(time.perf_counter() - started)
         seen_acc = sum(v for v in row[: phase.row + 1] if v is not None) / (phase.row + 1)
-        metrics = {"avg_seen_acc": seen_acc, "train_loss": stats.mean_loss, "samples": float(sum(stats.samples_per_task))}
+        filled = [r for r in progress.accuracy_matrix[: phase.row + 1] if r[0] is not None]
+        running_avg = sum(sum(r[: i + 1]) / (i + 1) for i, r in enumerate(progress.accuracy_matrix[: phase.row + 1]) if r[0] is not None)
+        metrics = {
+            "avg_seen_acc": seen_acc,  # what last_acc will be if the stream ends here
+            "running_avg_acc": running_avg / len(filled),  # what avg_acc will be if the stream ends here
+            "train_loss": stats.mean_loss,
+            "samples": float(sum(stats.samples_per_task)),
+        }
         metrics |= {f"acc/task_{j}": row[j] for j in evaluated}
         if rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"

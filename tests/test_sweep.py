@@ -1,0 +1,134 @@
+"""Sweeps: the sweep file's checks, the trial and final configs, and two real Tune sweeps showing
+that the objective never reads test data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.data.generators import get as generator
+from pipeline.errors import ConfigError
+from pipeline.tune import load_sweep
+from pipeline.tune.sweep import _tune_space, base_config, final_config, trial_config
+
+from conftest import REPO, blobs_task, run_config
+
+
+def write_sweep(tmp_path: Path, base: dict, **sections) -> Path:
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": [str(tmp_path / "run.yaml")], "space": {"method.lr": {"grid": [0.01, 0.5]}}, "output_dir": str(tmp_path / "sweep")}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep | sections))
+    return tmp_path / "sweep.yaml"
+
+
+def tiny_base(tmp_path: Path, test_source: dict | None = None) -> dict:
+    tasks = [blobs_task("a", classes=4, rows=40, seed=7, subset=[0, 1]), blobs_task("b", classes=4, rows=40, seed=7, subset=[2, 3])]
+    if test_source is not None:
+        for task in tasks:
+            task["test"] = test_source
+    return run_config(
+        tmp_path, tasks, method={"name": "finetune"}, data={"rows_per_chunk": 1000}, train={"batch_size": 8, "num_workers": 1}
+    )
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ({"method.lr": {"normal": [0, 1]}}, "space.method.lr: give exactly one of"),
+        ({"method.lr": {"loguniform": [0, 1]}}, "space.method.lr: loguniform needs low > 0"),
+        ({"method.lrr": {"choice": [0.1]}}, "space.method.lrr=0.1"),
+        ({"train.batch_size": {"choice": [8, "big"]}}, "train.batch_size"),
+    ],
+)
+def test_bad_sweep_files_fail_naming_the_key(tmp_path, space, message):
+    path = write_sweep(tmp_path, tiny_base(tmp_path), space=space)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")) as err:
+        load_sweep(path)
+    assert "\n" not in str(err.value)
+
+
+def test_trial_config_sees_validation_rows_of_the_first_tasks_and_the_final_config_sees_test(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_base(tmp_path), trial={"tasks": 1, "validation_fraction": 0.25, "num_workers": 1}))
+    base = base_config(sweep)
+    trial = trial_config(sweep, base, {"method.lr": 0.5}, tmp_path / "t", "trial x")
+    assert [t.id for t in trial.stream.tasks] == ["a"]
+    assert (trial.eval.split, trial.data.validation_fraction, trial.method.lr) == ("validation", 0.25, 0.5)
+    assert trial.output_dir == str(tmp_path / "t") and trial.tracking.run_name == "trial x"
+    final = final_config(sweep, base, {"method.lr": 0.5}, tmp_path / "f")
+    assert final["eval"]["split"] == "test" and final["data"]["validation_fraction"] == 0.25
+    assert [t["id"] for t in final["stream"]["tasks"]] == ["a", "b"] and final["method"]["lr"] == 0.5
+
+
+def test_space_becomes_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = _tune_space({"a": {"choice": [1, 2]}, "b": {"grid": [3, 4]}, "c": {"loguniform": [1e-3, 1]}, "d": {"randint": [1, 3]}})
+    assert isinstance(space["a"], Categorical) and space["b"] == {"grid_search": [3, 4]}
+    assert isinstance(space["c"], Float) and isinstance(space["d"], Integer) and (space["d"].lower, space["d"].upper) == (1, 4)
+
+
+def scrambled_test_parquet(tmp_path: Path) -> dict:
+    """The blobs test rows of both tasks' classes with labels shuffled: any test-set read would change results."""
+    images, labels = generator("blobs").rows("test", {"num_classes": 4, "rows": 20, "size": 16, "seed": 7}, 0, 20)
+    shuffled = np.random.default_rng(0).permutation(labels)
+    table = pa.table({"image": pa.array([png_rgb(a) for a in images], pa.binary()), "label": pa.array(shuffled, pa.int16())})
+    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(4)])}), tmp_path / "scrambled.parquet")
+    return {"type": "parquet", "path": str(tmp_path / "scrambled.parquet")}
+
+
+def png_rgb(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.ray
+def test_sweep_decisions_do_not_depend_on_test_data(ray_session, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    reports = {}
+    for name, test_source, final in (("plain", None, True), ("scrambled", "scrambled", False)):
+        root = tmp_path / name
+        root.mkdir()
+        source = scrambled_test_parquet(root) if test_source else None
+        path = write_sweep(root, tiny_base(root, source), search={"scheduler": "fifo", "max_concurrent_trials": 2}, final_run=final)
+        result = CliRunner().invoke(main, ["sweep", str(path)])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((root / "sweep/sweep_summary.json").read_text())
+
+    def decisions(report: dict) -> dict:
+        return {t["config"]["method.lr"]: t["objective_per_task"] for t in report["trials"]}
+
+    assert decisions(reports["plain"]) == decisions(reports["scrambled"])  # exactly: test data never read
+    assert reports["plain"]["best"]["config"] == reports["scrambled"]["best"]["config"]
+    plain = reports["plain"]
+    assert all(len(t["objective_per_task"]) == 2 for t in plain["trials"])
+    best = yaml.safe_load((tmp_path / "plain/sweep/best_config.yaml").read_text())
+    assert best["method"]["lr"] == plain["best"]["config"]["method.lr"] and best["eval"]["split"] == "test"
+    final = json.loads((tmp_path / "plain/sweep/final/summary.json").read_text())
+    assert final["last_acc"] == plain["final"]["last_acc"] and final["config"]["eval"]["split"] == "test"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'plain/mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    nested = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{plain['mlflow_run_id']}'")
+    assert len(nested) == 2 and {r.data.params["method.lr"] for r in nested} == {"0.01", "0.5"}
+    assert all(len(client.get_metric_history(r.info.run_id, "avg_seen_acc")) == 2 for r in nested)  # per task
+    artifacts = {a.path for a in client.list_artifacts(plain["mlflow_run_id"])}
+    assert {"best_config.yaml", "sweep_objective.png", "sweep_summary.json"} <= artifacts
+    assert client.get_run(final["mlflow_run_id"]).data.tags["strata.sweep_run_id"] == plain["mlflow_run_id"]
+
+
+def test_example_sweeps_load():
+    for path in sorted((REPO / "configs/sweeps").glob("*.yaml")):
+        sweep = load_sweep(path)
+        assert sweep.space, path
