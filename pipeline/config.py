@@ -6,6 +6,7 @@ manifest is inlined, and the result is written next to the run's outputs and to 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -267,6 +268,34 @@ def validate_config(data: dict[str, Any], origin: str = "config") -> StrataConfi
         return StrataConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(origin, err)) from None
+
+
+def _absolute(path: str, root: Path) -> str:
+    return path if "://" in path or Path(path).is_absolute() else os.path.normpath(root / path)
+
+
+def with_absolute_paths(cfg: StrataConfig, root: Path | None = None) -> StrataConfig:
+    """Local paths made absolute against ``root`` (the driver's working directory): Ray's
+    workers run in directories of their own, where a relative path means something else."""
+    root = root or Path.cwd()
+    data = cfg.model_dump(mode="json")
+    for task in data["stream"]["tasks"]:
+        for split in ("train", "test"):
+            source = task[split]
+            if "path" in source:
+                paths = source["path"]
+                source["path"] = _absolute(paths, root) if isinstance(paths, str) else [_absolute(p, root) for p in paths]
+    backbone = data["backbone"]
+    if backbone["checkpoint"]:
+        backbone["checkpoint"] = _absolute(backbone["checkpoint"], root)
+    family, _, model = backbone["name"].partition(":")
+    if model.startswith("local-dir:"):
+        backbone["name"] = f"{family}:local-dir:{_absolute(model.removeprefix('local-dir:'), root)}"
+    data["output_dir"] = _absolute(data["output_dir"], root)
+    for section, key in (("memory", "uri"), ("train", "storage_path")):
+        if data[section][key]:
+            data[section][key] = _absolute(data[section][key], root)
+    return StrataConfig.model_validate(data)
 
 
 def dump_config(cfg: StrataConfig) -> str:

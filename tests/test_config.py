@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import apply_override, load_config
+from pipeline.config import apply_override, load_config, validate_config
 from pipeline.errors import ConfigError
 from pipeline.methods import resolve_method_params
 
@@ -92,3 +92,26 @@ def test_later_files_merge_over_earlier_ones(tmp_path):
     cfg = load_config([first, second])
     assert (cfg.train.batch_size, cfg.train.passes) == (64, 2)
     assert cfg.method.name == "finetune" and resolve_method_params(cfg.method).lr == 0.2
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path):
+    from pipeline.config import with_absolute_paths
+
+    task = {
+        "id": "t",
+        "train": {"type": "parquet", "path": ["data/a.parquet", "s3://bucket/b.parquet"]},
+        "test": {"type": "folder", "path": "/abs/test"},
+    }
+    cfg = validate_config(
+        {
+            "stream": {"tasks": [task]},
+            "backbone": {"name": "open_clip:local-dir:cache/clip", "checkpoint": "w.safetensors"},
+            "output_dir": "runs/x",
+        }
+    )
+    out = with_absolute_paths(cfg, tmp_path)
+    assert out.stream.tasks[0].train.path == [str(tmp_path / "data/a.parquet"), "s3://bucket/b.parquet"]
+    assert out.stream.tasks[0].test.path == "/abs/test"
+    assert out.backbone.name == f"open_clip:local-dir:{tmp_path / 'cache/clip'}"
+    assert out.backbone.checkpoint == str(tmp_path / "w.safetensors")
+    assert out.output_dir == str(tmp_path / "runs/x") and out.memory_uri == str(tmp_path / "runs/x/memory")

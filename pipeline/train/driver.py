@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingCon
 from ray.train.torch import TorchTrainer
 
 from pipeline.backbones import create_backbone
-from pipeline.config import StrataConfig, dump_config
+from pipeline.config import StrataConfig, dump_config, with_absolute_paths
 from pipeline.data.ray_data import split_dataset
 from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, StoreError, StrataError
@@ -154,7 +154,7 @@ def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapp
     itself under the sweep's run with ``mlflow.parentRunId``).
     """
     started = time.time()
-    cfg = _resolved_config(cfg)
+    cfg = with_absolute_paths(_resolved_config(cfg))
     method_cls = method_class(cfg.method.name)
     if cfg.stream.scenario not in method_cls.scenarios:
         raise ConfigError(
