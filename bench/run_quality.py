@@ -179,6 +179,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only regenerate bench/RESULTS.md")
+    parser.add_argument("--skip-done", action="store_true", help="skip runs that already have a results file")
     parser.add_argument("--dry-run", action="store_true", help="list the runs")
     args = parser.parse_args()
     os.chdir(REPO)  # the stream configs and backbone paths are relative to the repository
@@ -187,7 +188,7 @@ def main() -> int:
         runs = plan(list(args.stream or STREAMS), args.only)
         for i, (stream, method, backbone) in enumerate(runs):
             print(f"[{i + 1}/{len(runs)}] {stream} · {method} · {backbone}", flush=True)
-            if args.dry_run:
+            if args.dry_run or (args.skip_done and (RESULTS / f"{stream}__{method}__{backbone}.json").exists()):
                 continue
             try:
                 result = run_one(stream, method, backbone, args)

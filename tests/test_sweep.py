@@ -92,6 +92,7 @@ def png_rgb(array: np.ndarray) -> bytes:
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1500)  # two real sweeps (2 trials each) and a test re-run: ~4 minutes on 2 quiet cores
 def test_sweep_decisions_do_not_depend_on_test_data(ray_session, tmp_path):
     from click.testing import CliRunner
 
