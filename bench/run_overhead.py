@@ -61,6 +61,23 @@ def strata_run(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"samples": summary["samples_seen"][0], "train_s": summary["train_wall_s"][0], "wall_s": summary["wall_s"]}
 
 
+def decode_only(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What strata's data path costs per sample before training: read and decode every chunk of
+    the task in this process (``load_chunks``, the function Ray Data runs), no model."""
+    import numpy as np
+
+    from pipeline.config import validate_config
+    from pipeline.data.ray_data import load_chunks
+    from pipeline.data.stream import resolve_stream
+
+    cfg = validate_config(stream_config(rows, args, Path(tempfile.gettempdir())))
+    task = resolve_stream(cfg.stream, cfg.data.rows_per_chunk).tasks[0]
+    batch = {"chunk": np.array([c.to_json() for c in task.train.chunks], dtype=object)}
+    started = time.perf_counter()
+    decoded = sum(len(b["label"]) for b in load_chunks(batch, label_map=task.label_map, task_index=0, size=32))
+    return {"samples": decoded, "seconds": time.perf_counter() - started}
+
+
 def bare_loop(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     """The same work with nothing around it: decoded tensors, the method's step, the optimizer."""
     from pipeline.backbones import create_backbone
@@ -101,7 +118,8 @@ def bare_loop(rows: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 class PeakRSS:
-    """Polls the RSS of Ray's processes: the train worker's and all of them together."""
+    """Polls the RSS of this run's Ray processes (descendants of this process: the local Ray it
+    started): the train worker's, and all of them together."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
@@ -113,9 +131,11 @@ class PeakRSS:
     def _poll(self) -> None:
         while not self._stop.is_set():
             total = 0
-            for proc in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                rss = proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmd, rss = " ".join(proc.cmdline()), proc.memory_info().rss
+                except psutil.Error:
+                    continue
                 if cmd.startswith("ray::"):
                     total += rss
                     if "RayTrainWorker" in cmd:
@@ -155,6 +175,8 @@ def main() -> int:
         print(f"repeat {repeat + 1}: strata {a['samples'] / a['train_s']:.1f} samples/s (end to end {a['samples'] / a['wall_s']:.1f}), "
               f"bare {b['samples'] / b['train_s']:.1f} samples/s, ratio {pairs[-1]['ratio']:.3f}", flush=True)  # fmt: skip
     ratios = [p["ratio"] for p in pairs]
+    decode = decode_only(args.rows, args)
+    print(f"decoding alone (read + PNG decode + resize, in-process): {decode['samples'] / decode['seconds']:.1f} samples/s", flush=True)
     rss = {}
     for scale in (1, args.rss_scale):
         with PeakRSS() as peak:
@@ -166,6 +188,7 @@ def main() -> int:
         "method": args.method, "backbone": BACKBONE, "rows": args.rows, "batch_size": args.batch_size, "threads": args.threads,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
         "ratio": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}, "pairs": pairs, "peak_rss": rss,
+        "decode_only_samples_per_s": decode["samples"] / decode["seconds"],
     }  # fmt: skip
     print(f"throughput ratio strata/bare: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  max {max(ratios):.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
