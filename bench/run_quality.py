@@ -174,6 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stream", action="append", choices=STREAMS, help="default: all")
     parser.add_argument("--only", action="append", default=[], metavar="METHOD", help="default: every registered method")
+    parser.add_argument("--backbone", action="append", choices=list(BACKBONES), help="default: every backbone a method fits")
     parser.add_argument("--train-rows", type=int, default=500, help="rows per task after subsampling (0: all)")
     parser.add_argument("--test-rows", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -185,7 +186,7 @@ def main() -> int:
     os.chdir(REPO)  # the stream configs and backbone paths are relative to the repository
     failed = []
     if not args.report:
-        runs = plan(list(args.stream or STREAMS), args.only)
+        runs = [r for r in plan(list(args.stream or STREAMS), args.only) if not args.backbone or r[2] in args.backbone]
         for i, (stream, method, backbone) in enumerate(runs):
             print(f"[{i + 1}/{len(runs)}] {stream} · {method} · {backbone}", flush=True)
             if args.dry_run or (args.skip_done and (RESULTS / f"{stream}__{method}__{backbone}.json").exists()):

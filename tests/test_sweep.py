@@ -103,7 +103,7 @@ def test_sweep_decisions_do_not_depend_on_test_data(ray_session, tmp_path):
         root = tmp_path / name
         root.mkdir()
         source = scrambled_test_parquet(root) if test_source else None
-        path = write_sweep(root, tiny_base(root, source), search={"scheduler": "fifo", "max_concurrent_trials": 2}, final_run=final)
+        path = write_sweep(root, tiny_base(root, source), search={"scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 2}, final_run=final)
         result = CliRunner().invoke(main, ["sweep", str(path)])
         assert result.exit_code == 0, result.output
         reports[name] = json.loads((root / "sweep/sweep_summary.json").read_text())
