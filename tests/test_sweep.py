@@ -64,6 +64,16 @@ def test_trial_config_sees_validation_rows_of_the_first_tasks_and_the_final_conf
     assert [t["id"] for t in final["stream"]["tasks"]] == ["a", "b"] and final["method"]["lr"] == 0.5
 
 
+def test_trials_log_to_the_sweeps_mlflow_store_whatever_their_directory(tmp_path, monkeypatch):
+    base = tiny_base(tmp_path)
+    del base["tracking"]["uri"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = load_sweep(write_sweep(tmp_path, base))
+    trial = trial_config(sweep, base_config(sweep), {"method.lr": 0.5}, tmp_path / "t", "trial x")
+    assert trial.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 def test_space_becomes_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 

@@ -36,7 +36,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 from pipeline.methods import resolve_method_params
-from pipeline.tracking import TrackedRun
+from pipeline.tracking import TrackedRun, resolve_tracking_uri
 
 log = logging.getLogger("strata")
 
@@ -103,10 +103,13 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
 
 
 def base_config(sweep: SweepConfig) -> dict[str, Any]:
-    """The run config every trial starts from: the base files merged, the manifest inlined, ``set`` applied."""
+    """The run config every trial starts from: the base files merged, the manifest inlined, ``set``
+    applied, and the MLflow URI resolved here -- a trial runs in Tune's trial directory, where
+    the default ``sqlite:///<cwd>/mlflow.db`` would be another file."""
     data = load_config(sweep.base).model_dump(mode="json")
     for key, value in sweep.set.items():
         apply_override(data, f"{key}={json.dumps(value)}")
+    data["tracking"]["uri"] = resolve_tracking_uri(validate_config(data, "sweep base").tracking)
     return data
 
 
