@@ -140,3 +140,229 @@ def memory_show(uri: str, as_json: bool) -> None:
     for e in entries:
         table.add_row(str(e.version), e.task_id, e.method, e.backbone_id, f"{e.memory_bytes:,}", e.sha256[:12])
     console.print(table)
+
+
+def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StrataError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@main.command("submit")
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
+@click.option("--job", "kind", type=click.Choice(["run", "sweep", "retrain"]), default="run", show_default=True, help="which jobs/ entrypoint")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
+@click.option("--landing", help="landing zone URI (--job retrain)")
+@click.option("--model", "model_name", help="registered model name (--job retrain)")
+@click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True), help="uploaded as the job's working dir")
+@click.option("--runtime-env", "runtime_env_file", type=click.Path(dir_okay=False), help="Ray runtime_env YAML merged over the defaults")
+@click.option("--pip", multiple=True, metavar="PKG", help="pip package for the job's environment (repeatable), or one requirements .txt")
+@click.option("--conda", metavar="NAME|FILE", help="conda env name or environment YAML")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+@click.option("--submission-id", help="job id to use; resubmitting an id that exists fails instead of running twice")
+@click.option("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
+@click.option("--entrypoint-num-gpus", type=float, help="GPUs reserved for the job's driver")
+@click.option("--wait", is_flag=True, help="follow the job's log until it ends; exit 1 unless it succeeded")
+@_one_line_errors
+def submit_cmd(
+    configs: tuple[str, ...],
+    address: str | None,
+    kind: str,
+    overrides: tuple[str, ...],
+    landing: str | None,
+    model_name: str | None,
+    working_dir: str,
+    runtime_env_file: str | None,
+    pip: tuple[str, ...],
+    conda: str | None,
+    env_vars: tuple[str, ...],
+    submission_id: str | None,
+    entrypoint_num_cpus: float | None,
+    entrypoint_num_gpus: float | None,
+    wait: bool,
+) -> None:
+    """Submit CONFIGS as a job (jobs/continual_train.py, jobs/sweep.py or jobs/retrain.py) to the
+    Ray cluster at --address through Ray's Job Submission API; prints the job id."""
+    from pipeline.ops import submit
+
+    if kind == "retrain" and not (landing and model_name):
+        raise StrataError("--job retrain: needs --landing and --model")
+    if kind != "retrain" and (landing or model_name):
+        raise StrataError("--landing/--model: only with --job retrain")
+    if kind == "sweep" and len(configs) != 1:
+        raise StrataError("--job sweep: give exactly one sweep file")
+    extra = ("--landing", landing, "--model", model_name) if kind == "retrain" else ()
+    job_id = submit.submit(
+        kind,
+        configs,
+        overrides,
+        address=address,
+        working_dir=working_dir,
+        extra_args=[a for a in extra if a],
+        submission_id=submission_id,
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+        runtime_env_file=runtime_env_file,
+        pip=pip,
+        conda=conda,
+        env_vars=_pairs(env_vars, "--env"),
+    )
+    click.echo(job_id)
+    if wait:
+        for chunk in submit.follow_logs(address, job_id):
+            click.echo(chunk, nl=False)
+        state = submit.wait(address, job_id)
+        click.echo(f"job {job_id}: {state}", err=True)
+        sys.exit(0 if state == "SUCCEEDED" else 1)
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """Inspect and stop jobs on a Ray cluster (--address or $RAY_ADDRESS)."""
+
+
+_address = click.option("--address", envvar="RAY_ADDRESS", help="Ray dashboard address (default $RAY_ADDRESS)")
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@_address
+@click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS", help="poll until the job ends (or SECONDS pass)")
+@_one_line_errors
+def jobs_status(job_id: str, address: str | None, wait_s: float | None) -> None:
+    """Print the job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from pipeline.ops import submit
+
+    state = submit.wait(address, job_id, timeout_s=wait_s) if wait_s is not None else submit.status(address, job_id)
+    click.echo(state)
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@_address
+@click.option("--follow", is_flag=True, help="keep printing until the job ends")
+@_one_line_errors
+def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print the job's driver log."""
+    from pipeline.ops import submit
+
+    if follow:
+        for chunk in submit.follow_logs(address, job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(submit.logs(address, job_id), nl=False)
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@_address
+@_one_line_errors
+def jobs_stop(job_id: str, address: str | None) -> None:
+    """Ask the cluster to stop the job."""
+    from pipeline.ops import submit
+
+    click.echo("stopping" if submit.stop(address, job_id) else "not running")
+
+
+@jobs_group.command("list")
+@_address
+@_one_line_errors
+def jobs_list(address: str | None) -> None:
+    """List the cluster's submitted jobs."""
+    from pipeline.ops import submit
+
+    table = Table(title="jobs")
+    for column in ("id", "status", "entrypoint"):
+        table.add_column(column)
+    for job in submit.list_jobs(address):
+        table.add_row(job["id"], job["status"], job["entrypoint"])
+    console.print(table)
+
+
+_tracking_uri = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+)
+
+
+@main.command("predict")
+@click.argument("data")
+@click.option("--model", "model_spec", required=True, metavar="NAME[/VERSION|@ALIAS]", help="registered continual model")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="predictions Parquet file")
+@_tracking_uri
+@click.option("--task", help="score only this task's classes, with its task id (til)")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--actors", type=int, default=1, show_default=True, help="model replicas scoring in parallel")
+@_one_line_errors
+def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
+    """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
+    a folder of images) with a registered version of a continual model; write --out."""
+    from pipeline.config import TrackingConfig
+    from pipeline.eval.predict import predict
+    from pipeline.tracking import load_version, resolve_tracking_uri
+    from pipeline.train import init_ray
+
+    uri = resolve_tracking_uri(TrackingConfig(uri=tracking_uri))
+    version = load_version(uri, model_spec)
+    init_ray()
+    result = predict(version.card, data, out, task=task, batch_size=batch_size, actors=actors)
+    click.echo(f"{result['rows']} predictions by {version.name} version {version.version} ({len(version.card.tasks)} tasks) -> {out}")
+
+
+def _retrain_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--landing", required=True, help="landing zone: directory or fsspec URI with one folder per task"),
+            click.option("--model", "model_name", required=True, help="registered model name"),
+            click.option("--config", "configs", required=True, multiple=True, type=click.Path(dir_okay=False), help="the model's config (repeat to merge)"),
+            click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)"),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _print_retrain(report: Any) -> None:
+    for record in report.trained:
+        row = " ".join(_fmt(v) for v in record["accuracy_row"])
+        console.print(f"learned {record['task_id']}: version {record['model_version']}  accuracy [{row}]  {record['wall_s']:.0f}s")
+    if report.learned_before:
+        console.print(f"already learned: {', '.join(report.learned_before)}")
+    if report.incomplete:
+        console.print(f"waiting for _READY: {', '.join(report.incomplete)}")
+    if report.busy:
+        console.print(f"claimed by another retrainer: {report.busy}")
+    if not report.trained:
+        console.print("nothing new to learn")
+
+
+@main.command("retrain")
+@_retrain_options
+@click.option("--max-tasks", type=int, help="learn at most this many new tasks")
+@_one_line_errors
+def retrain_cmd(landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], max_tasks: int | None) -> None:
+    """Learn the complete tasks (folders with _READY) in the landing zone that the model has not
+    learned yet, in arrival order; registers a model version per task."""
+    from pipeline.config import load_config
+    from pipeline.ops import retrain
+
+    _print_retrain(retrain(load_config(configs, overrides), landing, model_name, max_tasks=max_tasks))
+
+
+@main.command("watch")
+@_retrain_options
+@click.option("--interval", type=float, default=300, show_default=True, help="seconds between looks at the landing zone")
+@click.option("--iterations", type=int, help="stop after this many looks (default: run until interrupted)")
+@_one_line_errors
+def watch_cmd(
+    landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], interval: float, iterations: int | None
+) -> None:
+    """Run `strata retrain` every --interval seconds."""
+    from pipeline.config import load_config
+    from pipeline.ops import watch
+
+    watch(load_config(configs, overrides), landing, model_name, interval_s=interval, iterations=iterations, on_report=_print_retrain)

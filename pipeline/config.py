@@ -149,10 +149,20 @@ class TrackingConfig(StrictModel):
     uri: str | None = Field(default=None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     experiment: str = "strata"
     run_name: str | None = None
+    model_name: str | None = Field(
+        default=None,
+        description="register a version of the continual model (backbone id + memory-store version) under this "
+        "name in MLflow's model registry after every task",
+    )
 
 
 class MemoryConfig(StrictModel):
     uri: str | None = Field(default=None, description="memory store directory or fsspec URI; default OUTPUT_DIR/memory")
+    resume: bool = Field(
+        default=False,
+        description="continue a stream: the store's records must be the stream's first tasks (same ids, method and "
+        "backbone); those tasks are not trained again",
+    )
 
 
 class StrataConfig(StrictModel):

@@ -1,3 +1,4 @@
+from pipeline.memory.ledger import Ledger
 from pipeline.memory.store import MemoryStore, RecordEntry, TaskRecord
 
-__all__ = ["MemoryStore", "RecordEntry", "TaskRecord"]
+__all__ = ["Ledger", "MemoryStore", "RecordEntry", "TaskRecord"]

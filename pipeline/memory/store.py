@@ -62,7 +62,8 @@ class RecordEntry:
         return dict(self.__dict__)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A task id as a file-name part."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
 
 
@@ -112,7 +113,7 @@ class MemoryStore:
         """Write ``record`` as the next version; it becomes visible only when complete."""
         manifest = self._read_manifest()
         version = len(manifest["records"]) + 1
-        name = f"{version - 1:04d}-{_safe(task_id)}.safetensors"
+        name = f"{version - 1:04d}-{safe_name(task_id)}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in record.tensors.items()}
         header = {"strata": json.dumps({"task_id": task_id, "method": method, "backbone_id": backbone_id, **record.meta})}
         data = st_save(tensors, metadata=header)

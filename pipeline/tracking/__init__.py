@@ -1,3 +1,13 @@
 from pipeline.tracking.mlflow_run import TrackedRun, flatten, resolve_tracking_uri
+from pipeline.tracking.registry import ModelCard, RegisteredVersion, latest_version, load_version, register_version
 
-__all__ = ["TrackedRun", "flatten", "resolve_tracking_uri"]
+__all__ = [
+    "ModelCard",
+    "RegisteredVersion",
+    "TrackedRun",
+    "flatten",
+    "latest_version",
+    "load_version",
+    "register_version",
+    "resolve_tracking_uri",
+]

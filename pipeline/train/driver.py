@@ -58,10 +58,14 @@ def _resolved_config(cfg: StrataConfig) -> StrataConfig:
     return cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})
 
 
-def _datasets(cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int) -> dict[str, ray.data.Dataset]:
+def _datasets(
+    cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int, start: int
+) -> dict[str, ray.data.Dataset]:
     common = {"size": size, "decode_cpus": cfg.data.decode_cpus}
     datasets: dict[str, ray.data.Dataset] = {}
     for p, phase in enumerate(phases):
+        if p < start:  # learned by an earlier run (memory.resume)
+            continue
         parts = [
             split_dataset(
                 plan.tasks[i].train,
@@ -78,6 +82,32 @@ def _datasets(cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], si
         assert evaluated is not None
         datasets[f"test_{j}"] = split_dataset(evaluated, label_map=task.label_map, task_index=j, **common)
     return datasets
+
+
+def _learned_tasks(cfg: StrataConfig, plan: StreamPlan, store: MemoryStore, backbone_id: str, joint: bool) -> int:
+    """How many of the stream's tasks the memory store already holds (memory.resume), checked
+    record by record against the stream, the method and the backbone; 0 for a fresh store."""
+    entries = store.verify()
+    if not entries:
+        return 0
+    if not cfg.memory.resume:
+        raise StoreError(
+            f"{cfg.memory_uri}: already holds {len(entries)} records; use a new output_dir or memory.uri, "
+            "or memory.resume=true to continue that stream"
+        )
+    if joint:
+        raise ConfigError(f"memory.resume: method {cfg.method.name} trains every task at once and cannot continue a stream")
+    if len(entries) >= len(plan.tasks):
+        raise ConfigError(f"memory.resume: {cfg.memory_uri} already holds all {len(plan.tasks)} tasks of the stream")
+    for entry, task in zip(entries, plan.tasks, strict=False):
+        where = f"{cfg.memory_uri}/{entry.file}"
+        if entry.task_id != task.id:
+            raise StoreError(f"{where}: record {entry.version} is task {entry.task_id!r}, but stream task {entry.task_index} is {task.id!r}")
+        if entry.method != cfg.method.name:
+            raise StoreError(f"{where}: made by method {entry.method}, not {cfg.method.name}")
+        if entry.backbone_id != backbone_id:
+            raise StoreError(f"{where}: made with backbone {entry.backbone_id}, but the current backbone is {backbone_id}")
+    return len(entries)
 
 
 def find_user_error(exc: BaseException) -> StrataError | None:
@@ -128,6 +158,8 @@ def _summary(
         "train_loss": progress.train_loss,
         "phase_wall_s": progress.phase_wall_s,
         "train_wall_s": progress.train_wall_s,
+        "model_name": cfg.tracking.model_name,
+        "model_versions": progress.model_versions,
         **_task_inference_summary(progress),
     }
 
@@ -146,12 +178,19 @@ def _task_inference_summary(progress: Progress) -> dict[str, Any]:
     }
 
 
-def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run(
+    cfg: StrataConfig,
+    *,
+    callbacks: Sequence[Any] = (),
+    tracking_tags: Mapping[str, str] | None = None,
+    prior_accuracy: Sequence[Sequence[float | None]] = (),
+) -> dict[str, Any]:
     """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it.
 
     ``callbacks`` go to Ray Train's RunConfig (a Tune trial passes ``TuneReportCallback``, so every
     task's report reaches Tune); ``tracking_tags`` are set on the MLflow run (a sweep trial nests
-    itself under the sweep's run with ``mlflow.parentRunId``).
+    itself under the sweep's run with ``mlflow.parentRunId``). With ``memory.resume``,
+    ``prior_accuracy`` gives the accuracy-matrix rows of the tasks learned by earlier runs.
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
@@ -165,10 +204,10 @@ def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapp
     )
     backbone = create_backbone(cfg.backbone)
     size = cfg.data.image_size or backbone.input_spec.size
-    del backbone
     store = MemoryStore(cfg.memory_uri)
-    if store.version:
-        raise StoreError(f"{cfg.memory_uri}: already holds {store.version} records; use a new output_dir or memory.uri")
+    learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly)
+    del backbone
+    start = Progress.resumed(len(plan.tasks), learned, prior_accuracy)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -182,7 +221,9 @@ def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapp
         run_.log_params(cfg.model_dump(mode="json"))
         run_.log_artifact(out / "config.yaml")
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
-    job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
+    job = WorkerJob(
+        cfg, resolve_method_params(cfg.method), plan, phases, run_.tracking_uri if run_ else None, run_.run_id if run_ else None, start
+    )
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -196,7 +237,7 @@ def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapp
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets=_datasets(cfg, plan, phases, size),
+        datasets=_datasets(cfg, plan, phases, size, learned),
         dataset_config=ExactlyOnceDataConfig(),
     )
     try:
@@ -208,7 +249,7 @@ def run(cfg: StrataConfig, *, callbacks: Sequence[Any] = (), tracking_tags: Mapp
         if user_error is not None:
             raise type(user_error)(str(user_error).splitlines()[0]) from None
         raise
-    progress = Progress.from_checkpoint(result.checkpoint, len(plan.tasks))
+    progress = Progress.from_checkpoint(result.checkpoint, start)
     summary = _summary(cfg, plan, progress, store, run_, time.time() - started)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "memory_manifest.json").write_text(json.dumps([e.to_dict() for e in store.entries()], indent=1))

@@ -14,6 +14,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +23,13 @@ import ray.train.torch
 import torch
 from ray.train.v2._internal.execution import context as train_context
 
-from pipeline.backbones import create_backbone
+from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
-from pipeline.tracking import TrackedRun
+from pipeline.tracking import ModelCard, TrackedRun, register_version
 from pipeline.train.collective import current_collective
 from pipeline.train.loop import broadcast_parameters, train_phase
 
@@ -56,6 +57,7 @@ class WorkerJob:
     phases: tuple[Phase, ...]
     tracking_uri: str | None = None
     run_id: str | None = None
+    start: Progress | None = None  # where the stream starts when no checkpoint exists (memory.resume)
 
 
 @dataclass
@@ -66,10 +68,11 @@ class Progress:
     phases_done: int = 0
     records: int = 0
     accuracy_matrix: list[list[float | None]] = field(default_factory=list)
-    samples_seen: list[int] = field(default_factory=list)
+    samples_seen: list[int] = field(default_factory=list)  # by this run (0 for tasks learned by an earlier run)
     train_loss: list[float | None] = field(default_factory=list)
-    phase_wall_s: list[float] = field(default_factory=list)
+    phase_wall_s: list[float] = field(default_factory=list)  # of each phase this run trained
     train_wall_s: list[float] = field(default_factory=list)  # of each phase: the pass and end_task, no evaluation
+    model_versions: list[str | None] = field(default_factory=list)  # registered after each task (tracking.model_name)
     # Methods that infer tasks (til methods with task_inference): the same rows without task ids.
     cil_accuracy_matrix: list[list[float | None]] | None = None
     task_inference_matrix: list[list[float | None]] | None = None
@@ -79,11 +82,20 @@ class Progress:
         self.accuracy_matrix = self.accuracy_matrix or [[None] * t for _ in range(t)]
         self.samples_seen = self.samples_seen or [0] * t
         self.train_loss = self.train_loss or [None] * t
+        self.model_versions = self.model_versions or [None] * t
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: ray.train.Checkpoint | None, num_tasks: int) -> Progress:
+    def resumed(cls, num_tasks: int, learned: int, prior_accuracy: Sequence[Sequence[float | None]] = ()) -> Progress:
+        """The start of a stream whose first ``learned`` tasks an earlier run put in the memory store."""
+        progress = cls(num_tasks, phases_done=learned, records=learned)
+        for i, row in enumerate(prior_accuracy[:learned]):
+            progress.accuracy_matrix[i][: len(row)] = list(row)[:num_tasks]
+        return progress
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: ray.train.Checkpoint | None, start: Progress) -> Progress:
         if checkpoint is None:
-            return cls(num_tasks)
+            return start
         with checkpoint.as_directory() as path:
             return cls(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
 
@@ -103,6 +115,33 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
         class_names=plan.class_names[:num_seen],
         domain=tasks[0].domain if len(tasks) == 1 else None,
     )
+
+
+def model_card(cfg: StrataConfig, plan: StreamPlan, row: int, records: int, backbone: Backbone, label_space: str) -> ModelCard:
+    """The registry card of the model after the task that fills accuracy row ``row``."""
+    num_seen = plan.num_seen(row)
+    return ModelCard(
+        config=cfg.model_dump(mode="json"),
+        backbone_id=backbone.backbone_id,
+        memory_store=cfg.memory_uri,
+        memory_version=records,
+        scenario=plan.scenario,
+        label_space=label_space,
+        image_size=cfg.data.image_size or backbone.input_spec.size,
+        tasks=[{"id": t.id, "classes": list(t.classes), "domain": t.domain} for t in plan.tasks[: row + 1]],
+        class_names=list(plan.class_names[:num_seen]),
+    )
+
+
+def card_tags(card: ModelCard) -> dict[str, str]:
+    return {
+        "strata.stream_position": str(len(card.tasks)),
+        "strata.task_id": card.tasks[-1]["id"],
+        "strata.method": card.config["method"]["name"],
+        "strata.backbone_id": card.backbone_id,
+        "strata.memory_store": card.memory_store,
+        "strata.memory_version": str(card.memory_version),
+    }
 
 
 def _setup_logging() -> None:
@@ -129,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
     backbone = create_backbone(cfg.backbone).to(device)
     method = create_method(job.method, backbone, collective)
     store = MemoryStore(cfg.memory_uri)
-    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), num_tasks)
+    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), job.start or Progress(num_tasks))
     if rank == 0:
         store.truncate(progress.records)
     collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
@@ -232,6 +271,12 @@ def train_loop_per_worker(config: dict) -> None:
             )  # fmt: skip
             if run is not None:
                 run.log_metrics(metrics, step=phase.row)
+                if cfg.tracking.model_name:
+                    card = model_card(cfg, plan, phase.row, progress.records, backbone, label_space)
+                    tags = {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if v is not None}
+                    progress.model_versions[phase.row] = register_version(
+                        run.tracking_uri, run.run_id, cfg.tracking.model_name, card, card_tags(card) | tags
+                    )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:

@@ -1,0 +1,39 @@
+"""Entrypoint a scheduler submits: ``python jobs/retrain.py --config C --landing URI --model NAME``.
+
+Learns every complete landed task not in the model's ledger yet, in arrival order, and exits;
+safe to run on any schedule and in parallel (each task is claimed atomically, learned once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import load_config
+from pipeline.errors import StrataError
+from pipeline.ops import retrain
+from pipeline.train import init_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, action="append", help="the model's config YAML (repeat to merge)")
+    parser.add_argument("--landing", required=True, help="landing zone: directory or fsspec URI")
+    parser.add_argument("--model", required=True, help="registered model name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        init_ray()
+        report = retrain(cfg, args.landing, args.model)
+    except StrataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trained = [{k: r[k] for k in ("task_id", "model_version", "mlflow_run_id")} for r in report.trained]
+    print(json.dumps({"trained": trained, "incomplete": report.incomplete, "busy": report.busy}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The landing zone: where new tasks arrive, one folder each, for ``strata retrain``.
+
+A landing zone is a directory or any fsspec URI. Each task is a folder holding its data and a
+manifest ``task.yaml`` (a stream task: ``train``, ``test``, optional ``id``, ``classes``,
+``class_subset``, ``rename``, ``domain``; source paths relative to the folder), and it is
+complete once the uploader writes ``_READY`` last. Arrival order is the time ``_READY``
+appeared (then the folder name), so a folder copied slowly is ordered by when it was finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import fsspec
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config import TaskConfig, format_validation_error
+from pipeline.errors import ConfigError, DataError
+
+MANIFEST = "task.yaml"
+READY = "_READY"
+
+
+@dataclass(frozen=True)
+class LandedTask:
+    folder: str  # URI of the task's folder
+    task: TaskConfig  # source paths absolute (URIs)
+    arrived: float
+
+
+def _timestamp(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+def _absolute_sources(data: dict[str, Any], folder: str) -> dict[str, Any]:
+    for split in ("train", "test"):
+        source = data.get(split)
+        if isinstance(source, dict) and "path" in source:
+            paths = source["path"]
+            join = lambda p: p if "://" in p or p.startswith("/") else f"{folder.rstrip('/')}/{p}"  # noqa: E731
+            source["path"] = join(paths) if isinstance(paths, str) else [join(p) for p in paths]
+    return data
+
+
+def _load_manifest(fs: fsspec.AbstractFileSystem, folder: str, location: str) -> TaskConfig:
+    path = f"{folder}/{MANIFEST}"
+    if not fs.exists(path):
+        raise DataError(f"{location}/{MANIFEST}: missing (a complete task folder needs its manifest)")
+    try:
+        with fs.open(path, "rb") as fh:
+            data = yaml.safe_load(fh.read()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{location}/{MANIFEST}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{location}/{MANIFEST}: the top level must be a mapping")
+    data.setdefault("id", location.rstrip("/").rsplit("/", 1)[-1])
+    try:
+        return TaskConfig.model_validate(_absolute_sources(data, location))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(f"{location}/{MANIFEST}", err)) from None
+
+
+def scan(landing: str) -> tuple[list[LandedTask], list[str]]:
+    """(complete tasks in arrival order, URIs of folders still without ``_READY``)."""
+    fs, root = fsspec.core.url_to_fs(landing)
+    if not fs.isdir(root):
+        raise DataError(f"{landing}: no such landing directory")
+    complete: list[LandedTask] = []
+    incomplete: list[str] = []
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        if entry["type"] != "directory" or entry["name"].rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")):
+            continue
+        folder = entry["name"].rstrip("/")
+        location = fs.unstrip_protocol(folder) if "://" in landing else folder
+        ready = f"{folder}/{READY}"
+        if not fs.exists(ready):
+            incomplete.append(location)
+            continue
+        complete.append(LandedTask(location, _load_manifest(fs, folder, location), _timestamp(fs.info(ready))))
+    complete.sort(key=lambda t: (t.arrived, t.folder))
+    seen: dict[str, str] = {}
+    for landed in complete:
+        if landed.task.id in seen:
+            raise DataError(f"{landed.folder}/{MANIFEST}: task id {landed.task.id!r} already used by {seen[landed.task.id]}")
+        seen[landed.task.id] = landed.folder
+    return complete, incomplete

@@ -1,0 +1,201 @@
+"""Retraining on arrival: landing zone, ledger claims, continuing a stream, registry, predict."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import validate_config
+from pipeline.data import generators
+from pipeline.errors import ConfigError, DataError, StoreError
+from pipeline.memory import Ledger, MemoryStore, TaskRecord
+from pipeline.ops import retraining as retrain_module
+from pipeline.ops import scan
+from pipeline.train import run
+
+from conftest import TINY_VIT, blobs_task, run_config
+
+
+def digits_parquet(path: Path, split: str, digits: list[int]) -> Path:
+    """Real scikit-learn digits of ``digits`` as a Parquet file of PNGs, labels 0-9 with names."""
+    gen = generators.get("digits")
+    images, labels = gen.rows(split, {}, 0, gen.num_rows(split, {}))
+    keep = np.flatnonzero(np.isin(labels, digits))
+    encoded = []
+    for i in keep:
+        buf = io.BytesIO()
+        Image.fromarray(images[i]).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    table = pa.table({"image": pa.array(encoded, pa.binary()), "label": pa.array(labels[keep], pa.int16())})
+    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([str(d) for d in range(10)])}), path)
+    return path
+
+
+def land(landing: Path, folder: str, digits: list[int], *, ready: bool, task_id: str | None = None) -> Path:
+    """Drop a task folder into the landing zone the way an uploader would: data, manifest, then _READY."""
+    root = landing / folder
+    root.mkdir(parents=True)
+    digits_parquet(root / "train.parquet", "train", digits)
+    digits_parquet(root / "test.parquet", "test", digits)
+    manifest = {"train": {"type": "parquet", "path": "train.parquet"}, "test": {"type": "parquet", "path": "test.parquet"}, "class_subset": digits}
+    if task_id:
+        manifest["id"] = task_id
+    (root / "task.yaml").write_text(json.dumps(manifest))
+    if ready:
+        (root / "_READY").touch()
+    return root
+
+
+def model_config(tmp_path: Path) -> Path:
+    cfg = run_config(tmp_path, [], data={"image_size": 16}, memory={"uri": str(tmp_path / "model" / "memory")})
+    cfg["output_dir"] = str(tmp_path / "model")
+    path = tmp_path / "model.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_scan_orders_by_ready_time_lists_incomplete_and_names_bad_manifests(tmp_path):
+    landing = tmp_path / "landing"
+    land(landing, "b-first", [0, 1], ready=True)
+    land(landing, "a-second", [2, 3], ready=True, task_id="twos-threes")
+    land(landing, "c-partial", [4, 5], ready=False)
+    os.utime(landing / "b-first/_READY", (1000, 1000))
+    os.utime(landing / "a-second/_READY", (2000, 2000))
+    complete, incomplete = scan(str(landing))
+    assert [t.task.id for t in complete] == ["b-first", "twos-threes"]
+    assert complete[0].task.train.path == str(landing / "b-first/train.parquet")
+    assert incomplete == [str(landing / "c-partial")]
+
+    (landing / "c-partial/task.yaml").write_text(json.dumps({"train": {"type": "parquet"}, "test": {"type": "parquet", "path": "t"}}))
+    (landing / "c-partial/_READY").touch()
+    with pytest.raises(ConfigError, match=r"c-partial/task.yaml: train.parquet.path: Field required"):
+        scan(str(landing))
+    (landing / "c-partial/task.yaml").write_text(json.dumps({"id": "b-first", **json.loads((landing / "b-first/task.yaml").read_text())}))
+    with pytest.raises(DataError, match=r"c-partial/task.yaml: task id 'b-first' already used by .*b-first"):
+        scan(str(landing))
+
+
+def _claim(args: tuple[str, str]) -> bool:
+    uri, owner = args
+    return Ledger(uri).claim("task-a", owner)
+
+
+def test_ledger_claim_is_won_by_exactly_one_process(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        won = pool.map(_claim, [(str(tmp_path / "store"), f"p{i}") for i in range(8)])
+    assert sum(won) == 1
+    ledger = Ledger(str(tmp_path / "store"))
+    assert ledger.claim_of("task-a")["owner"] == f"p{won.index(True)}"
+    ledger.release("task-a")
+    assert ledger.claim("task-a", "later")
+    ledger.complete("task-a", {"position": 0})
+    with pytest.raises(StoreError, match="is learned; its claim stays"):
+        ledger.release("task-a")
+
+
+def test_concurrent_retrainers_learn_each_task_once_in_order(tmp_path, monkeypatch):
+    """Two retrainers at once over three landed tasks (training replaced by a slow stand-in)."""
+    landing = tmp_path / "landing"
+    for k, folder in enumerate(["t0", "t1", "t2"]):
+        land(landing, folder, [2 * k, 2 * k + 1], ready=True)
+        os.utime(landing / folder / "_READY", (1000 + k, 1000 + k))
+    learned: list[tuple[str, list[str]]] = []
+
+    def fake_learn(cfg, landing_uri, folder, task, before, owner):
+        learned.append((task["id"], [r["task_id"] for r in before]))
+        time.sleep(0.2)
+        return {"position": len(before), "task": task, "accuracy_row": [1.0], "model_version": None, "owner": owner}
+
+    monkeypatch.setattr(retrain_module, "_learn", fake_learn)
+    cfg = validate_config(json.loads(model_config(tmp_path).read_text()))
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(retrain_module.retrain(cfg, str(landing), "m"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert learned == [("t0", []), ("t1", ["t0"]), ("t2", ["t0", "t1"])]
+    assert sorted(len(r.trained) for r in reports) in ([0, 3], [1, 2])
+    again = retrain_module.retrain(cfg, str(landing), "m")
+    assert again.trained == [] and again.learned_before == ["t0", "t1", "t2"]
+    assert [r["task_id"] for r in Ledger(str(tmp_path / "model" / "memory")).learned()] == ["t0", "t1", "t2"]
+
+
+def test_resume_checks_the_store_against_the_stream_before_anything_runs(tmp_path):
+    cfg = run_config(tmp_path, [blobs_task("a"), blobs_task("b", seed=1)])
+    store = MemoryStore(str(tmp_path / "out" / "memory"))
+    from pipeline.backbones import create_backbone
+
+    backbone_id = create_backbone(validate_config(cfg).backbone).backbone_id
+    store.append(TaskRecord({"x": torch.zeros(1)}), task_index=0, task_id="a", method="ncm", backbone_id=backbone_id)
+    with pytest.raises(StoreError, match="already holds 1 records.*memory.resume=true"):
+        run(validate_config(cfg))
+    cfg["memory"] = {"resume": True}
+    with pytest.raises(StoreError, match=r"0000-a.safetensors: made by method ncm, not finetune"):
+        run(validate_config({**cfg, "method": {"name": "finetune"}}))
+    with pytest.raises(StoreError, match=r"record 1 is task 'a', but stream task 0 is 'z'"):
+        run(validate_config({**cfg, "stream": {"scenario": "cil", "tasks": [blobs_task("z"), blobs_task("b")]}}))
+    with pytest.raises(ConfigError, match="already holds all 1 tasks"):
+        run(validate_config({**cfg, "stream": {"scenario": "cil", "tasks": [blobs_task("a")]}}))
+    assert store.version == 1
+
+
+def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluation(ray_session, tmp_path):
+    landing = tmp_path / "landing"
+    config = model_config(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runner = CliRunner()
+    retrain_args = ["retrain", "--landing", str(landing), "--model", "digits", "--config", str(config)]
+
+    land(landing, "2026-11-01", [0, 1], ready=True)
+    first = runner.invoke(main, retrain_args)
+    assert first.exit_code == 0, first.output
+    assert "learned 2026-11-01: version 1" in first.output
+
+    land(landing, "2026-11-08", [2, 3], ready=True)
+    land(landing, "2026-11-15", [4, 5], ready=False)  # still uploading
+    second = runner.invoke(main, retrain_args)
+    third = runner.invoke(main, retrain_args)
+    assert second.exit_code == 0 and third.exit_code == 0, second.output + third.output
+    assert "learned 2026-11-08: version 2" in second.output and "waiting for _READY" in second.output
+    assert "nothing new to learn" in third.output and "learned 2026" not in third.output
+
+    client = MlflowClient(tracking)
+    versions = sorted(client.search_model_versions("name = 'digits'"), key=lambda v: int(v.version))
+    assert [str(v.version) for v in versions] == ["1", "2"]
+    latest = versions[-1]
+    assert latest.tags["strata.task_id"] == "2026-11-08" and latest.tags["strata.stream_position"] == "2"
+    assert latest.tags["strata.memory_version"] == "2"
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert sorted(r.data.tags["strata.retrain.task"] for r in runs) == ["2026-11-01", "2026-11-08"]  # each trained once
+    store = MemoryStore(str(tmp_path / "model" / "memory"))
+    assert [e.task_id for e in store.entries()] == ["2026-11-01", "2026-11-08"]
+
+    summary = json.loads((tmp_path / "model" / "0001-2026-11-08" / "summary.json").read_text())
+    assert summary["samples_seen"][0] == 0  # the first task was restored from the store, not trained again
+    assert summary["accuracy_matrix"][0][0] == Ledger(store.uri).done("2026-11-01")["accuracy_row"][0]
+    out = tmp_path / "preds.parquet"
+    predicted = runner.invoke(
+        main, ["predict", "--model", "digits/2", str(landing / "2026-11-08" / "test.parquet"), "--out", str(out), "--tracking-uri", tracking]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    preds = pq.read_table(out).to_pydict()
+    assert preds["row"] == list(range(len(preds["row"])))
+    accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
+    assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
+    assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
