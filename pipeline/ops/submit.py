@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 ENTRYPOINTS = {"run": "jobs/continual_train.py", "sweep": "jobs/sweep.py", "retrain": "jobs/retrain.py"}
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "bench/cache", "**/__pycache__", ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60
 
 
 def client(address: str | None) -> Any:
@@ -109,14 +110,25 @@ def submit(
     root = Path(working_dir).resolve()
     command = entrypoint(kind, configs, overrides, root, extra_args)
     env = runtime_env(root, **env_options)
-    return client(address).submit_job(
-        entrypoint=command,
-        runtime_env=env,
-        submission_id=submission_id,
-        entrypoint_num_cpus=entrypoint_num_cpus,
-        entrypoint_num_gpus=entrypoint_num_gpus,
-        metadata={"strata.kind": kind},
-    )
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return str(
+                jobs.submit_job(
+                    entrypoint=command,
+                    runtime_env=env,
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                    entrypoint_num_gpus=entrypoint_num_gpus,
+                    metadata={"strata.kind": kind},
+                )
+            )
+        except RuntimeError as exc:
+            # A head that has just started answers before its job agent is up, and says so.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def status(address: str | None, job_id: str) -> str:

@@ -1,0 +1,136 @@
+"""Job submission against a real Ray head (`ray start --head` on loopback), through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+from pipeline.ops import submit
+
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head of its own (the test session's in-process Ray cannot take jobs from outside)."""
+    dashboard = free_port()
+    temp_dir = f"/tmp/strata-ray-{dashboard}"
+    bin_dir = Path(sys.executable).parent
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # jobs run `python` from this venv
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8",
+         f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Ports of its own: the session's Ray (or any other on this machine) holds the defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            submit.list_jobs(address)
+            break
+        except Exception:
+            if time.monotonic() > deadline or head.poll() is not None:
+                os.killpg(head.pid, signal.SIGKILL)
+                raise
+            time.sleep(2)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    for pid in cluster_processes(temp_dir):  # raylet and workers that left the head's process group
+        os.kill(pid, signal.SIGKILL)
+
+
+def cluster_processes(temp_dir: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output.strip()
+
+
+def test_submit_quickstart_polls_to_success_and_finds_its_mlflow_run(ray_head, tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = cli(
+        "submit", str(REPO / "configs/quickstart.yaml"), "--address", ray_head, "--working-dir", str(REPO),
+        "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tracking.uri={tracking}",
+    )  # fmt: skip
+    assert job_id.startswith("raysubmit_")
+    deadline = time.monotonic() + 600
+    while (state := cli("jobs", "status", job_id, "--address", ray_head)) not in submit.TERMINAL:
+        assert time.monotonic() < deadline, f"job {job_id} still {state}"
+        time.sleep(3)
+    logs = cli("jobs", "logs", job_id, "--address", ray_head)
+    assert state == "SUCCEEDED", logs[-3000:]
+    result = next(json.loads(line) for line in logs.splitlines() if line.startswith('{"avg_acc"'))  # the entrypoint's result line
+    run = MlflowClient(tracking).get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mlflow_run_id"] == result["mlflow_run_id"]
+    assert run.data.metrics["last_acc"] == pytest.approx(summary["last_acc"], abs=1e-12)
+    assert any(job["id"] == job_id for job in submit.list_jobs(ray_head))
+
+
+def test_stop_and_a_resubmitted_id_is_refused(ray_head, tmp_path):
+    args = ["submit", str(REPO / "configs/quickstart.yaml"), "--address", ray_head, "--working-dir", str(REPO),
+            "--submission-id", "strata-test-stop", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    assert cli(*args) == "strata-test-stop"
+    assert cli("jobs", "stop", "strata-test-stop", "--address", ray_head) == "stopping"
+    assert cli("jobs", "status", "strata-test-stop", "--address", ray_head, "--wait", "120") == "STOPPED"
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "strata-test-stop" in str(again.exception or again.output)
+
+
+def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    command = submit.entrypoint("run", [str(REPO / "configs/quickstart.yaml"), str(REPO / "configs/methods/l2p.yaml")], ["method.lr=0.01"], REPO)
+    assert command == "python jobs/continual_train.py --config configs/quickstart.yaml --config configs/methods/l2p.yaml --set method.lr=0.01"
+    assert submit.entrypoint("sweep", [str(REPO / "configs/sweeps/l2p.yaml")], [], REPO) == "python jobs/sweep.py --sweep configs/sweeps/l2p.yaml"
+    outside = tmp_path / "c.yaml"
+    outside.write_text("{}")
+    with pytest.raises(ConfigError, match=r"c.yaml: outside the uploaded working directory"):
+        submit.entrypoint("run", [str(outside)], [], REPO)
+    extra = tmp_path / "env.yaml"
+    extra.write_text("excludes: [data]\nenv_vars: {A: '1'}\n")
+    env = submit.runtime_env(REPO, runtime_env_file=str(extra), pip=["timm>=1.0"], env_vars={"B": "2"})
+    assert env["working_dir"] == str(REPO) and {".venv", "runs", "data"} <= set(env["excludes"])
+    assert env["pip"] == ["timm>=1.0"]
+    assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "B": "2"}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = CliRunner().invoke(main, ["jobs", "status", "x"])
+    assert result.exit_code == 2 and "error: --address: no cluster given" in result.output
