@@ -114,6 +114,7 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(default=0.5, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per worker when training on GPU; a fraction shares one")
     amp: bool = Field(default=True, description="autocast to bfloat16 on GPU; ignored on CPU")
     max_failures: int = Field(default=0, ge=0, description="worker-group restarts; a restart resumes at the last task")
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")

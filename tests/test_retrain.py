@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -11,54 +11,36 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import validate_config
-from pipeline.data import generators
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import Ledger, MemoryStore, TaskRecord
 from pipeline.ops import retraining as retrain_module
 from pipeline.ops import scan
 from pipeline.train import run
 
-from conftest import TINY_VIT, blobs_task, run_config
+from conftest import REPO, blobs_task, run_config
 
 
-def digits_parquet(path: Path, split: str, digits: list[int]) -> Path:
-    """Real scikit-learn digits of ``digits`` as a Parquet file of PNGs, labels 0-9 with names."""
-    gen = generators.get("digits")
-    images, labels = gen.rows(split, {}, 0, gen.num_rows(split, {}))
-    keep = np.flatnonzero(np.isin(labels, digits))
-    encoded = []
-    for i in keep:
-        buf = io.BytesIO()
-        Image.fromarray(images[i]).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    table = pa.table({"image": pa.array(encoded, pa.binary()), "label": pa.array(labels[keep], pa.int16())})
-    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([str(d) for d in range(10)])}), path)
-    return path
+def _load_land_digits():
+    spec = importlib.util.spec_from_file_location("land_digits", REPO / "deploy" / "land_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.land_digits
 
 
-def land(landing: Path, folder: str, digits: list[int], *, ready: bool, task_id: str | None = None) -> Path:
-    """Drop a task folder into the landing zone the way an uploader would: data, manifest, then _READY."""
-    root = landing / folder
-    root.mkdir(parents=True)
-    digits_parquet(root / "train.parquet", "train", digits)
-    digits_parquet(root / "test.parquet", "test", digits)
-    manifest = {"train": {"type": "parquet", "path": "train.parquet"}, "test": {"type": "parquet", "path": "test.parquet"}, "class_subset": digits}
-    if task_id:
-        manifest["id"] = task_id
-    (root / "task.yaml").write_text(json.dumps(manifest))
-    if ready:
-        (root / "_READY").touch()
-    return root
+land_digits = _load_land_digits()  # the walk-through's uploader (deploy/README.md), real digits
+
+
+def land(landing: Path, folder: str, digits: list[int], *, ready: bool) -> Path:
+    return Path(land_digits(str(landing), folder, digits, ready=ready))
 
 
 def model_config(tmp_path: Path) -> Path:
@@ -72,7 +54,8 @@ def model_config(tmp_path: Path) -> Path:
 def test_scan_orders_by_ready_time_lists_incomplete_and_names_bad_manifests(tmp_path):
     landing = tmp_path / "landing"
     land(landing, "b-first", [0, 1], ready=True)
-    land(landing, "a-second", [2, 3], ready=True, task_id="twos-threes")
+    second = land(landing, "a-second", [2, 3], ready=True)
+    (second / "task.yaml").write_text(json.dumps({**yaml.safe_load((second / "task.yaml").read_text()), "id": "twos-threes"}))
     land(landing, "c-partial", [4, 5], ready=False)
     os.utime(landing / "b-first/_READY", (1000, 1000))
     os.utime(landing / "a-second/_READY", (2000, 2000))
@@ -85,7 +68,7 @@ def test_scan_orders_by_ready_time_lists_incomplete_and_names_bad_manifests(tmp_
     (landing / "c-partial/_READY").touch()
     with pytest.raises(ConfigError, match=r"c-partial/task.yaml: train.parquet.path: Field required"):
         scan(str(landing))
-    (landing / "c-partial/task.yaml").write_text(json.dumps({"id": "b-first", **json.loads((landing / "b-first/task.yaml").read_text())}))
+    (landing / "c-partial/task.yaml").write_text(json.dumps({"id": "b-first", **yaml.safe_load((landing / "b-first/task.yaml").read_text())}))
     with pytest.raises(DataError, match=r"c-partial/task.yaml: task id 'b-first' already used by .*b-first"):
         scan(str(landing))
 
@@ -157,10 +140,11 @@ def test_resume_checks_the_store_against_the_stream_before_anything_runs(tmp_pat
 
 def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluation(ray_session, tmp_path):
     landing = tmp_path / "landing"
-    config = model_config(tmp_path)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runner = CliRunner()
-    retrain_args = ["retrain", "--landing", str(landing), "--model", "digits", "--config", str(config)]
+    retrain_args = ["retrain", "--landing", str(landing), "--model", "digits", "--config", str(REPO / "configs/retrain.yaml"),
+                    "--set", f"output_dir={tmp_path / 'model'}", "--set", f"memory.uri={tmp_path / 'model' / 'memory'}",
+                    "--set", f"tracking.uri={tracking}", "--set", "tracking.experiment=tests"]  # fmt: skip
 
     land(landing, "2026-11-01", [0, 1], ready=True)
     first = runner.invoke(main, retrain_args)

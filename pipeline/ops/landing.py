@@ -98,3 +98,19 @@ def scan(landing: str) -> tuple[list[LandedTask], list[str]]:
             raise DataError(f"{landed.folder}/{MANIFEST}: task id {landed.task.id!r} already used by {seen[landed.task.id]}")
         seen[landed.task.id] = landed.folder
     return complete, incomplete
+
+
+def land_task(landing: str, folder: str, files: dict[str, str], manifest: dict[str, Any]) -> str:
+    """What an uploader does: copy ``files`` (name in the folder -> local path) into
+    ``landing/folder``, write the manifest, and write ``_READY`` last. Returns the folder URI."""
+    fs, root = fsspec.core.url_to_fs(landing)
+    target = f"{root.rstrip('/')}/{folder}"
+    if fs.exists(f"{target}/{READY}"):
+        raise DataError(f"{landing}/{folder}: already landed (it has {READY})")
+    fs.makedirs(target, exist_ok=True)
+    for name, local in files.items():
+        fs.put_file(local, f"{target}/{name}")
+    with fs.open(f"{target}/{MANIFEST}", "wb") as fh:
+        fh.write(yaml.safe_dump(manifest, sort_keys=False).encode())
+    fs.touch(f"{target}/{READY}")
+    return f"{landing.rstrip('/')}/{folder}"

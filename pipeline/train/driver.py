@@ -224,14 +224,14 @@ def run(
     job = WorkerJob(
         cfg, resolve_method_params(cfg.method), plan, phases, run_.tracking_uri if run_ else None, run_.run_id if run_ else None, start
     )
-    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=f"strata-{run_.run_id if run_ else int(started)}",
-            storage_path=str(Path(cfg.train.storage_path or out / "ray").absolute()),
+            storage_path=cfg.train.storage_path or str(out / "ray"),  # absolute or a URI (with_absolute_paths)
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),

@@ -154,10 +154,12 @@ def trial_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any
     data["data"]["validation_fraction"] = t.validation_fraction
     data["eval"]["split"] = "validation"
     data["train"] |= {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker, "use_gpu": t.gpus_per_worker > 0}
+    if t.gpus_per_worker > 0:
+        data["train"]["gpus_per_worker"] = t.gpus_per_worker
     data["output_dir"] = str(output_dir)
-    data["memory"]["uri"] = None
+    data["memory"] = {"uri": None, "resume": False}
     data["train"]["storage_path"] = None
-    data["tracking"]["run_name"] = run_name
+    data["tracking"] |= {"run_name": run_name, "model_name": None}  # trials are not versions of the model
     return validate_config(data, f"trial {run_name}")
 
 
