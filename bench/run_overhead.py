@@ -12,6 +12,9 @@
 The two alternate ``--repeats`` times; the ratio (a)/(b) is printed with min/median/max.
 Then peak RSS of the Ray train worker and of every Ray process together, for one task at 1x
 and 10x ``--rows``: with streaming, the worker's peak should not grow with the task.
+``--profile`` also samples the train worker with py-spy during one more run and splits the
+training pass's time by where its thread was: waiting for the next batch from Ray Data,
+normalising, forward, backward, optimizer step, the per-step all-reduces, the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -117,6 +121,63 @@ def bare_loop(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"samples": rows, "train_s": time.perf_counter() - started}
 
 
+# Where a sample of the training thread is, by the first of these found in its stack (leaf last).
+PROFILE_CATEGORIES = (
+    ("normalise", ("normalize (pipeline/backbones",)),
+    ("wait for next batch (Ray Data)", ("iter_torch_batches", "ray/data/")),
+    ("backward", ("run_backward", "backward (torch/")),
+    ("forward (training_step)", ("training_step (",)),
+    ("optimizer step", ("torch/optim/",)),
+    ("all-reduce", ("all_reduce", "collective.py")),
+)
+
+
+def classify(stacks: str) -> dict[str, float]:
+    """py-spy raw stacks -> fraction of the training pass's samples per category."""
+    counts: dict[str, int] = {}
+    for line in stacks.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "train_phase (" not in stack:
+            continue
+        inner = stack[stack.index("train_phase (") :]
+        name = next((c for c, keys in PROFILE_CATEGORIES if any(k in inner for k in keys)), "other")
+        counts[name] = counts.get(name, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {name: round(n / total, 4) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+PY_SPY = str(next((p for p in (Path(sys.executable).parent / "py-spy",) if p.exists()), "py-spy"))
+
+
+def profile_run(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``strata run`` with py-spy attached to its train worker (--idle: blocked time counts)."""
+    out = Path(tempfile.mkdtemp()) / "stacks.txt"
+    spy: list[subprocess.Popen] = []
+
+    def attach() -> None:
+        while not spy:
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmd = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                if cmd.startswith("ray::") and "RayTrainWorker" in cmd:
+                    command = [PY_SPY, "record", "--pid", str(proc.pid), "--rate", "50", "--idle", "--nonblocking",
+                               "--format", "raw", "--output", str(out)]  # fmt: skip
+                    spy.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=attach, daemon=True)
+    watcher.start()
+    run = strata_run(rows, args)
+    watcher.join(timeout=10)
+    if not spy:
+        raise RuntimeError("py-spy: the train worker was not found")
+    spy[0].wait(timeout=60)  # the worker exits with the fit; py-spy then writes its file
+    return {"rows": rows, "train_s": run["train_s"], "breakdown": classify(out.read_text())}
+
+
 class PeakRSS:
     """Polls the RSS of this run's Ray processes (descendants of this process: the local Ray it
     started): the train worker's, and all of them together."""
@@ -160,6 +221,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=float, default=float(os.cpu_count() or 1), help="CPUs of the Ray worker = torch threads of the bare loop")
     parser.add_argument("--rss-scale", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also break the training pass down with py-spy (pip install py-spy)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/overhead.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -184,11 +246,16 @@ def main() -> int:
         rss[f"{scale}x"] = {"rows": args.rows * scale, "train_worker_peak_mib": round(peak.worker / 2**20, 1), "ray_total_peak_mib": round(peak.total / 2**20, 1)}
         print(f"peak RSS at {scale}x ({args.rows * scale} rows): train worker {rss[f'{scale}x']['train_worker_peak_mib']} MiB, "
               f"all Ray processes {rss[f'{scale}x']['ray_total_peak_mib']} MiB", flush=True)  # fmt: skip
+    profile = None
+    if args.profile:
+        profile = profile_run(args.rows, args)
+        print("where the training pass's time goes (py-spy, train worker): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in profile["breakdown"].items()), flush=True)  # fmt: skip
     result = {
         "method": args.method, "backbone": BACKBONE, "rows": args.rows, "batch_size": args.batch_size, "threads": args.threads,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
         "ratio": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}, "pairs": pairs, "peak_rss": rss,
-        "decode_only_samples_per_s": decode["samples"] / decode["seconds"],
+        "decode_only_samples_per_s": decode["samples"] / decode["seconds"], "profile": profile,
     }  # fmt: skip
     print(f"throughput ratio strata/bare: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  max {max(ratios):.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -179,9 +179,11 @@ class StrataConfig(StrictModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _validation_needs_rows(self) -> StrataConfig:
+    def _consistent(self) -> StrataConfig:
         if self.eval.split == "validation" and self.data.validation_fraction == 0:
             raise ValueError("eval.split 'validation' needs data.validation_fraction > 0")
+        if self.tracking.model_name and not self.tracking.enabled:
+            raise ValueError("tracking.model_name registers versions in MLflow: it needs tracking.enabled")
         return self
 
     @property

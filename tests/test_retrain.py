@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -73,14 +74,12 @@ def test_scan_orders_by_ready_time_lists_incomplete_and_names_bad_manifests(tmp_
         scan(str(landing))
 
 
-def _claim(args: tuple[str, str]) -> bool:
-    uri, owner = args
-    return Ledger(uri).claim("task-a", owner)
+CLAIM = "import sys; from pipeline.memory.ledger import Ledger; print(Ledger(sys.argv[1]).claim('task-a', sys.argv[2]))"
 
 
 def test_ledger_claim_is_won_by_exactly_one_process(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        won = pool.map(_claim, [(str(tmp_path / "store"), f"p{i}") for i in range(8)])
+    racers = [subprocess.Popen([sys.executable, "-c", CLAIM, str(tmp_path / "store"), f"p{i}"], stdout=subprocess.PIPE, text=True) for i in range(6)]
+    won = [p.communicate()[0].strip() == "True" for p in racers]
     assert sum(won) == 1
     ledger = Ledger(str(tmp_path / "store"))
     assert ledger.claim_of("task-a")["owner"] == f"p{won.index(True)}"
