@@ -22,44 +22,66 @@ from pipeline.ops import submit
 from conftest import REPO
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head of its own (the test session's in-process Ray cannot take jobs from outside)."""
-    dashboard = free_port()
+def start_head(log: Path) -> tuple[subprocess.Popen, str, str]:
+    dashboard, gcs, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     temp_dir = f"/tmp/strata-ray-{dashboard}"
     bin_dir = Path(sys.executable).parent
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # jobs run `python` from this venv
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8",
          f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
          # Ports of its own: the session's Ray (or any other on this machine) holds the defaults.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}"],
+        env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            submit.list_jobs(address)
-            break
-        except Exception:
-            if time.monotonic() > deadline or head.poll() is not None:
-                os.killpg(head.pid, signal.SIGKILL)
-                raise
-            time.sleep(2)
-    yield address
-    os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` takes half a minute over SIGTERM; nothing here needs a clean stop
+    return head, f"http://127.0.0.1:{dashboard}", temp_dir
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # `ray start --block` takes half a minute over SIGTERM; nothing needs a clean stop
+    except ProcessLookupError:
+        pass
     head.wait()
     for pid in cluster_processes(temp_dir):  # raylet and workers that left the head's process group
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head of its own (the test session's in-process Ray cannot take jobs from outside)."""
+    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    for attempt in range(2):  # a port taken between choosing and binding kills the start: once more
+        head, address, temp_dir = start_head(log)
+        deadline = time.monotonic() + 120
+        while head.poll() is None and time.monotonic() < deadline:
+            try:
+                submit.list_jobs(address)
+                break
+            except Exception:
+                time.sleep(2)
+        else:
+            stop_head(head, temp_dir)
+            if attempt == 0:
+                continue
+            raise RuntimeError(f"ray start --head did not come up: {log.read_text()[-2000:]}")
+        break
+    yield address
+    stop_head(head, temp_dir)
 
 
 def cluster_processes(temp_dir: str) -> list[int]:
