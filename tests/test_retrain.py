@@ -182,3 +182,50 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
+
+    folder = tmp_path / "new-images"  # a plain folder of images, no labels
+    folder.mkdir()
+    for i, image in enumerate(pq.read_table(landing / "2026-11-08" / "test.parquet").column("image").to_pylist()[:3]):
+        (folder / f"img{i}.png").write_bytes(image)
+    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(out), "--tracking-uri", tracking])
+    assert predicted.exit_code == 0, predicted.output
+    from_folder = pq.read_table(out).to_pydict()
+    by_name = {Path(p).name: (c, s) for p, c, s in zip(from_folder["path"], from_folder["pred_class"], from_folder["score"], strict=True)}
+    assert by_name == {f"img{i}.png": (preds["pred_class"][i], pytest.approx(preds["score"][i], abs=1e-6)) for i in range(3)}
+
+
+def test_watch_looks_again_after_the_interval_and_learns_what_landed_meanwhile(tmp_path, monkeypatch):
+    landing = tmp_path / "landing"
+    land(landing, "t0", [0, 1], ready=True)
+    monkeypatch.setattr(
+        retrain_module, "_learn", lambda cfg, uri, folder, task, before, owner: {"position": len(before), "task": task, "accuracy_row": [1.0], "model_version": None}
+    )
+    cfg = validate_config(json.loads(model_config(tmp_path).read_text()))
+    reports = []
+
+    def on_report(report):
+        reports.append([r["task_id"] for r in report.trained])
+        if len(reports) == 1:
+            land(landing, "t1", [2, 3], ready=True)
+
+    retrain_module.watch(cfg, str(landing), "m", interval_s=0.01, iterations=3, on_report=on_report)
+    assert reports == [["t0"], ["t1"], []]
+
+
+def test_predict_candidates_follow_the_model_scenario():
+    from pipeline.eval.predict import candidates_for
+    from pipeline.tracking import ModelCard
+
+    tasks = [{"id": "a", "classes": [0, 1], "domain": None}, {"id": "b", "classes": [2, 3], "domain": None}]
+    card = ModelCard(config={}, backbone_id="x", memory_store="m", memory_version=2, scenario="til", label_space="task",
+                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"])  # fmt: skip
+    assert candidates_for(card, "b", infers_tasks=False) == (c := candidates_for(card, "b", infers_tasks=True))
+    assert c.classes == (2, 3) and c.task_index == 1 and not c.infer_tasks
+    inferred = candidates_for(card, None, infers_tasks=True)
+    assert inferred.classes == (0, 1, 2, 3) and inferred.infer_tasks
+    with pytest.raises(ConfigError, match="needs the task of the images: give --task ID"):
+        candidates_for(card, None, infers_tasks=False)
+    with pytest.raises(ConfigError, match="--task z: not a task of this model version"):
+        candidates_for(card, "z", infers_tasks=False)
+    cil = ModelCard(**{**card.__dict__, "scenario": "cil", "label_space": "seen"})
+    assert candidates_for(cil, None, infers_tasks=False).classes == (0, 1, 2, 3)

@@ -112,7 +112,7 @@ def test_submit_quickstart_polls_to_success_and_finds_its_mlflow_run(ray_head, t
     while (state := cli("jobs", "status", job_id, "--address", ray_head)) not in submit.TERMINAL:
         assert time.monotonic() < deadline, f"job {job_id} still {state}"
         time.sleep(3)
-    logs = cli("jobs", "logs", job_id, "--address", ray_head)
+    logs = cli("jobs", "logs", job_id, "--address", ray_head, "--follow")  # a finished job: its whole log, then the end
     assert state == "SUCCEEDED", logs[-3000:]
     result = next(json.loads(line) for line in logs.splitlines() if line.startswith('{"avg_acc"'))  # the entrypoint's result line
     run = MlflowClient(tracking).get_run(result["mlflow_run_id"])

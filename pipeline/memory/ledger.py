@@ -44,12 +44,14 @@ class Ledger:
             raise StoreError(f"{self.uri}: this filesystem cannot create a file exclusively ({exc}); claims need it") from None
         return True
 
-    def claim_of(self, task_id: str) -> dict[str, Any] | None:
-        path = self._path(task_id, "claim")
+    def _read(self, path: str) -> dict[str, Any] | None:
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as fh:
             return json.loads(fh.read())
+
+    def claim_of(self, task_id: str) -> dict[str, Any] | None:
+        return self._read(self._path(task_id, "claim"))
 
     def release(self, task_id: str) -> None:
         """Drop the claim on an unfinished task so that a later retrain may take it."""
@@ -66,18 +68,11 @@ class Ledger:
         self.fs.mv(tmp, self._path(task_id, "done.json"))
 
     def done(self, task_id: str) -> dict[str, Any] | None:
-        path = self._path(task_id, "done.json")
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
+        return self._read(self._path(task_id, "done.json"))
 
     def learned(self) -> list[dict[str, Any]]:
         """Done records in the order the tasks were learned."""
         if not self.fs.exists(self.root):
             return []
-        records = []
-        for path in self.fs.glob(f"{self.root}/*.done.json"):
-            with self.fs.open(path, "rb") as fh:
-                records.append(json.loads(fh.read()))
-        return sorted(records, key=lambda r: r["position"])
+        records = [self._read(path) for path in self.fs.glob(f"{self.root}/*.done.json")]
+        return sorted((r for r in records if r is not None), key=lambda r: r["position"])
