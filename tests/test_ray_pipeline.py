@@ -1,7 +1,6 @@
 """Integration: real local Ray (one per session), real MLflow store, real memory store."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,23 +111,6 @@ def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
     client = MlflowClient(config["tracking"]["uri"])
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-
-
-def test_job_entrypoint_runs_joint_as_one_phase(ray_session, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
-    import continual_train
-
-    tasks = [blobs_task("a", classes=4, rows=32, seed=3, subset=[0, 1]), blobs_task("b", classes=4, rows=32, seed=3, subset=[2, 3])]
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(run_config(tmp_path, tasks)))
-    assert continual_train.main(["--config", str(tmp_path / "c.yaml"), "--set", "method.name=joint"]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    summary = json.loads((tmp_path / "out/summary.json").read_text())
-    assert printed["last_acc"] == summary["last_acc"] and summary["last_acc"] is not None
-    assert summary["accuracy_matrix"][0] == [None, None]  # one phase: only the last row is evaluated
-    assert all(v is not None for v in summary["accuracy_matrix"][1])
-    assert summary["avg_acc"] is None and summary["forgetting"] is None
-    assert summary["samples_seen"] == [16, 16]
-    assert summary["memory_bytes"][0] is None and summary["memory_bytes"][1] == 4 * (32 * 4 + 4)  # one head, 4 classes
 
 
 def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):

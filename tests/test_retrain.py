@@ -143,7 +143,8 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     runner = CliRunner()
     retrain_args = ["retrain", "--landing", str(landing), "--model", "digits", "--config", str(REPO / "configs/retrain.yaml"),
                     "--set", f"output_dir={tmp_path / 'model'}", "--set", f"memory.uri={tmp_path / 'model' / 'memory'}",
-                    "--set", f"tracking.uri={tracking}", "--set", "tracking.experiment=tests"]  # fmt: skip
+                    "--set", f"tracking.uri={tracking}", "--set", "tracking.experiment=tests",
+                    "--set", "train.num_workers=1"]  # fmt: skip  (one worker: the suite has enough two-worker fits)
 
     land(landing, "2026-11-01", [0, 1], ready=True)
     first = runner.invoke(main, retrain_args)

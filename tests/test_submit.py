@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.ops import submit
 
 from conftest import REPO
+from test_ray_pipeline import digit_pairs_in_train_split
 
 
 def free_ports(n: int) -> list[int]:
@@ -102,10 +103,12 @@ def cli(*args: str) -> str:
 
 
 def test_submit_quickstart_polls_to_success_and_finds_its_mlflow_run(ray_head, tmp_path):
+    """The quickstart stream through `strata submit` -> jobs/continual_train.py on the cluster, with the
+    joint upper bound as its method: one training phase over every task's data."""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     job_id = cli(
         "submit", str(REPO / "configs/quickstart.yaml"), "--address", ray_head, "--working-dir", str(REPO),
-        "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tracking.uri={tracking}",
+        "--set", "method.name=joint", "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tracking.uri={tracking}",
     )  # fmt: skip
     assert job_id.startswith("raysubmit_")
     deadline = time.monotonic() + 600
@@ -118,8 +121,13 @@ def test_submit_quickstart_polls_to_success_and_finds_its_mlflow_run(ray_head, t
     run = MlflowClient(tracking).get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["mlflow_run_id"] == result["mlflow_run_id"]
-    assert run.data.metrics["last_acc"] == pytest.approx(summary["last_acc"], abs=1e-12)
+    assert summary["mlflow_run_id"] == result["mlflow_run_id"] and summary["method"] == "joint"
+    assert run.data.metrics["last_acc"] == pytest.approx(summary["last_acc"], abs=1e-12) == result["last_acc"]
+    *earlier, last = summary["accuracy_matrix"]
+    assert all(v is None for row in earlier for v in row) and None not in last  # one phase: only the last row
+    assert summary["avg_acc"] is None and summary["forgetting"] is None
+    assert summary["samples_seen"] == digit_pairs_in_train_split()  # every task's data, exactly once
+    assert summary["memory_bytes"][:-1] == [None] * 4 and summary["memory_bytes"][-1] > 0
     assert any(job["id"] == job_id for job in submit.list_jobs(ray_head))
 
 
