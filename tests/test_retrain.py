@@ -180,6 +180,7 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert predicted.exit_code == 0, predicted.output
     preds = pq.read_table(out).to_pydict()
     assert preds["row"] == list(range(len(preds["row"])))
+    assert preds["label"] == pq.read_table(landing / "2026-11-08" / "test.parquet").column("label").to_pylist()  # input order
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}

@@ -135,9 +135,15 @@ def predict(card: ModelCard, data: str, out: str, *, task: str | None = None, ba
     """Score every image under ``data`` into the Parquet file ``out`` (input order, one row per image):
     ``row``, ``path`` (image folders) or ``label`` (+ ``label_class``) when the input has them,
     ``pred`` (stream class id), ``pred_class``, ``score`` (softmax over the candidates), ``task``."""
-    candidates_for(card, task, infers_tasks=True)  # a bad --task fails here, before Ray starts work
-    ds, image_column, classes = _read(data)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # A bad --task, or a til model without one, fails here, before Ray starts work.
+    candidates_for(card, task, infers_tasks=bool(card.config["method"].get("task_inference", False)))
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # a dataset copies the context when created: rows keep input order
+    try:
+        ds, image_column, classes = _read(data)
+    finally:
+        context.execution_options.preserve_order = preserve_order
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     scored = ds.map_batches(
         Predictor,

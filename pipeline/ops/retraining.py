@@ -72,7 +72,6 @@ def retrain(
     *,
     owner: str | None = None,
     max_tasks: int | None = None,
-    on_task: Callable[[dict[str, Any]], None] | None = None,
 ) -> RetrainReport:
     """Learn the complete landed tasks the ledger does not hold yet, oldest first."""
     cfg = _model_config(cfg, model)
@@ -80,8 +79,7 @@ def retrain(
     ledger, store = Ledger(cfg.memory_uri), MemoryStore(cfg.memory_uri)
     complete, incomplete = scan(landing)
     report = RetrainReport(incomplete=incomplete)
-    learned = ledger.learned()
-    done_ids = {r["task_id"] for r in learned}
+    done_ids = {r["task_id"] for r in ledger.learned()}
     for landed in complete:
         task = landed.task
         if task.id in done_ids:
@@ -104,11 +102,7 @@ def retrain(
             ledger.release(task.id)
             raise
         ledger.complete(task.id, record)
-        learned.append({"task_id": task.id, **record})
-        done_ids.add(task.id)
         report.trained.append({"task_id": task.id, **record})
-        if on_task:
-            on_task(report.trained[-1])
     return report
 
 

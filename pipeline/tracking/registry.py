@@ -132,13 +132,7 @@ def load_version(tracking_uri: str, spec: str) -> RegisteredVersion:
 
 
 def latest_version(tracking_uri: str, name: str) -> RegisteredVersion | None:
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    if not client.search_model_versions(f"name = '{name}'"):
+    """The newest version of ``name``; None while it has none (or does not exist yet)."""
+    if not MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'"):
         return None
     return load_version(tracking_uri, name)

@@ -221,9 +221,7 @@ def run(
         run_.log_params(cfg.model_dump(mode="json"))
         run_.log_artifact(out / "config.yaml")
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
-    job = WorkerJob(
-        cfg, resolve_method_params(cfg.method), plan, phases, run_.tracking_uri if run_ else None, run_.run_id if run_ else None, start
-    )
+    job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, start, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -55,9 +55,9 @@ class WorkerJob:
     method: MethodParams
     plan: StreamPlan
     phases: tuple[Phase, ...]
+    start: Progress  # where the stream starts when there is no checkpoint yet (later than 0 with memory.resume)
     tracking_uri: str | None = None
     run_id: str | None = None
-    start: Progress | None = None  # where the stream starts when no checkpoint exists (memory.resume)
 
 
 @dataclass
@@ -168,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
     backbone = create_backbone(cfg.backbone).to(device)
     method = create_method(job.method, backbone, collective)
     store = MemoryStore(cfg.memory_uri)
-    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), job.start or Progress(num_tasks))
+    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), job.start)
     if rank == 0:
         store.truncate(progress.records)
     collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
