@@ -101,7 +101,7 @@ def bare_loop(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     names = tuple(f"class{c}" for c in range(8))
     method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
     trainable = method.trainable_parameters()
-    optimizer, scheduler = method.build_optimizer(trainable, -(-rows // args.batch_size)) if trainable else (None, None)
+    optimizer, scheduler = method.build_optimizer(-(-rows // args.batch_size), args.batch_size) if trainable else (None, None)
     started = time.perf_counter()
     for i in range(0, rows, args.batch_size):
         batch = {"image": backbone.normalize(images[i : i + args.batch_size]), "label": labels[i : i + args.batch_size]}

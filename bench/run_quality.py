@@ -11,8 +11,11 @@ reader needs, goes to ``bench/results/STREAM__METHOD__BACKBONE.json``; RESULTS.m
 from those files only. Every method runs on each stream whose scenario it supports, on the
 backbones it fits: CLIP methods on clip-offline, ViT-only methods on hybrid-vit, the rest on
 hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
-with ``every`` to about ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
-class-balanced) and uses batch 32 for every method; ``--train-rows 0`` runs the full streams.
+with ``every`` to at least ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
+class-balanced; the whole source where it is smaller) and uses one batch size for every method,
+so that every gradient method gets at least ``MIN_STEPS`` optimizer steps per task (default
+800 rows at batch 8: 100 steps); ``--train-rows 0`` runs the full streams. A run whose method
+took fewer steps on any task is marked in RESULTS.md: its learning-quality numbers do not count.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ EXTRA: dict[tuple[str, str], list[str]] = {
     ("diki", "clip-offline"): ["method.image_layers=[0, 1, 2, 3]", "method.text_layers=[0, 1, 2, 3, 4, 5]"],
 }
 TIL_TASK_INFERENCE = {"piggyback", "rkr", "mask_rkr", "meat"}
+MIN_STEPS = 100
 
 
 def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
@@ -68,7 +72,7 @@ def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
 
 
 def subsample(stream: str, train_rows: int, test_rows: int) -> list[str]:
-    """``every`` overrides that leave about ``train_rows`` / ``test_rows`` rows per task."""
+    """``every`` overrides that leave at least ``train_rows`` / ``test_rows`` rows per task."""
     from pipeline.config import load_config
 
     overrides = []
@@ -78,7 +82,7 @@ def subsample(stream: str, train_rows: int, test_rows: int) -> list[str]:
             meta = pq.ParquetFile(source.path).metadata
             classes = len(json.loads(meta.metadata[b"classes"]))
             kept = meta.num_rows * (len(task.class_subset) if task.class_subset else classes) / classes
-            overrides.append(f"stream.tasks.{i}.{split}.every={max(1, math.ceil(kept / target))}")
+            overrides.append(f"stream.tasks.{i}.{split}.every={max(1, math.floor(kept / target))}")
     return overrides
 
 
@@ -115,7 +119,8 @@ def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -
     summary = json.loads((out / "summary.json").read_text())
     keep = ("tasks", "accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average",
             "cil_last_acc", "cil_avg_acc", "task_inference_acc", "samples_seen", "memory_bytes", "wall_s",
-            "backbone_id", "scenario", "method")  # fmt: skip
+            "backbone_id", "scenario", "method", "steps", "train_loss", "task_stats", "gate_matrix", "gate_learned_mean",
+            "gate_unlearned_mean")  # fmt: skip
     result = {k: summary.get(k) for k in keep} | {
         "stream": stream, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
         "profile": {"train_rows": args.train_rows, "test_rows": args.test_rows, "batch_size": args.batch_size, "workers": args.workers},
@@ -130,6 +135,18 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _steps(steps: list[int | None] | None) -> str:
+    """Fewest optimizer steps of any task ('–' for a method without gradient steps; '?' for a
+    result from before steps were recorded); below MIN_STEPS is marked: those numbers do not count."""
+    if steps is None:
+        return "?"
+    taken = [s for s in steps if s is not None]
+    if not taken:
+        return "–"
+    low = min(taken)
+    return f"{low}" if low >= MIN_STEPS else f"{low} (< {MIN_STEPS}: does not count)"
+
+
 def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
     """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
     rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
@@ -140,7 +157,8 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
         "`bench/results/*.json`); do not edit by hand. Backbones are the offline reference builds of",
         "`bench/build_backbones.py` (numbers in `bench/BACKBONES.md`). Accuracies in %; `memory/task` is the",
         "mean tensor bytes of a task's memory-store record; `samples/s` is training samples over the run's",
-        "whole wall time (start-up and evaluation included). Profile of each row: see its JSON.",
+        "whole wall time (start-up and evaluation included). `steps/task` is the fewest optimizer steps of",
+        f"any task; a learning-quality number counts only with at least {MIN_STEPS}. Profile of each row: see its JSON.",
         "",
     ]
     for stream in STREAMS:
@@ -152,15 +170,15 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             f"## {stream} ({part[0]['scenario']}, {len(part[0]['tasks'])} tasks; ~{profile['train_rows'] or 'all'} train / "
             f"~{profile['test_rows'] or 'all'} test rows per task, batch {profile['batch_size']}, {profile['workers']} workers)",
             "",
-            "| method | backbone | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | backbone | steps/task | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(part, key=lambda r: (r["backbone"], r["method"])):
             sizes = [b for b in r["memory_bytes"] if b is not None]
             memory = f"{sum(sizes) / len(sizes) / 1024:,.1f} KiB" if sizes else "–"
             rate = sum(r["samples_seen"]) / r["wall_s"] if r["wall_s"] else 0.0
             lines.append(
-                f"| {r['method']} | {r['backbone']} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
+                f"| {r['method']} | {r['backbone']} | {_steps(r.get('steps'))} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
                 f"{_pct(r['bwt'])} | {_pct(r['transfer'])} | {_pct(r['mtil_average'])} | {_pct(r['cil_last_acc'])} | "
                 f"{_pct(r['task_inference_acc'])} | {memory} | {r['wall_s']:.0f} | {rate:.1f} |"
             )
@@ -175,9 +193,9 @@ def main() -> int:
     parser.add_argument("--stream", action="append", choices=STREAMS, help="default: all")
     parser.add_argument("--only", action="append", default=[], metavar="METHOD", help="default: every registered method")
     parser.add_argument("--backbone", action="append", choices=list(BACKBONES), help="default: every backbone a method fits")
-    parser.add_argument("--train-rows", type=int, default=500, help="rows per task after subsampling (0: all)")
-    parser.add_argument("--test-rows", type=int, default=250)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-rows", type=int, default=800, help="at least this many rows per task after subsampling (0: all)")
+    parser.add_argument("--test-rows", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only regenerate bench/RESULTS.md")
     parser.add_argument("--skip-done", action="store_true", help="skip runs that already have a results file")

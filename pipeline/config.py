@@ -122,9 +122,15 @@ class TrainConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    rows_per_chunk: int = Field(default=512, ge=1, description="rows per read unit (a row-group slice, files, ...)")
+    rows_per_chunk: int = Field(default=128, ge=1, description="rows per read unit (a row-group slice, files, ...)")
     decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
     shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
+    shuffle_buffer: int = Field(
+        default=2048,
+        ge=0,
+        description="rows each worker mixes before batching (a seeded local shuffle buffer; 0 = chunk order only). "
+        "With chunks shuffled, a label-sorted source then gives batches of many classes",
+    )
     image_size: int | None = Field(default=None, ge=1, description="resize side; default: the backbone's input size")
     validation_fraction: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="fraction of each task's training rows held out as its validation split"

@@ -40,6 +40,10 @@ def test_subsampling_keeps_about_the_asked_rows_per_task():
     cfg = load_config(REPO / "configs/benchmarks/cil-cifar10.yaml", overrides)
     plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
     assert [t.train.num_samples for t in plan.tasks] == [500] * 5 and [t.test.num_samples for t in plan.tasks] == [250] * 5
+    # never fewer than asked (a task's step count depends on it): PACS domains keep every row they have under 2x
+    pacs = load_config(REPO / "configs/benchmarks/dil-pacs.yaml", run_quality.subsample("dil-pacs", train_rows=800, test_rows=200))
+    sizes = [t.train.num_samples for t in resolve_stream(pacs.stream, pacs.data.rows_per_chunk).tasks]
+    assert min(sizes) >= 800 and min(sizes) // 8 >= run_quality.MIN_STEPS
 
 
 def test_every_method_runs_on_the_streams_its_scenarios_fit():
@@ -60,9 +64,12 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
         "stream": "dil-pacs", "method": "ncm", "backbone": "hybrid-vit", "scenario": "dil", "tasks": ["a", "b"],
         "avg_acc": 0.5, "last_acc": 0.25, "forgetting": 0.125, "bwt": -0.125, "transfer": None, "mtil_average": None,
         "cil_last_acc": None, "task_inference_acc": None, "memory_bytes": [1024, 3072], "samples_seen": [100, 100], "wall_s": 50.0,
-        "profile": {"train_rows": 500, "test_rows": 250, "batch_size": 32, "workers": 2},
+        "profile": {"train_rows": 500, "test_rows": 250, "batch_size": 32, "workers": 2}, "steps": [None, None],
     }  # fmt: skip
     (tmp_path / "dil-pacs__ncm__hybrid-vit.json").write_text(json.dumps(row))
+    starved = row | {"method": "finetune", "steps": [120, 99]}
+    (tmp_path / "dil-pacs__finetune__hybrid-vit.json").write_text(json.dumps(starved))
     text = run_quality.report(tmp_path, tmp_path / "RESULTS.md")
-    assert "| ncm | hybrid-vit | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
+    assert "| ncm | hybrid-vit | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
+    assert "| finetune | hybrid-vit | 99 (< 100: does not count) | 50.0 |" in text
     assert (tmp_path / "RESULTS.md").read_text() == text

@@ -172,3 +172,33 @@ def test_generators_are_deterministic_by_row():
     digits = stream({"id": "d", "train": {"type": "generator", "name": "digits"}, "test": {"type": "generator", "name": "digits", "split": "test"}})
     plan = resolve_stream(digits, 512)
     assert (plan.tasks[0].train.num_samples, plan.tasks[0].test.num_samples) == (1437, 360)
+
+
+@pytest.mark.ray
+def test_label_sorted_source_gives_mixed_batches_and_every_row_once(ray_session, tmp_path):
+    """A Parquet file sorted by label (PACS and most exports are): with the default read unit and
+    shuffle buffer, batches of 32 hold many classes, and every row still arrives exactly once."""
+    import torch
+
+    from pipeline.config import DataConfig
+    from pipeline.data.ray_data import split_dataset
+    from pipeline.train.worker import train_batches
+
+    labels = [c for c in range(10) for _ in range(400)]
+    images = [png(0, size=4)] * len(labels)
+    a = write_parquet(tmp_path / "sorted.parquet", labels, [f"c{c}" for c in range(10)], row_group_size=1000, images=images)
+    defaults = DataConfig()
+    task = resolve_stream(stream(pq_task("t", a, a)), rows_per_chunk=defaults.rows_per_chunk).tasks[0]
+
+    def batches(shuffle_buffer: int) -> list[dict]:
+        dataset = split_dataset(task.train, label_map=task.label_map, task_index=0, size=4, decode_cpus=0.25, shuffle_seed=0)
+        return list(train_batches(dataset.iterator(), 32, shuffle_buffer, seed=0, device=torch.device("cpu")))
+
+    mixed = batches(defaults.shuffle_buffer)
+    ids = torch.cat([b["sample_id"] for b in mixed])
+    assert sorted(ids.tolist()) == list(range(4000))  # exactly once
+    full = [b for b in mixed if len(b["label"]) == 32]
+    assert len(full) >= 100
+    assert sum(len(b["label"].unique()) for b in full) / len(full) >= 6
+    chunk_order_only = [b for b in batches(0) if len(b["label"]) == 32]
+    assert sum(len(b["label"].unique()) for b in chunk_order_only) / len(chunk_order_only) < 2  # what the issue saw

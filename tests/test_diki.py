@@ -1,10 +1,13 @@
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.errors import ConfigError
 from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
-from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, pack_upper, unpack_upper
+from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, oas_intensity, pack_upper, unpack_upper
 
 NAMES = ("cat", "dog", "emu")
 
@@ -110,3 +113,89 @@ def test_collective_is_used_for_the_gaussian():
     record = method.end_task()
     assert method._accumulator is not None and float(method._accumulator.count[0]) == 8  # both "ranks" counted
     assert record.tensors["gaussian.mean"].shape == (32,)
+
+
+def test_oas_intensity_matches_sklearn_on_standardised_data():
+    covariance = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 20)) @ rng.standard_normal((20, 20)) * np.exp(rng.standard_normal(20)) + rng.standard_normal(20)
+    centred = x - x.mean(axis=0)
+    biased = centred.T @ centred / len(x)
+    _, expected = covariance.oas(centred / centred.std(axis=0))  # np.std is the biased one
+    assert oas_intensity(torch.from_numpy(biased), len(x)) == pytest.approx(expected, rel=1e-9)
+    assert 0.0 < expected < 1.0
+
+
+def test_finalize_shrinks_toward_the_diagonal():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 8)) @ rng.standard_normal((8, 8))
+    acc = GaussianAccumulator(8, torch.device("cpu"))
+    acc.update(torch.from_numpy(x))
+    s = np.cov(x.T)
+    expected = 0.7 * s + 0.3 * np.diag(np.diag(s)) + 1e-7 * np.eye(8)
+    mean, cov = acc.finalize(eps=1e-7, shrinkage=0.3)
+    np.testing.assert_allclose(mean.numpy(), x.mean(axis=0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(cov.numpy(), expected, rtol=1e-12, atol=1e-14)
+    # "auto" is the same rule with the OAS intensity of the divide-by-n covariance
+    rho = oas_intensity(torch.from_numpy(np.cov(x.T, bias=True)), 30)
+    auto = rho * np.diag(np.diag(s)) + (1 - rho) * s + 1e-7 * np.eye(8)
+    np.testing.assert_allclose(acc.finalize(eps=1e-7, shrinkage="auto")[1].numpy(), auto, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError):
+        acc.finalize(eps=1e-7, shrinkage=1.5)
+
+
+def _normalised_gaussian(d: int, g: torch.Generator, mean: torch.Tensor, chol: torch.Tensor, n: int) -> torch.Tensor:
+    return F.normalize(mean + torch.randn(n, d, generator=g, dtype=torch.float64) @ chol.T, dim=1)
+
+
+def test_gate_of_held_out_in_task_samples_needs_shrinkage():
+    """The issue "DIKI's gate switches itself off": 200 samples in D = 384 make S singular;
+    with S + eps I alone held-out samples of the same task score far below D and the gate is
+    ~0 (measured median ~0); OAS toward diag(S) brings it to ~0.88 and keeps another task low."""
+    d, n = 384, 200
+    g = torch.Generator().manual_seed(0)
+    mean = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.exp(torch.randn(d, generator=g, dtype=torch.float64))
+    cov = a @ a.T / d
+    chol = torch.linalg.cholesky(cov * (0.25 / torch.trace(cov)))  # total spread 0.5 around a unit mean
+    acc = GaussianAccumulator(d, torch.device("cpu"))
+    acc.update(_normalised_gaussian(d, g, mean, chol, n))
+    held_out = _normalised_gaussian(d, g, mean, chol, 500)
+    other = _normalised_gaussian(d, g, F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0), chol, 500)
+
+    def gates(shrinkage, x):
+        gaussians = TaskGaussians()
+        gaussians.add(*acc.finalize(eps=1e-7, shrinkage=shrinkage))
+        return gate(gaussians.log_likelihood(x)[:, 0], d, 1.0)
+
+    auto_in, old_in = gates("auto", held_out).median(), gates(0.0, held_out).median()
+    assert auto_in > 0.5, f"auto: median in-task gate {auto_in:.3f}"
+    assert old_in < 0.5, f"shrinkage 0: median in-task gate {old_in:.3f}"
+    assert gates("auto", other).mean() < gates("auto", held_out).mean() - 0.5
+
+
+def test_shrinkage_config_validates():
+    assert resolve_method_params(MethodConfig(name="diki")).shrinkage == "auto"
+    assert resolve_method_params(MethodConfig(name="diki", shrinkage=0.25)).shrinkage == 0.25
+    for bad in (1.5, -0.1, "oas"):
+        with pytest.raises(ConfigError, match="shrinkage"):
+            resolve_method_params(MethodConfig(name="diki", shrinkage=bad))
+
+
+def test_take_eval_stats_sums_the_gates_of_score():
+    backbone = clip_backbone()
+    method = diki(backbone)
+    x = images()
+    method.score(x, [0, 1, 2], NAMES)  # zero-shot: no gate applied, nothing to report
+    assert method.take_eval_stats() == {}
+    method.begin_task(TaskInfo(0, "t", (0, 1, 2), 3, NAMES))
+    method.training_step({"image": x, "label": torch.tensor([0, 1, 2, 0, 1, 2])})
+    method.end_task()
+    method.score(x, [0, 1, 2], NAMES)
+    stats = method.take_eval_stats()
+    assert set(stats) == {"gate"} and stats["gate"].dtype == torch.float64 and stats["gate"].shape == (2,)
+    total, count = stats["gate"].tolist()
+    assert count == len(x) and 0.0 <= total <= count
+    _, weights = method.infer_tasks(backbone.features(x))
+    assert total == pytest.approx(float(weights.double().sum()), rel=1e-6)
+    assert method.take_eval_stats() == {}

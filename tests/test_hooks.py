@@ -72,7 +72,11 @@ def test_identity_adapters_are_exact_and_real_ones_are_not(label, spec, tower, a
     slots = torch.tensor([0, 1, 0])
     with torch.no_grad(), backbone.routing(slots):
         adapted = run_tower(backbone, tower, x)
-    torch.testing.assert_close(adapted, frozen, rtol=0, atol=1e-6)
+    # The hooks recompute attention and layers with the same weights but through other kernels
+    # (a fused MHA or BERT path vs scaled_dot_product_attention), whose summation order differs:
+    # identical up to float32 rounding, which grows with the activations' magnitude, so the bound
+    # is a few dozen ulps of the largest activation, not a fixed 1e-6 (1.0e-6 and 1.5e-6 were seen).
+    torch.testing.assert_close(adapted, frozen, rtol=0, atol=32 * torch.finfo(frozen.dtype).eps * float(frozen.abs().max()))
 
     def one_change(edit, undo) -> None:
         with torch.no_grad():

@@ -6,7 +6,7 @@ from pipeline.config import BackboneConfig, MethodConfig
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.methods.l2p import frequency_penalty, select_prompts
 
-from conftest import TINY_VIT
+from conftest import REPO, TINY_VIT
 
 KEYS = torch.eye(4)  # key m points along axis m
 
@@ -114,3 +114,37 @@ def test_runs_on_an_open_clip_image_tower():
     loss.backward()
     assert method.prompts.grad.abs().sum() > 0 and all(p.grad is None for p in backbone.parameters())
     assert method.predict(x).shape == (3, 2)
+
+
+
+def test_single_pass_config_scales_the_official_rate_to_the_batch_and_spreads_the_keys():
+    """Issue causes: lr 0.015 fixed at any batch (8x the official 0.03 x 16/256 at batch 16),
+    and keys U(0, 0.01) that start at cosine ~0.75 to each other, so one set of prompts serves
+    every task."""
+    from pipeline.config import read_yaml
+
+    shipped = read_yaml(REPO / "configs/methods/l2p-single-pass.yaml")["method"]
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    method = create_method(resolve_method_params(MethodConfig(**shipped)), backbone)
+    method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
+    optimizer, _ = method.build_optimizer(total_steps=100, global_batch_size=16)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": 0.03 * 16 / 256, "head": 0.03 * 16 / 256}
+    keys = torch.nn.functional.normalize(method.keys.detach(), dim=-1)
+    cosine = keys @ keys.T
+    off_diagonal = cosine[~torch.eye(len(keys), dtype=torch.bool)]
+    assert off_diagonal.abs().mean() < 0.3
+    narrow = create_method(resolve_method_params(MethodConfig(**(shipped | {"key_init_range": [0.0, 0.01]}))), backbone)
+    narrow_keys = torch.nn.functional.normalize(narrow.keys.detach(), dim=-1)
+    assert (narrow_keys @ narrow_keys.T)[~torch.eye(len(keys), dtype=torch.bool)].mean() > 0.6  # what the old init did
+
+
+def test_task_stats_count_every_selection_of_the_task():
+    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, batchwise_selection=False)
+    for _ in range(3):
+        method.training_step(batch())
+    method.end_task()
+    histogram = method.task_stats()["prompt_selection"]
+    assert len(histogram) == 6 and sum(histogram) == 3 * 8 * 2
+    method.begin_task(TaskInfo(1, "u", (2,), 3, ("a", "b", "c")))
+    method.end_task()
+    assert sum(method.task_stats()["prompt_selection"]) == 0  # a new count per task

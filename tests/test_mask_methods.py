@@ -115,6 +115,7 @@ def test_packed_masks_unpack_to_the_trained_masks():
         for scores in method.scores.values():
             scores.uniform_(0.0, 0.01)  # about half above the 5e-3 threshold
     trained = {name: (s > 5e-3) for name, s in method.scores.items()}
+    method.training_step({"image": data[0][0], "label": data[0][1]})  # the forward that uses these masks
     record = method.end_task()
     for name, hook in method.hooks.items():
         assert torch.equal(unpack_bits(record.tensors[f"mask.{name}"], hook.inner.weight.shape).bool(), trained[name])
@@ -136,3 +137,114 @@ def test_task_inference_routes_to_the_right_task_and_head():
         logits = method.score(data[t][0], [0, 1, 2, 3], list("abcd"))
         other = [2, 3] if t == 0 else [0, 1]
         assert torch.isinf(logits[:, other]).all() and torch.isfinite(logits[:, [2 * t, 2 * t + 1]]).all()
+
+
+@pytest.mark.parametrize("method_name", ["piggyback", "mask_rkr"])
+def test_record_keeps_the_masks_of_the_last_training_forward(method_name):
+    """The last update moves scores across the threshold; the record (and so evaluation) must
+    keep the masks the final training forward used, which the head was trained with."""
+    backbone, method, data = two_tasks(TINY_VIT, method_name)
+    method.begin_task(TaskInfo(0, "t0", (0, 1), 2, ("a", "b")))
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1.0)  # big steps: many scores cross 5e-3
+    for _ in range(2):
+        optimizer.zero_grad()
+        method.training_step({"image": data[0][0], "label": data[0][1]}).backward()
+        if method_name == "piggyback":
+            used = {name: hook.mask[0].detach() > 0.5 for name, hook in method.hooks.items()}
+        else:
+            used = {f"{part}.{name}": method.scores[name][part].detach() > 5e-3 for name in method.hooks for part in ("lm", "rm", "scale")}
+        optimizer.step()
+    after_update = (
+        {name: s.detach() > 5e-3 for name, s in method.scores.items()}
+        if method_name == "piggyback"
+        else {f"{part}.{name}": method.scores[name][part].detach() > 5e-3 for name in method.hooks for part in ("lm", "rm", "scale")}
+    )
+    assert any(not torch.equal(used[k], after_update[k]) for k in used)  # the last update did flip masks
+    record = method.end_task()
+    for key, mask in used.items():
+        assert torch.equal(unpack_bits(record.tensors[f"mask.{key}"], mask.shape).bool(), mask)
+
+
+def frozen_and_adapted(method_name: str, **params):
+    backbone, method, data = two_tasks(TINY_VIT, method_name, **params)
+    images = data[0][0]
+    with torch.no_grad():
+        frozen = backbone.features(images)
+    method.begin_task(TaskInfo(0, "t0", (0, 1), 2, ("a", "b")))
+    return backbone, method, images, frozen
+
+
+def test_mask_rkr_masks_off_mean_the_frozen_weights_in_rectification_mode():
+    backbone, method, images, frozen = frozen_and_adapted("mask_rkr", mask_mode="rectification")
+    with torch.no_grad():
+        for parts in method.scores.values():
+            for scores in parts.values():
+                scores.fill_(0.0)  # every bit off
+        for parts in method.shared.values():
+            parts["lm"].normal_(), parts["scale"].uniform_(0.5, 1.5)  # the shared rectification is far from identity
+    method.training_step({"image": images, "label": torch.zeros(len(images), dtype=torch.long)})
+    method.end_task()
+    with torch.no_grad(), backbone.routing(0):
+        assert torch.equal(backbone.features(images), frozen)
+    _, scaled, images, frozen = frozen_and_adapted("mask_rkr", mask_mode="scale")
+    with torch.no_grad():
+        for parts in scaled.scores.values():
+            for scores in parts.values():
+                scores.fill_(0.0)
+    scaled.training_step({"image": images, "label": torch.zeros(len(images), dtype=torch.long)})
+    scaled.end_task()
+    with torch.no_grad(), scaled.backbone.routing(0):
+        assert not torch.allclose(scaled.backbone.features(images), frozen)  # an off scale bit zeroes its channel
+
+
+def test_meat_starts_from_the_frozen_model_exactly():
+    backbone, method, images, frozen = frozen_and_adapted("meat")
+    assert all(bool((logits[..., 0] == 4.0).all() and (logits[..., 1] == -4.0).all()) for logits in method.logits.values())
+    method._set(0, {name: (logits[..., 0] > logits[..., 1]).float() for name, logits in method.logits.items()})
+    with torch.no_grad(), backbone.routing(0):
+        assert torch.equal(backbone.features(images), frozen)
+    _, uniform, images, frozen = frozen_and_adapted("meat", init="uniform")
+    uniform._set(0, {name: (logits[..., 0] > logits[..., 1]).float() for name, logits in uniform.logits.items()})
+    with torch.no_grad(), uniform.backbone.routing(0):
+        assert not torch.allclose(uniform.backbone.features(images), frozen)  # the uniform init drops about half
+
+
+def test_meat_drop_control_covers_the_token_masks_only_by_default():
+    _, method, images, _ = frozen_and_adapted("meat", keep_target=0.5)
+    method.before_step(0)
+    tokens = [m for name, m in method._sampled.items() if name.startswith("tokens.")]
+    expected = 2.0 * torch.stack([(0.5 - m.mean()) ** 2 for m in tokens]).mean()
+    assert torch.equal(method.extra_loss(), expected)
+    _, everything, _, _ = frozen_and_adapted("meat", keep_target=0.5, drop_control="all")
+    everything.before_step(0)
+    assert torch.equal(everything.extra_loss(), drop_control_loss(everything._sampled, [0, 1], 2.0, 0.5))
+
+
+GROUPS = {
+    "piggyback": {"scores": 1e-4, "head": 1e-3},
+    "rkr": {"rectification": 1e-3, "head": 1e-2},
+    "meat": {"mask_logits": 0.1, "head": 1e-2},
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(GROUPS))
+def test_each_parameter_group_gets_its_own_learning_rate(method_name):
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    method = create_method(resolve_method_params(MethodConfig(name=method_name)), backbone)
+    method.begin_task(TaskInfo(0, "t0", (0, 1), 2, ("a", "b")))
+    optimizer, _ = method.build_optimizer(total_steps=10, global_batch_size=32)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == GROUPS[method_name]
+    head = set(map(id, method.heads[-1].parameters()))
+    assert {id(p) for g in optimizer.param_groups if g["name"] == "head" for p in g["params"]} == head
+
+
+def test_mask_rkr_groups_rectification_only_while_it_trains():
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    method = create_method(resolve_method_params(MethodConfig(name="mask_rkr", lr=2e-3, mask_lr=3e-3, head_lr=4e-3)), backbone)
+    method.begin_task(TaskInfo(0, "t0", (0, 1), 2, ("a", "b")))
+    first, _ = method.build_optimizer(total_steps=10, global_batch_size=32)
+    assert {g["name"]: g["lr"] for g in first.param_groups} == {"rectification": 2e-3, "scores": 3e-3, "head": 4e-3}
+    method.end_task()
+    method.begin_task(TaskInfo(1, "t1", (2, 3), 4, ("a", "b", "c", "d")))
+    second, _ = method.build_optimizer(total_steps=10, global_batch_size=32)
+    assert {g["name"]: g["lr"] for g in second.param_groups} == {"scores": 3e-3, "head": 4e-3}  # shared RKR frozen after task 0

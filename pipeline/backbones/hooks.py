@@ -133,7 +133,7 @@ class HookedAttention(nn.Module):
             blocked = torch.zeros(b, 1, n, pk.shape[2], dtype=q.dtype, device=q.device).masked_fill(~routed.view(b, 1, 1, 1), float("-inf"))
             bias = torch.cat([blocked, bias if bias is not None else torch.zeros(b, 1, n, n, dtype=q.dtype, device=q.device)], dim=-1)
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        if self.token_keep:
+        if self.token_keep and not self._keeps_every_token(slots):
             out = self._masked_attention(q, k, v, bias, slots)
         else:
             # The libraries' own kernel: with no adapter in effect this is the frozen computation.
@@ -159,6 +159,12 @@ class HookedAttention(nn.Module):
             residual = self._residual(q, self.routing.per_sample(b, x.device))
             out = out + residual.transpose(1, 2).reshape(b, n, -1).to(out.dtype)
         return (out, *rest)
+
+    def _keeps_every_token(self, slots: torch.Tensor) -> bool:
+        """True when no routed sample's mask drops a token and no gradient must reach the masks:
+        then the frozen kernel computes exactly what the mask formula would (up to rounding)."""
+        keep = _gather(self.token_keep, slots)
+        return not (torch.is_grad_enabled() and keep.requires_grad) and bool((keep[slots >= 0] > 0.5).all())
 
     def _masked_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor

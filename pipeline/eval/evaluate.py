@@ -38,6 +38,15 @@ def evaluate_task(
     return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
 
 
+def reduce_eval_stats(method: Method) -> dict[str, float]:
+    """Means over the whole test set of what the method's ``score`` accumulated since the last call."""
+    means = {}
+    for name, sums in sorted(method.take_eval_stats().items()):
+        total = method.collective.all_reduce_(sums.to(method.device, torch.float64).clone())
+        means[name] = float(total[0] / total[1]) if total[1] > 0 else None
+    return means
+
+
 def evaluate_inferred(
     method: Method,
     batches: Iterable[Batch],

@@ -1,7 +1,10 @@
 """The retraining ledger: which landed tasks a continual model has learned, kept in its memory store.
 
-``<store>/ledger/<task>.claim`` is created with an exclusive create (``open(mode="xb")``, which
-fails if the file exists), so of any number of retrainers racing for a task exactly one wins it.
+``<store>/ledger/<task>.claim`` is published whole or not at all, and only if it does not exist
+yet, so of any number of retrainers racing for a task exactly one wins it and no reader ever
+sees a half-written claim: on a local filesystem the claim is written to a temporary file and
+hard-linked to its name (``link`` fails if the name exists); elsewhere it is an exclusive create
+(``open(mode="xb")``) of a body small enough to be written in one request.
 ``<store>/ledger/<task>.done.json`` is written atomically when the task is learned and
 registered; it keeps what later runs need (the task's sources, its accuracy row, the registered
 version). A claim without a done record is a task in progress, or one whose retrainer died:
@@ -11,11 +14,14 @@ it is never trained twice automatically; ``release`` clears it on purpose.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StoreError
 from pipeline.memory.store import safe_name
@@ -35,9 +41,18 @@ class Ledger:
         """Take ``task_id`` for ``owner``; False if anyone (this owner included) holds it already."""
         self.fs.makedirs(self.root, exist_ok=True)
         body = json.dumps({"task_id": task_id, "owner": owner, "claimed": time.time()}).encode()
+        target = self._path(task_id, "claim")
         try:
-            with self.fs.open(self._path(task_id, "claim"), "xb") as fh:
-                fh.write(body)
+            if isinstance(self.fs, LocalFileSystem):
+                tmp = f"{self.root}/.{safe_name(task_id)}.{uuid.uuid4().hex}.claim.tmp"
+                Path(tmp).write_bytes(body)
+                try:
+                    os.link(tmp, target)
+                finally:
+                    os.unlink(tmp)
+            else:
+                with self.fs.open(target, "xb") as fh:
+                    fh.write(body)
         except FileExistsError:
             return False
         except (ValueError, NotImplementedError) as exc:

@@ -10,19 +10,29 @@ collective before they enter the record.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from pipeline.backbones import Backbone
 from pipeline.config import MethodConfig
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters that share a learning rate (before batch scaling and the schedule)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float
 
 
 @dataclass(frozen=True)
@@ -62,12 +72,20 @@ class LocalCollective:
 
 
 class MethodParams(BaseModel):
-    """Hyperparameters every method has; a method's own config subclasses this."""
+    """Hyperparameters every method has; a method's own config subclasses this.
+
+    ``lr`` is the adapters' learning rate and ``head_lr`` the classifier head's (None: ``lr``);
+    a method with further groups (mask scores, mask logits) adds its own ``*_lr`` fields. With
+    ``lr_reference_batch`` set, every group's rate is given at that global batch size and scaled
+    linearly to the run's (L2P's official rule: 0.03 x batch / 256).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    lr: float = 1e-3
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    head_lr: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    lr_reference_batch: int | None = Field(default=None, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -101,8 +119,21 @@ class Method(ABC):
     def begin_task(self, task: TaskInfo) -> None:
         self.task = task
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
+    def param_groups(self) -> list[ParamGroup]:
+        """The trainable parameters of the current task, by learning-rate group."""
         return []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups() for p in group.params]
+
+    def task_stats(self) -> dict[str, Any]:
+        """Diagnostics of the task just ended (JSON-able), for the summary and MLflow."""
+        return {}
+
+    def take_eval_stats(self) -> dict[str, torch.Tensor]:
+        """Sums accumulated by ``score`` since the last call, as (sum, count) tensors by name;
+        the evaluator all-reduces them into a mean per test set."""
+        return {}
 
     @abstractmethod
     def training_step(self, batch: Batch) -> torch.Tensor | None:
@@ -133,18 +164,27 @@ class Method(ABC):
         return self.predict(images, task_ids)[:, list(candidates)]
 
     def build_optimizer(
-        self, params: Iterable[nn.Parameter], total_steps: int
+        self, total_steps: int, global_batch_size: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """One optimizer over ``param_groups()``; the cosine schedule decays every group by the
+        same factor, down to ``min_lr / lr`` of its start."""
         cfg = self.cfg
-        params = list(params)
+        scale = global_batch_size / cfg.lr_reference_batch if cfg.lr_reference_batch else 1.0
+        groups = [{"params": g.params, "lr": g.lr * scale, "name": g.name} for g in self.param_groups() if g.params]
         if cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
-            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.min_lr)
+            floor = cfg.min_lr / cfg.lr
+            steps = max(total_steps, 1)
+
+            def factor(step: int) -> float:
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return opt, None
 
 

@@ -9,7 +9,11 @@ would block K_r's gradient).
 Training task t (task id known, w = 1): image and class-name text ("a photo of a {c}.") both
 through task t's residuals; loss = CE over exp(logit_scale) * cosine similarities to the task's
 classes. In the same single pass, the frozen image features (L2-normalised) feed task t's
-Gaussian (float64 count / sum / outer products, all-reduced; covariance + eps * I).
+Gaussian (float64 count / sum / outer products, all-reduced). Covariance:
+Sigma = (1 - rho) S + rho diag(S) + eps I, rho = ``shrinkage`` ("auto": OAS on the correlation
+matrix, see ``gaussian.py``). Beyond the official code, which uses S + eps I: with a few hundred
+samples per task in D = 512 (or 384) dimensions S is singular, so held-out samples of the right
+task get huge Mahalanobis distances and the gate below falls to ~0.1 where it should be ~1.
 
 Inference: s_t = log N(f(x); mu_t, Sigma_t) for every learned task, t* = argmax_t (per sample;
 batch-wise majority as a switch), w = sigmoid(s_t* / D - 1) (scale D = feature dimension and
@@ -17,6 +21,8 @@ offset 1 are config; the official code hard-codes D = 512). The image uses task 
 with weight w; the text side uses each sample's t* with the batch-mean weight, as the official
 code does (METHODS.md leaves the text weight open). Before any task is learned, it is zero-shot
 CLIP exactly. The frozen forward serves both the Gaussian scores and the zero-shot path.
+``score`` sums the gates it applies; ``take_eval_stats`` hands them over as "gate" (sum, count)
+so the evaluator can report the mean gate per test set.
 
 Defaults follow the official code: SGD (no momentum, no weight decay) at lr 5.0 with cosine
 decay to 5e-3, layers 0-7 of both encoders, L_r = 8. Stored per task: K_r and V_r of every
@@ -35,8 +41,8 @@ from pydantic import Field
 from pipeline.backbones.open_clip_family import DEFAULT_TEMPLATE
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
-from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, pack_upper, unpack_upper
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
+from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gate, pack_upper, unpack_upper
 from pipeline.methods.zeroshot import clip_logits, require_clip
 
 TOWERS = ("image", "text")
@@ -50,7 +56,7 @@ class DIKIConfig(MethodParams):
     gate_offset: float = 1.0
     batchwise_task: bool = False
     eps: float = 1e-7
-    shrinkage: float = 0.0
+    shrinkage: ShrinkageParam = "auto"  # toward diag(S); "auto": OAS (gaussian.py)
     template: str = DEFAULT_TEMPLATE
     optimizer: Literal["adam", "adamw", "sgd"] = "sgd"
     lr: float = 5.0
@@ -81,6 +87,7 @@ class DIKI(Method):
         self.gaussians = TaskGaussians()
         self._accumulator: GaussianAccumulator | None = None
         self._trainable: list[torch.nn.Parameter] = []
+        self._gate_stats: torch.Tensor | None = None  # float64 (sum of gates, samples) since the last take
 
     def begin_task(self, task: TaskInfo) -> None:
         super().begin_task(task)
@@ -97,8 +104,8 @@ class DIKI(Method):
         self._local = torch.full((task.num_seen_classes,), -1, dtype=torch.long, device=self.device)
         self._local[list(task.classes)] = torch.arange(len(task.classes), device=self.device)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self._trainable
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("residuals", self._trainable, self.cfg.lr)]
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None and self._accumulator is not None
@@ -157,6 +164,8 @@ class DIKI(Method):
         if not len(self.gaussians):
             return clip_logits(self.clip, frozen, self.clip.class_embeddings(candidate_names, self.cfg.template))
         tasks, weight = self.infer_tasks(frozen)
+        stats = torch.stack([weight.double().sum(), torch.tensor(float(len(weight)), dtype=torch.float64, device=weight.device)])
+        self._gate_stats = stats if self._gate_stats is None else self._gate_stats + stats
         with self.clip.routing(tasks, gate=weight):
             image = self.clip.features(images)
         prompts = [self.cfg.template.format(n) for n in candidate_names]
@@ -168,6 +177,11 @@ class DIKI(Method):
             rows = tasks == t
             logits[rows] = clip_logits(self.clip, image[rows], text)
         return logits
+
+    def take_eval_stats(self) -> dict[str, torch.Tensor]:
+        """{"gate": (sum of gates, samples)} scored since the last call; {} if none."""
+        stats, self._gate_stats = self._gate_stats, None
+        return {} if stats is None else {"gate": stats}
 
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         assert self.task is not None

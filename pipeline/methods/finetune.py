@@ -11,10 +11,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
 from pipeline.methods.heads import GrowingLinear
 
 
@@ -37,8 +35,8 @@ class Finetune(Method):
         super().begin_task(task)
         self.head.grow(task.num_seen_classes)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("head", list(self.head.parameters()), self.cfg.head_lr or self.cfg.lr)]
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.head(self.frozen_features(batch["image"])), batch["label"])

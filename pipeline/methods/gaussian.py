@@ -2,16 +2,34 @@
 
 Shared by DIKI (task inference and its gate) and by any method that routes samples to tasks.
 Count, sum and sum of outer products are accumulated in float64 in the training pass, summed
-across workers, and turned into a mean and an unbiased covariance regularised by eps * I and
-an optional shrinkage toward (tr(S) / D) * I. A record stores the mean and the upper triangle.
+across workers, and turned into a mean and an unbiased covariance S, shrunk toward its own
+diagonal and regularised by eps * I:
+    Sigma = (1 - rho) S + rho diag(S) + eps I.
+Why: a task has a few hundred samples in a D = 384..768 space, so S is singular or nearly so;
+with eps alone, held-out samples of the *right* task get huge Mahalanobis distances (its small
+eigenvalues are underestimated), which drives DIKI's gate toward 0. The diagonal target keeps
+every feature's variance and only damps the correlations, so it does not mix scales.
+
+rho is a float in [0, 1] or "auto": the OAS intensity (Chen et al. 2010, sklearn's formula) of
+the correlation matrix R = diag(S)^-1/2 S diag(S)^-1/2 toward I; shrinking R toward I and
+rescaling is the same as shrinking S toward diag(S). Everything is float64 and derived from
+the all-reduced sums only, so every worker gets the identical Gaussian.
+A record stores the mean and the upper triangle.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 from torch.distributions import MultivariateNormal
 
 from pipeline.methods.base import Collective
+
+Shrinkage = float | Literal["auto"]
+# The same, validated, for method configs.
+ShrinkageParam = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | Literal["auto"]
 
 
 class GaussianAccumulator:
@@ -30,16 +48,37 @@ class GaussianAccumulator:
         for t in (self.count, self.sum, self.outer):
             collective.all_reduce_(t)
 
-    def finalize(self, eps: float, shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, covariance) in float64."""
+    def finalize(self, eps: float, shrinkage: Shrinkage = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, (1 - rho) S + rho diag(S) + eps I) in float64; rho = ``shrinkage``, or OAS for "auto"."""
         n = float(self.count[0])
         mean = self.sum / n
-        cov = (self.outer - n * torch.outer(mean, mean)) / max(n - 1.0, 1.0)
-        dim = cov.shape[0]
-        eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
-        if shrinkage:
-            cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / dim) * eye
-        return mean, cov + eps * eye
+        scatter = self.outer - n * torch.outer(mean, mean)
+        cov = scatter / max(n - 1.0, 1.0)
+        rho = oas_intensity(scatter / n, n) if shrinkage == "auto" else float(shrinkage)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1] or 'auto', got {shrinkage!r}")
+        if rho:
+            cov = (1.0 - rho) * cov + rho * torch.diag(cov.diagonal())
+        return mean, cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
+
+def oas_intensity(cov_biased: torch.Tensor, n: float) -> float:
+    """OAS shrinkage intensity of the correlation matrix of ``cov_biased`` (the divide-by-n
+    covariance of ``n`` samples) toward I, exactly as ``sklearn.covariance.oas`` computes it
+    on standardised data. Zero-variance features are standardised by 1 (they stay zero)."""
+    cov = cov_biased.double()
+    p = cov.shape[0]
+    var = cov.diagonal()
+    # "Zero" is relative: a constant feature's variance from outer - n mean mean^T is rounding
+    # noise (maybe negative), and dividing by it would blow up its correlations.
+    constant = var <= 1e-12 * var.abs().max()
+    inv_std = torch.where(constant, torch.ones_like(var), var).rsqrt()
+    corr = cov * inv_std[:, None] * inv_std[None, :]
+    mu = float(torch.trace(corr)) / p
+    alpha = float((corr**2).mean())
+    num = alpha + mu**2
+    den = (n + 1.0) * (alpha - mu**2 / p)
+    return 1.0 if den == 0 else min(num / den, 1.0)
 
 
 def pack_upper(cov: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
 from pipeline.methods.heads import GrowingLinear
 
 
@@ -44,10 +44,12 @@ class L2PConfig(MethodParams):
     key_loss_weight: float = 0.1  # lambda
     batchwise_selection: bool = True
     diversify: bool = False
-    init_range: tuple[float, float] = (0.0, 0.01)  # JAX official; the PyTorch port uses (-1, 1)
+    init_range: tuple[float, float] = (0.0, 0.01)  # prompts: JAX official (the PyTorch port uses (-1, 1))
+    key_init_range: tuple[float, float] = (-1.0, 1.0)  # keys: the PyTorch port's; (0, 0.01) starts them at cosine ~0.75
     position: Literal["prepend", "after_cls"] = "prepend"
     prompt_pos_embed: bool = False
-    lr: float = 0.015  # 0.03 x batch 128 / 256
+    lr: float = 0.03  # official, at lr_reference_batch
+    lr_reference_batch: int | None = 256  # official: lr x global batch / 256
     grad_clip: float | None = 1.0
 
 
@@ -91,10 +93,11 @@ class L2P(Method):
         low, high = cfg.init_range
         # Prompts live in token space; keys in the query's (the pooled feature's) space.
         self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, width, device=self.device).uniform_(low, high))
-        self.keys = nn.Parameter(torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(low, high))
+        self.keys = nn.Parameter(torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(*cfg.key_init_range))
         self.head = GrowingLinear(width).to(self.device)
         self.counts = torch.zeros(cfg.pool_size, dtype=torch.int64, device=self.device)  # earlier tasks
         self._task_counts = torch.zeros_like(self.counts)
+        self.last_selection: list[int] = []
         self.backbone.prompt_hook(cfg.position, pos_embed=cfg.prompt_pos_embed)
 
     def begin_task(self, task: TaskInfo) -> None:
@@ -102,8 +105,11 @@ class L2P(Method):
         self.head.grow(task.num_seen_classes)
         self._task_counts = torch.zeros_like(self.counts)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.prompts, self.keys, *self.head.parameters()]
+    def param_groups(self) -> list[ParamGroup]:
+        return [
+            ParamGroup("prompts", [self.prompts, self.keys], self.cfg.lr),
+            ParamGroup("head", list(self.head.parameters()), self.cfg.head_lr or self.cfg.lr),
+        ]
 
     def _forward(self, images: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, query, selected ids)."""
@@ -132,7 +138,9 @@ class L2P(Method):
         return ce - self.cfg.key_loss_weight * pull
 
     def end_task(self) -> TaskRecord:
-        counts = self.counts + self.collective.all_reduce_(self._task_counts.clone())
+        task_counts = self.collective.all_reduce_(self._task_counts.clone())
+        self.last_selection = task_counts.tolist()
+        counts = self.counts + task_counts
         record = TaskRecord(
             {
                 "prompts": self.prompts.detach().clone(),
@@ -144,6 +152,10 @@ class L2P(Method):
         )
         self.restore([record])
         return record
+
+    def task_stats(self) -> dict[str, list[int]]:
+        """How often each prompt was selected during the task just ended (all workers)."""
+        return {"prompt_selection": self.last_selection}
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
         if not records:

@@ -5,10 +5,13 @@ the softmax (psi_ij = m_j exp(a_ij) / sum_s m_s exp(a_is); a token always attend
 CLS always kept), and a binary mask over the FFN weights (fc1, fc2) of every block. Each mask
 entry has two logits (keep, drop): training samples it with straight-through hard
 Gumbel-softmax (tau = 1); inference keeps an entry when logit_keep > logit_drop. Logits start
-U(-gamma, gamma), gamma = 4, as in the paper (``init: constant`` gives the official code's
-(gamma, -gamma)). Loss = CE + alpha * mean over blocks l of (lambda - mean(m_l))^2, with m_l all
-of block l's mask entries (its token mask and both FFN masks), alpha = 2, lambda = 0.9.
-The official repository is incomplete and differs from the paper; this follows the paper.
+at the constant (gamma, -gamma), gamma = 4, as the official code does, so a task starts from
+the frozen model (``init: uniform`` samples U(-gamma, gamma), one reading of the paper's text:
+it drops ~half of all entries at step 0 and leaves features at cosine ~0.5 to the frozen ones).
+Loss = CE + alpha * mean over token-masked blocks l of (lambda - mean(m_l))^2, m_l block l's
+token keep-mask, alpha = 2, lambda = 0.9: the official code regularises the attention masks
+only (``drop_control: all`` adds the FFN masks of each block, a reading of the paper).
+Mask logits train at ``lr`` = 0.1 (official), the head at ``head_lr``.
 Stored per task: every mask bit-packed, plus the head.
 """
 
@@ -22,16 +25,19 @@ from torch import nn
 
 from pipeline.backbones.masks import gumbel_ste, keep_by_logits, pack_bits, unpack_bits
 from pipeline.errors import ConfigError
-from pipeline.methods.base import register_method
+from pipeline.methods.base import ParamGroup, register_method
 from pipeline.methods.taskwise import TaskwiseMethod, TaskwiseParams, set_slot
 
 
 class MEATConfig(TaskwiseParams):
     gamma: float = 4.0
-    init: Literal["uniform", "constant"] = "uniform"
+    init: Literal["constant", "uniform"] = "constant"
     tau: float = 1.0
     alpha: float = 2.0
     keep_target: float = 0.9  # lambda
+    drop_control: Literal["tokens", "all"] = "tokens"
+    lr: float = 0.1  # the mask logits' (official)
+    head_lr: float | None = 1e-2
     token_layers: list[int] | None = Field(default=None, description="blocks with token masks; None = all (the paper)")
 
 
@@ -66,12 +72,12 @@ class MEAT(TaskwiseMethod):
             return nn.Parameter(logits)
         return nn.Parameter(torch.empty(*shape, 2, device=self.device).uniform_(-gamma, gamma))
 
-    def new_task(self, slot: int) -> list[nn.Parameter]:
+    def new_task(self, slot: int) -> list[ParamGroup]:
         self.logits = {f"tokens.{b}": self._init_logits(self.num_tokens - 1) for b in self.token_layers}
         for b, (fc1, fc2) in self.ffn.items():
             self.logits[f"fc1.{b}"] = self._init_logits(*fc1.inner.weight.shape)
             self.logits[f"fc2.{b}"] = self._init_logits(*fc2.inner.weight.shape)
-        return list(self.logits.values())
+        return [ParamGroup("mask_logits", list(self.logits.values()), self.cfg.lr)]
 
     def _set(self, slot: int, masks: dict[str, torch.Tensor]) -> None:
         for b in self.token_layers:
@@ -87,7 +93,12 @@ class MEAT(TaskwiseMethod):
 
     def extra_loss(self) -> torch.Tensor:
         """alpha * mean_l (lambda - mean(m_l))^2 over the masks sampled for this step."""
-        return drop_control_loss(self._sampled, list(self.ffn), self.cfg.alpha, self.cfg.keep_target)
+        if self.cfg.drop_control == "all":
+            return drop_control_loss(self._sampled, list(self.ffn), self.cfg.alpha, self.cfg.keep_target)
+        if not self.token_layers:
+            return 0.0
+        tokens = {name: m for name, m in self._sampled.items() if name.startswith("tokens.")}
+        return drop_control_loss(tokens, self.token_layers, self.cfg.alpha, self.cfg.keep_target)
 
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {f"mask.{name}": pack_bits(keep_by_logits(logits)) for name, logits in self.logits.items()}

@@ -2,7 +2,10 @@
 
 A real-valued score per masked weight (init 1e-2); mask = 1[score > 5e-3] with a straight-through
 gradient to the scores. Every conv and linear weight of the backbone is masked (biases are not;
-heads are the task's own). Adam at 1e-4 for scores and head. Stored per task: one bit per
+heads are the task's own). The official code trains scores and head with Adam at 1e-4 for 30
+epochs; here scores (``lr``) and head (``head_lr``) are separate groups, because with one pass
+the head at 1e-4 barely moves and no score crosses the threshold. The record keeps the masks of
+the last training forward (see ``TaskwiseMethod.before_step``). Stored per task: one bit per
 masked weight (bit-packed) plus the head. Works on CNNs and ViTs.
 """
 
@@ -12,14 +15,15 @@ import torch
 from torch import nn
 
 from pipeline.backbones.masks import pack_bits, threshold_ste, unpack_bits
-from pipeline.methods.base import register_method
+from pipeline.methods.base import ParamGroup, register_method
 from pipeline.methods.taskwise import TaskwiseMethod, TaskwiseParams, set_slot
 
 
 class PiggybackConfig(TaskwiseParams):
     score_init: float = 1e-2
     threshold: float = 5e-3
-    lr: float = 1e-4
+    lr: float = 1e-4  # the scores' (official)
+    head_lr: float | None = 1e-3
 
 
 @register_method("piggyback")
@@ -33,17 +37,26 @@ class Piggyback(TaskwiseMethod):
         super().__init__(*args, **kwargs)
         self.hooks = self.backbone.weight_hooks()
         self.scores: dict[str, nn.Parameter] = {}
+        self.last_masks: dict[str, torch.Tensor] = {}  # of the last training forward
 
-    def new_task(self, slot: int) -> list[nn.Parameter]:
+    def new_task(self, slot: int) -> list[ParamGroup]:
         self.scores = {name: nn.Parameter(torch.full_like(hook.inner.weight, self.cfg.score_init)) for name, hook in self.hooks.items()}
-        return list(self.scores.values())
+        self.last_masks = {name: scores.detach() > self.cfg.threshold for name, scores in self.scores.items()}
+        return [ParamGroup("scores", list(self.scores.values()), self.cfg.lr)]
 
     def before_step(self, slot: int) -> None:
         for name, hook in self.hooks.items():
-            hook.mask = set_slot(hook.mask, slot, threshold_ste(self.scores[name], self.cfg.threshold))
+            mask = threshold_ste(self.scores[name], self.cfg.threshold)
+            self.last_masks[name] = mask.detach() > 0.5
+            hook.mask = set_slot(hook.mask, slot, mask)
 
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        return {f"mask.{name}": pack_bits(self.scores[name] > self.cfg.threshold) for name in self.hooks}
+        return {f"mask.{name}": pack_bits(self.last_masks[name]) for name in self.hooks}
+
+    def task_stats(self) -> dict[str, float]:
+        """Fraction of weights the task's masks switch off."""
+        total = sum(m.numel() for m in self.last_masks.values())
+        return {"masked_off": 1.0 - sum(int(m.sum()) for m in self.last_masks.values()) / max(total, 1)}
 
     def install(self, tensors: dict[str, torch.Tensor], slot: int) -> None:
         for name, hook in self.hooks.items():

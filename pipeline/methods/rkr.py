@@ -5,7 +5,9 @@ W_t = W + LM_t RM_t (rank K, default 2), and a scaling-factor generator gives pe
 scales F_t (init 1), on every conv and linear layer (CNN and ViT). For a conv, RM_t spans
 (input channels x kernel) and LM_t output channels: the delta is (LM_t @ RM_t) reshaped to the
 kernel's shape. LM_t starts at 0 (RM_t small random) so a new task starts from the frozen
-model. Stored per task: LM, RM, F of every adapted layer (float32) plus the head.
+model. Rectifications train at ``lr``, the head at ``head_lr`` (its own group: a head at the
+adapters' 1e-3 learns too slowly in one pass). Stored per task: LM, RM, F of every adapted
+layer (float32) plus the head.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import math
 import torch
 from torch import nn
 
-from pipeline.methods.base import register_method
+from pipeline.methods.base import ParamGroup, register_method
 from pipeline.methods.taskwise import TaskwiseMethod, TaskwiseParams, set_slot
 
 
 class RKRConfig(TaskwiseParams):
     rank: int = 2
+    head_lr: float | None = 1e-2
 
 
 def low_rank_init(hook, rank: int, device: torch.device) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
@@ -44,13 +47,13 @@ class RKR(TaskwiseMethod):
         super().__init__(*args, **kwargs)
         self.hooks = self.backbone.weight_hooks()
 
-    def new_task(self, slot: int) -> list[nn.Parameter]:
+    def new_task(self, slot: int) -> list[ParamGroup]:
         params = []
         for hook in self.hooks.values():
             lm, rm, scale = low_rank_init(hook, self.cfg.rank, self.device)
             hook.lm, hook.rm, hook.scale = set_slot(hook.lm, slot, lm), set_slot(hook.rm, slot, rm), set_slot(hook.scale, slot, scale)
             params += [lm, rm, scale]
-        return params
+        return [ParamGroup("rectification", params, self.cfg.lr)]
 
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {

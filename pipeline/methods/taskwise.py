@@ -8,7 +8,10 @@ loss, what the record keeps (``task_tensors``) and how a record is installed (``
 Task inference (beyond the papers; ``task_inference: true``): a Gaussian of the frozen,
 L2-normalised features per task (``gaussian.py``, shared with DIKI), accumulated in the same
 pass. Without a task id, each sample goes to its most likely task's adapters and head; the
-evaluation then reports class-incremental accuracy and task-inference accuracy as well.
+evaluation then reports class-incremental accuracy and task-inference accuracy as well. The
+covariance is shrunk toward its diagonal, (1 - rho) S + rho diag(S) + eps I, with rho =
+``gaussian_shrinkage`` ("auto": OAS, see ``gaussian.py``): a task's few hundred samples in a
+384-768-d feature space make S singular, and an unshrunk S overfits the training samples.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, TaskInfo
-from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, pack_upper, unpack_upper
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo
+from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, pack_upper, unpack_upper
 
 
 class TaskwiseParams(MethodParams):
     task_inference: bool = False
     gaussian_eps: float = 1e-4
-    gaussian_shrinkage: float = 0.1
+    gaussian_shrinkage: ShrinkageParam = "auto"  # toward diag(S); "auto": OAS (gaussian.py)
 
 
 def set_slot(bank: Sequence[Any], slot: int, value: Any) -> list[Any]:
@@ -51,7 +54,7 @@ class TaskwiseMethod(Method):
         self.head_classes: list[tuple[int, ...]] = []
         self.gaussians = TaskGaussians()
         self._accumulator: GaussianAccumulator | None = None
-        self._params: list[nn.Parameter] = []
+        self._groups: list[ParamGroup] = []
 
     @property
     def infers_tasks(self) -> bool:
@@ -62,12 +65,15 @@ class TaskwiseMethod(Method):
         return len(self.heads) - 1
 
     # --- subclass hooks ---
-    def new_task(self, slot: int) -> list[nn.Parameter]:
-        """Create slot ``slot``'s trainable adapters and put them in the banks."""
+    def new_task(self, slot: int) -> list[ParamGroup]:
+        """Create slot ``slot``'s trainable adapters, put them in the banks, return them by lr group."""
         raise NotImplementedError
 
     def before_step(self, slot: int) -> None:
-        """Refresh the banks from the trainable parameters (straight-through masks, ...)."""
+        """Refresh the banks from the trainable parameters (straight-through masks, ...). A
+        binary mask the step uses is what the record keeps: ``task_tensors`` reads the masks of
+        the last training forward, not a re-thresholding after the last update, so evaluation
+        runs exactly the adapters that the head was trained with."""
 
     def extra_loss(self) -> torch.Tensor | float:
         return 0.0
@@ -85,13 +91,13 @@ class TaskwiseMethod(Method):
         super().begin_task(task)
         self.heads.append(nn.Linear(self.backbone.feature_dim, len(task.classes), device=self.device))
         self.head_classes.append(task.classes)
-        self._params = [*self.new_task(self.slot), *self.heads[-1].parameters()]
+        self._groups = [*self.new_task(self.slot), ParamGroup("head", list(self.heads[-1].parameters()), self.cfg.head_lr or self.cfg.lr)]
         self._local = torch.full((task.num_seen_classes,), -1, dtype=torch.long, device=self.device)
         self._local[list(task.classes)] = torch.arange(len(task.classes), device=self.device)
         self._accumulator = GaussianAccumulator(self.backbone.feature_dim, self.device) if self.infers_tasks else None
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self._params
+    def param_groups(self) -> list[ParamGroup]:
+        return self._groups
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         images = batch["image"]

@@ -160,8 +160,24 @@ def _summary(
         "train_wall_s": progress.train_wall_s,
         "model_name": cfg.tracking.model_name,
         "model_versions": progress.model_versions,
+        "steps": progress.steps,
+        "task_stats": progress.task_stats,
+        **_eval_stats_summary(progress),
         **_task_inference_summary(progress),
     }
+
+
+def _eval_stats_summary(progress: Progress) -> dict[str, Any]:
+    """Per-test-set means a method reports while scoring (DIKI's gate), as matrices like the
+    accuracy matrix, plus their means over learned (j <= i) and not yet learned (j > i) tasks."""
+    out: dict[str, Any] = {}
+    for name, matrix in progress.eval_stats.items():
+        learned = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None and j <= i]
+        future = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None and j > i]
+        out[f"{name}_matrix"] = matrix
+        out[f"{name}_learned_mean"] = sum(learned) / len(learned) if learned else None
+        out[f"{name}_unlearned_mean"] = sum(future) / len(future) if future else None
+    return out
 
 
 def _task_inference_summary(progress: Progress) -> dict[str, Any]:
@@ -255,6 +271,7 @@ def run(
     write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
     if run_:
         final = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s", "cil_last_acc", "task_inference_acc")
+        final += tuple(k for k in summary if k.endswith(("_learned_mean", "_unlearned_mean")))
         run_.log_metrics({k: summary.get(k) for k in final})
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
             run_.log_artifact(out / name)

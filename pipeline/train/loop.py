@@ -72,7 +72,7 @@ def train_phase(
     steps = 0
     optimizer = scheduler = None
     if params:
-        optimizer, scheduler = method.build_optimizer(params, passes * math.ceil(num_samples / global_batch_size))
+        optimizer, scheduler = method.build_optimizer(passes * math.ceil(num_samples / global_batch_size), global_batch_size)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     )

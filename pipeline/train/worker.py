@@ -14,8 +14,9 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 import ray.train
@@ -26,7 +27,7 @@ from ray.train.v2._internal.execution import context as train_context
 from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
-from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task
+from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import ModelCard, TrackedRun, register_version
@@ -73,6 +74,9 @@ class Progress:
     phase_wall_s: list[float] = field(default_factory=list)  # of each phase this run trained
     train_wall_s: list[float] = field(default_factory=list)  # of each phase: the pass and end_task, no evaluation
     model_versions: list[str | None] = field(default_factory=list)  # registered after each task (tracking.model_name)
+    steps: list[int | None] = field(default_factory=list)  # optimizer steps of each phase this run trained
+    task_stats: list[dict[str, Any] | None] = field(default_factory=list)  # Method.task_stats() after each phase
+    eval_stats: dict[str, list[list[float | None]]] = field(default_factory=dict)  # Method.take_eval_stats(), by name
     # Methods that infer tasks (til methods with task_inference): the same rows without task ids.
     cil_accuracy_matrix: list[list[float | None]] | None = None
     task_inference_matrix: list[list[float | None]] | None = None
@@ -83,6 +87,13 @@ class Progress:
         self.samples_seen = self.samples_seen or [0] * t
         self.train_loss = self.train_loss or [None] * t
         self.model_versions = self.model_versions or [None] * t
+        self.steps = self.steps or [None] * t
+        self.task_stats = self.task_stats or [None] * t
+
+    def record_eval_stats(self, row: int, column: int, stats: dict[str, float]) -> None:
+        for name, value in stats.items():
+            matrix = self.eval_stats.setdefault(name, [[None] * self.num_tasks for _ in range(self.num_tasks)])
+            matrix[row][column] = value
 
     @classmethod
     def resumed(cls, num_tasks: int, learned: int, prior_accuracy: Sequence[Sequence[float | None]] = ()) -> Progress:
@@ -144,6 +155,28 @@ def card_tags(card: ModelCard) -> dict[str, str]:
     }
 
 
+def flat_stats(stats: dict[str, Any]) -> dict[str, float]:
+    """A method's task stats as MLflow metrics: scalars as they are, lists as ``name/i``."""
+    flat: dict[str, float] = {}
+    for name, value in stats.items():
+        if isinstance(value, list | tuple):
+            flat |= {f"{name}/{i}": float(v) for i, v in enumerate(value)}
+        else:
+            flat[name] = float(value)
+    return flat
+
+
+def train_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[Batch]:
+    """This worker's batches of a task: rows mixed through a seeded local shuffle buffer, so a
+    label-sorted source still gives batches of many classes. Batches may come short mid-stream;
+    the lockstep loop (``train.loop``) weights every sample exactly, whatever the batch sizes."""
+    if shuffle_buffer <= 0:
+        return shard.iter_torch_batches(batch_size=batch_size, device=device)
+    return shard.iter_torch_batches(
+        batch_size=batch_size, device=device, local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed
+    )
+
+
 def _setup_logging() -> None:
     # Ray 2.60 names this logger by file path, so RunConfig's LoggingConfig misses it; its
     # "Reporting training result" line per report per rank drowns the progress lines.
@@ -195,10 +228,10 @@ def train_loop_per_worker(config: dict) -> None:
         broadcast_parameters(method.trainable_parameters(), collective)
         shard = ray.train.get_dataset_shard(f"train_{phase_index}")
 
-        def batches(shard=shard):  # a method with nothing to learn does not read its data
+        def batches(shard=shard, phase_index=phase_index):  # a method with nothing to learn does not read its data
             if not method.consumes_data:
                 return iter(())
-            return (prepare(b) for b in shard.iter_torch_batches(batch_size=local_batch, device=device))
+            return (prepare(b) for b in train_batches(shard, local_batch, cfg.data.shuffle_buffer, cfg.seed * 1000 + phase_index * 16 + rank, device))
 
         stats = train_phase(
             method,
@@ -212,6 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
             label=label,
         )
         record = method.end_task()
+        progress.task_stats[phase.row] = method.task_stats() or None
+        progress.steps[phase.row] = stats.steps if method.trainable_parameters() else None
         progress.train_wall_s.append(time.perf_counter() - started)
         if rank == 0:
             store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
@@ -229,6 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
                 task_aware=plan.scenario == "til",
                 prepare=prepare,
             )
+            progress.record_eval_stats(phase.row, j, reduce_eval_stats(method))
         if getattr(method, "infers_tasks", False):
             if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
                 progress.cil_accuracy_matrix = [[None] * num_tasks for _ in range(num_tasks)]
@@ -262,6 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
             "samples": float(sum(stats.samples_per_task)),
         }
         metrics |= {f"acc/task_{j}": row[j] for j in evaluated}
+        metrics |= flat_stats(progress.task_stats[phase.row] or {})
         if rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
             log.info(
