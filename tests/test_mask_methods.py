@@ -221,9 +221,9 @@ def test_meat_drop_control_covers_the_token_masks_only_by_default():
 
 
 GROUPS = {
-    "piggyback": {"scores": 1e-4, "head": 1e-3},
-    "rkr": {"rectification": 1e-3, "head": 1e-2},
-    "meat": {"mask_logits": 0.1, "head": 1e-2},
+    "piggyback": {"scores": 1e-4, "head": 3e-3},
+    "rkr": {"rectification": 1e-3, "head": 3e-3},
+    "meat": {"mask_logits": 0.1, "head": 3e-3},
 }
 
 

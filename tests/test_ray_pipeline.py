@@ -132,6 +132,11 @@ def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):
     records = MemoryStore(summary["memory_store"]).entries()
     counts = MemoryStore(summary["memory_store"]).load(records[1]).meta["selection_counts"]
     assert sum(counts) == 2 * 32  # every training sample of both tasks selected top-2 prompts once
+    assert [sum(stats["prompt_selection"]) for stats in summary["task_stats"]] == [32, 32]  # per task, not cumulative
+    assert [a + b for a, b in zip(*(s["prompt_selection"] for s in summary["task_stats"]), strict=True)] == counts
+    assert all(steps >= 2 for steps in summary["steps"])  # 16 samples at batch 8 (short shuffled batches add steps)
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(summary["mlflow_run_id"], "prompt_selection/0")
+    assert [(m.step, m.value) for m in history] == [(i, s["prompt_selection"][0]) for i, s in enumerate(summary["task_stats"])]
 
 
 def dcil_stream(tmp_path: Path) -> list[dict]:
@@ -166,6 +171,11 @@ def test_diki_dcil_end_to_end_fills_transfer_average_last(ray_session, tmp_path)
     assert summary["memory_bytes"] == [per_task, per_task]
     logged = MlflowClient(config["tracking"]["uri"]).get_run(summary["mlflow_run_id"]).data.metrics
     assert logged["mtil_average"] == pytest.approx(summary["mtil_average"], abs=1e-12)
+    gates = summary["gate_matrix"]  # every test set is scored through the Gaussians once one task is learned
+    assert all(0.0 <= v <= 1.0 for row in gates for v in row)
+    assert summary["gate_learned_mean"] == pytest.approx((gates[0][0] + gates[1][0] + gates[1][1]) / 3, abs=1e-12)
+    assert summary["gate_unlearned_mean"] == pytest.approx(gates[0][1], abs=1e-12)
+    assert logged["gate_learned_mean"] == pytest.approx(summary["gate_learned_mean"], abs=1e-12)
 
 
 def test_zeroshot_reads_no_data_and_every_row_is_the_frozen_model(ray_session, tmp_path):
@@ -206,3 +216,6 @@ def test_mask_methods_til_end_to_end_with_task_inference(ray_session, tmp_path, 
     for key in ("last_acc", "cil_last_acc", "task_inference_acc"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["accuracy_matrix"][1][0] == summary["accuracy_matrix"][0][0]  # til: no forgetting by construction
+    assert all(steps >= 2 for steps in summary["steps"])
+    if method in ("piggyback", "mask_rkr"):
+        assert all(0.0 <= stats["masked_off"] <= 1.0 for stats in summary["task_stats"])

@@ -140,6 +140,25 @@ def test_sweep_decisions_do_not_depend_on_test_data(ray_session, tmp_path):
 
 
 def test_example_sweeps_load():
-    for path in sorted((REPO / "configs/sweeps").glob("*.yaml")):
+    for path in sorted((REPO / "configs/sweeps").rglob("*.yaml")):
         sweep = load_sweep(path)
         assert sweep.space, path
+
+
+def test_trials_get_the_drivers_absolute_paths(tmp_path, monkeypatch):
+    """A trial runs in Tune's own directory: a relative source or checkpoint path from a base
+    config (../shared/datasets/... in the benchmark streams) must already be absolute."""
+    from pipeline.tune.sweep import SweepConfig, base_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    run_yaml = {
+        "stream": {"scenario": "cil", "tasks": [{"id": "t", "classes": ["a"], "train": {"type": "parquet", "path": "data/train.parquet"},
+                                                 "test": {"type": "parquet", "path": "data/test.parquet"}}]},
+        "backbone": {"name": "timm:resnet18", "checkpoint": "weights/w.safetensors"},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_yaml))
+    sweep = SweepConfig(base=["run.yaml"], space={"method.lr": {"grid": [0.1]}})
+    base = base_config(sweep)
+    assert base["stream"]["tasks"][0]["train"]["path"] == str(tmp_path / "data/train.parquet")
+    assert base["backbone"]["checkpoint"] == str(tmp_path / "weights/w.safetensors")

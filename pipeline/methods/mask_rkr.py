@@ -36,8 +36,8 @@ class MaskRKRConfig(TaskwiseParams):
     score_init: float = 1e-2
     threshold: float = 5e-3
     mask_mode: Literal["rectification", "scale"] = "rectification"
-    mask_lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
-    head_lr: float | None = 1e-2
+    mask_lr: float = Field(default=1e-4, gt=0, allow_inf_nan=False)
+    head_lr: float | None = 3e-3
 
 
 def masked_part(part: str, mask: torch.Tensor, shared: torch.Tensor, mode: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ class MEATConfig(TaskwiseParams):
     keep_target: float = 0.9  # lambda
     drop_control: Literal["tokens", "all"] = "tokens"
     lr: float = 0.1  # the mask logits' (official)
-    head_lr: float | None = 1e-2
+    head_lr: float | None = 3e-3
     token_layers: list[int] | None = Field(default=None, description="blocks with token masks; None = all (the paper)")
 
 

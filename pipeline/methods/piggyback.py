@@ -23,7 +23,7 @@ class PiggybackConfig(TaskwiseParams):
     score_init: float = 1e-2
     threshold: float = 5e-3
     lr: float = 1e-4  # the scores' (official)
-    head_lr: float | None = 1e-3
+    head_lr: float | None = 3e-3
 
 
 @register_method("piggyback")

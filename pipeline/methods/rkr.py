@@ -23,7 +23,7 @@ from pipeline.methods.taskwise import TaskwiseMethod, TaskwiseParams, set_slot
 
 class RKRConfig(TaskwiseParams):
     rank: int = 2
-    head_lr: float | None = 1e-2
+    head_lr: float | None = 3e-3
 
 
 def low_rank_init(hook, rank: int, device: torch.device) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:

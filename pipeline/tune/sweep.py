@@ -33,6 +33,7 @@ from pipeline.config import (
     load_config,
     read_yaml,
     validate_config,
+    with_absolute_paths,
 )
 from pipeline.errors import ConfigError
 from pipeline.methods import resolve_method_params
@@ -105,10 +106,12 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
 def base_config(sweep: SweepConfig) -> dict[str, Any]:
     """The run config every trial starts from: the base files merged, the manifest inlined, ``set``
     applied, and the MLflow URI resolved here -- a trial runs in Tune's trial directory, where
-    the default ``sqlite:///<cwd>/mlflow.db`` would be another file."""
+    the default ``sqlite:///<cwd>/mlflow.db`` would be another file. For the same reason local
+    paths (sources, checkpoint, local-dir models) are made absolute against this directory."""
     data = load_config(sweep.base).model_dump(mode="json")
     for key, value in sweep.set.items():
         apply_override(data, f"{key}={json.dumps(value)}")
+    data = with_absolute_paths(validate_config(data, "sweep base")).model_dump(mode="json")
     data["tracking"]["uri"] = resolve_tracking_uri(validate_config(data, "sweep base").tracking)
     return data
 
