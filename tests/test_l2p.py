@@ -128,7 +128,7 @@ def test_single_pass_config_scales_the_official_rate_to_the_batch_and_spreads_th
     method = create_method(resolve_method_params(MethodConfig(**shipped)), backbone)
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
     optimizer, _ = method.build_optimizer(total_steps=100, global_batch_size=16)
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": 0.03 * 16 / 256, "head": 0.03 * 16 / 256}
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": 0.03 * 16 / 256, "head": 0.3 * 16 / 256}
     keys = torch.nn.functional.normalize(method.keys.detach(), dim=-1)
     cosine = keys @ keys.T
     off_diagonal = cosine[~torch.eye(len(keys), dtype=torch.bool)]
