@@ -147,6 +147,24 @@ def _steps(steps: list[int | None] | None) -> str:
     return f"{low}" if low >= MIN_STEPS else f"{low} (< {MIN_STEPS}: does not count)"
 
 
+def _order_section(path: Path) -> list[str]:
+    """``bench/run_order.py``'s result: the same rows label-sorted and shuffled."""
+    if not path.exists():
+        return []
+    order = json.loads(path.read_text())
+    runs = order["runs"]
+    return [
+        f"## Data order ({order['method']} on {order['source']}, {order['backbone']}, batch {order['batch_size']}; `bench/run_order.py`)",
+        "",
+        "| source order | data.shuffle_buffer | accuracy | steps |",
+        "|---|---|---|---|",
+        f"| label-sorted | default | {_pct(runs['label_sorted']['accuracy'])} | {runs['label_sorted']['steps']} |",
+        f"| shuffled copy | default | {_pct(runs['shuffled_copy']['accuracy'])} | {runs['shuffled_copy']['steps']} |",
+        f"| label-sorted | 0 (chunk order only) | {_pct(runs['label_sorted_no_buffer']['accuracy'])} | {runs['label_sorted_no_buffer']['steps']} |",
+        "",
+    ]
+
+
 def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
     """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
     rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
@@ -183,6 +201,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
                 f"{_pct(r['task_inference_acc'])} | {memory} | {r['wall_s']:.0f} | {rate:.1f} |"
             )
         lines.append("")
+    lines += _order_section(results / "order.json")
     text = "\n".join(lines)
     out.write_text(text)
     return text
