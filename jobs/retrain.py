@@ -22,16 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--landing", required=True, help="landing zone: directory or fsspec URI")
     parser.add_argument("--model", required=True, help="registered model name")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--lease", dest="lease_s", type=float, default=600.0, help="seconds a task's claim lasts without renewal")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         init_ray()
-        report = retrain(cfg, args.landing, args.model)
+        report = retrain(cfg, args.landing, args.model, lease_s=args.lease_s)
     except StrataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     trained = [{k: r[k] for k in ("task_id", "model_version", "mlflow_run_id")} for r in report.trained]
     print(json.dumps({"trained": trained, "incomplete": report.incomplete, "busy": report.busy}))
+    if report.stalled:
+        print(f"stalled: {report.busy_reason}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import Ledger, MemoryStore, TaskRecord
+from pipeline.memory.ledger import LeaseLost
 from pipeline.ops import retraining as retrain_module
 from pipeline.ops import scan
 from pipeline.train import run
@@ -88,6 +89,80 @@ def test_ledger_claim_is_won_by_exactly_one_process(tmp_path):
     ledger.complete("task-a", {"position": 0})
     with pytest.raises(StoreError, match="is learned; its claim stays"):
         ledger.release("task-a")
+
+
+def test_a_claim_lives_while_renewed_and_is_taken_over_once_its_lease_expires(tmp_path, caplog):
+    ledger = Ledger(str(tmp_path / "store"), lease_s=0.6)
+    assert ledger.claim("t", "alive")
+    with ledger.hold("t", "alive"):  # renewed every 0.2 s: outlives its 0.6 s lease
+        time.sleep(1.5)
+        assert not ledger.claim("t", "rival")
+    assert ledger.claim_of("t")["owner"] == "alive" and ledger.claim_of("t")["generation"] == 0
+    time.sleep(0.7)  # no renewal: the lease expires
+    with caplog.at_level("WARNING", logger="strata"):
+        assert ledger.claim("t", "rival")
+    assert "took over the claim of alive" in caplog.text
+    assert ledger.claim_of("t")["owner"] == "rival" and ledger.claim_of("t")["generation"] == 1
+    with pytest.raises(LeaseLost, match="the claim of alive is gone \\(now held by rival\\)"):
+        ledger.renew("t", "alive")
+    ledger.release("t")
+    assert ledger.claim_of("t") is None
+
+
+STALLING_RETRAINER = """
+import json, sys, time
+from pathlib import Path
+from pipeline.config import validate_config
+from pipeline.ops import retraining
+
+def learn_forever(cfg, landing, folder, task, before, owner):
+    Path(sys.argv[3]).write_text(task["id"])
+    time.sleep(600)
+
+retraining._learn = learn_forever
+retraining.retrain(validate_config(json.loads(Path(sys.argv[1]).read_text())), sys.argv[2], "m", lease_s=1.5)
+"""
+
+
+def test_a_killed_retrainers_task_is_taken_over_after_its_lease_and_learned_once_in_order(tmp_path, monkeypatch):
+    landing = tmp_path / "landing"
+    for k, folder in enumerate(["t0", "t1", "t2"]):
+        land(landing, folder, [2 * k, 2 * k + 1], ready=True)
+        os.utime(landing / folder / "_READY", (1000 + k, 1000 + k))
+    marker = tmp_path / "learning"
+    victim = subprocess.Popen([sys.executable, "-c", STALLING_RETRAINER, str(model_config(tmp_path)), str(landing), str(marker)])
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline and victim.poll() is None, "the retrainer never started its first task"
+        time.sleep(0.1)
+    victim.kill()  # SIGKILL, like the OOM killer: no cleanup, the claim on t0 stays
+    victim.wait()
+    ledger = Ledger(str(tmp_path / "model" / "memory"))
+    dead_claim = ledger.claim_of("t0")
+    assert dead_claim is not None and ledger.done("t0") is None
+    learned: list[tuple[str, list[str]]] = []
+
+    def fake_learn(cfg, landing_uri, folder, task, before, owner):
+        learned.append((task["id"], [r["task_id"] for r in before]))
+        return {"position": len(before), "task": task, "accuracy_row": [1.0], "model_version": None, "owner": owner}
+
+    monkeypatch.setattr(retrain_module, "_learn", fake_learn)
+    cfg = validate_config(json.loads(model_config(tmp_path).read_text()))
+    time.sleep(max(0.0, dead_claim["expires"] - time.time()) + 0.1)
+    report = retrain_module.retrain(cfg, str(landing), "m", lease_s=1.5)
+    assert not report.stalled
+    assert learned == [("t0", []), ("t1", ["t0"]), ("t2", ["t0", "t1"])]
+    assert ledger.claim_of("t0")["generation"] == 1 and ledger.claim_of("t1")["generation"] == 0
+    assert [r["task_id"] for r in ledger.learned()] == ["t0", "t1", "t2"]
+
+
+def test_retrain_stopped_by_a_live_claim_exits_3_with_the_holder(tmp_path):
+    landing = tmp_path / "landing"
+    land(landing, "t0", [0, 1], ready=True)
+    Ledger(str(tmp_path / "model" / "memory")).claim("t0", "host:1:other")
+    result = CliRunner().invoke(main, ["retrain", "--landing", str(landing), "--model", "m", "--config", str(model_config(tmp_path))])
+    assert result.exit_code == 3, result.output
+    assert result.output.strip().splitlines()[-1].startswith("stalled: task t0 is claimed by host:1:other (lease until ")
 
 
 def test_concurrent_retrainers_learn_each_task_once_in_order(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.config import StrataConfig, validate_config, with_absolute_paths
 from pipeline.errors import ConfigError, StoreError
 from pipeline.memory import Ledger, MemoryStore
+from pipeline.memory.ledger import DEFAULT_LEASE_S, LeaseLost
 from pipeline.ops.landing import scan
 from pipeline.tracking import latest_version, resolve_tracking_uri
 from pipeline.train import run
@@ -35,6 +36,13 @@ class RetrainReport:
     learned_before: list[str] = field(default_factory=list)  # complete tasks already in the ledger
     incomplete: list[str] = field(default_factory=list)  # folders without _READY
     busy: str | None = None  # a task claimed by another retrainer (this call stopped there)
+    busy_reason: str | None = None  # who holds it, until when
+
+    @property
+    def stalled(self) -> bool:
+        """Whether this call stopped at a task another retrainer holds: the model did not advance
+        past it, which a scheduler must hear about (``strata retrain`` exits 3)."""
+        return self.busy is not None
 
 
 def default_owner() -> str:
@@ -72,11 +80,14 @@ def retrain(
     *,
     owner: str | None = None,
     max_tasks: int | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> RetrainReport:
-    """Learn the complete landed tasks the ledger does not hold yet, oldest first."""
+    """Learn the complete landed tasks the ledger does not hold yet, oldest first. Each task is
+    claimed with a lease of ``lease_s`` seconds, renewed while it trains; a claim whose retrainer
+    died is taken over once its lease has expired."""
     cfg = _model_config(cfg, model)
     owner = owner or default_owner()
-    ledger, store = Ledger(cfg.memory_uri), MemoryStore(cfg.memory_uri)
+    ledger, store = Ledger(cfg.memory_uri, lease_s=lease_s), MemoryStore(cfg.memory_uri)
     complete, incomplete = scan(landing)
     report = RetrainReport(incomplete=incomplete)
     done_ids = {r["task_id"] for r in ledger.learned()}
@@ -88,16 +99,21 @@ def retrain(
         if max_tasks is not None and len(report.trained) >= max_tasks:
             break
         if not ledger.claim(task.id, owner):
-            report.busy = task.id
             holder = ledger.claim_of(task.id) or {}
-            log.info("task %s is claimed by %s; stopping here (tasks are learned in order)", task.id, holder.get("owner"))
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("expires", 0)))
+            report.busy = task.id
+            report.busy_reason = f"task {task.id} is claimed by {holder.get('owner')} (lease until {until}); tasks are learned in order"
+            log.info("%s", report.busy_reason)
             break
         try:
-            learned = ledger.learned()  # as of the claim: what other retrainers finished meanwhile counts
-            _check_position(cfg, model, learned)
-            if store.version > len(learned):  # records of an attempt that failed after writing; the ledger decides
-                store.truncate(len(learned))
-            record = _learn(cfg, landing, landed.folder, task.model_dump(mode="json"), learned, owner)
+            with ledger.hold(task.id, owner):
+                learned = ledger.learned()  # as of the claim: what other retrainers finished meanwhile counts
+                _check_position(cfg, model, learned)
+                if store.version > len(learned):  # records of an attempt that failed after writing; the ledger decides
+                    store.truncate(len(learned))
+                record = _learn(cfg, landing, landed.folder, task.model_dump(mode="json"), learned, owner)
+        except LeaseLost:
+            raise  # the claim is someone else's now: not ours to release
         except BaseException:
             ledger.release(task.id)
             raise
@@ -142,12 +158,13 @@ def watch(
     interval_s: float,
     iterations: int | None = None,
     on_report: Callable[[RetrainReport], None] | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> None:
     """``retrain`` every ``interval_s`` seconds (``iterations`` times, or forever)."""
     owner = default_owner()
     done = 0
     while iterations is None or done < iterations:
-        report = retrain(cfg, landing, model, owner=owner)
+        report = retrain(cfg, landing, model, owner=owner, lease_s=lease_s)
         if on_report:
             on_report(report)
         done += 1
