@@ -10,7 +10,7 @@ import json
 import sys
 
 from pipeline.config import load_config
-from pipeline.errors import StrataError
+from pipeline.errors import RunInterrupted, StrataError
 from pipeline.train import init_ray, run
 
 
@@ -18,14 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, action="append", help="run config YAML (repeat to merge)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of continuing an unfinished run")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         init_ray()
-        summary = run(cfg)
+        summary = run(cfg, fresh=args.fresh)
     except StrataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # `ray job stop` sends SIGTERM
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     print(json.dumps({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from typing import Any
 
@@ -12,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import StrataError
+from pipeline.errors import RunInterrupted, StrataError
 
 console = Console()
 
@@ -27,6 +28,9 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except StrataError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except RunInterrupted as exc:  # SIGINT -> 130, SIGTERM -> 143, as shells report them
+            click.echo(f"interrupted: {exc}", err=True)
+            sys.exit(128 + exc.signum)
 
     return wrapper
 
@@ -40,15 +44,17 @@ def main() -> None:
 @main.command("run")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
+@click.option("--fresh", is_flag=True, help="start over: forget an earlier run in OUTPUT_DIR and the memory store's records")
 @_one_line_errors
-def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool) -> None:
     """Train and evaluate the task stream in CONFIGS (later files merge over earlier ones, e.g.
-    a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json."""
+    a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json. Run again
+    after an interruption, the same command continues where the run stopped."""
     from pipeline.config import load_config
     from pipeline.train import run
 
     cfg = load_config(configs, overrides)
-    summary = run(cfg)
+    summary = run(cfg, fresh=fresh)
     _print_summary(summary, cfg.output_dir)
 
 
@@ -130,7 +136,10 @@ def memory_show(uri: str, as_json: bool) -> None:
     """List the records of the memory store at URI, verifying every checksum."""
     from pipeline.memory import MemoryStore
 
-    entries = MemoryStore(uri).verify()
+    store = MemoryStore(uri)
+    if not store.exists():
+        raise StrataError(f"{uri}: no such memory store")
+    entries = store.verify()
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
@@ -320,6 +329,7 @@ def _retrain_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--model", "model_name", required=True, help="registered model name"),
             click.option("--config", "configs", required=True, multiple=True, type=click.Path(dir_okay=False), help="the model's config (repeat to merge)"),
             click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)"),
+            click.option("--lease", "lease_s", type=float, default=600, show_default=True, help="seconds a task's claim lasts without renewal; a dead retrainer's claim is taken over after it"),
         ]
     ):
         fn = option(fn)
@@ -334,23 +344,27 @@ def _print_retrain(report: Any) -> None:
         console.print(f"already learned: {', '.join(report.learned_before)}")
     if report.incomplete:
         console.print(f"waiting for _READY: {', '.join(report.incomplete)}")
-    if report.busy:
-        console.print(f"claimed by another retrainer: {report.busy}")
-    if not report.trained:
+    if not report.trained and not report.busy:
         console.print("nothing new to learn")
+    if report.stalled:
+        click.echo(f"stalled: {report.busy_reason}", err=True)
+        sys.exit(3)
 
 
 @main.command("retrain")
 @_retrain_options
 @click.option("--max-tasks", type=int, help="learn at most this many new tasks")
 @_one_line_errors
-def retrain_cmd(landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], max_tasks: int | None) -> None:
+def retrain_cmd(
+    landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], lease_s: float, max_tasks: int | None
+) -> None:
     """Learn the complete tasks (folders with _READY) in the landing zone that the model has not
-    learned yet, in arrival order; registers a model version per task."""
+    learned yet, in arrival order; registers a model version per task. Exits 3 when it stopped
+    at a task another live retrainer holds."""
     from pipeline.config import load_config
     from pipeline.ops import retrain
 
-    _print_retrain(retrain(load_config(configs, overrides), landing, model_name, max_tasks=max_tasks))
+    _print_retrain(retrain(load_config(configs, overrides), landing, model_name, max_tasks=max_tasks, lease_s=lease_s))
 
 
 @main.command("watch")
@@ -359,10 +373,27 @@ def retrain_cmd(landing: str, model_name: str, configs: tuple[str, ...], overrid
 @click.option("--iterations", type=int, help="stop after this many looks (default: run until interrupted)")
 @_one_line_errors
 def watch_cmd(
-    landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], interval: float, iterations: int | None
+    landing: str,
+    model_name: str,
+    configs: tuple[str, ...],
+    overrides: tuple[str, ...],
+    lease_s: float,
+    interval: float,
+    iterations: int | None,
 ) -> None:
-    """Run `strata retrain` every --interval seconds."""
+    """Run `strata retrain` every --interval seconds (a task held by another retrainer is
+    reported and looked at again next time)."""
     from pipeline.config import load_config
     from pipeline.ops import watch
 
-    watch(load_config(configs, overrides), landing, model_name, interval_s=interval, iterations=iterations, on_report=_print_retrain)
+    watch(
+        load_config(configs, overrides), landing, model_name, interval_s=interval, iterations=iterations, lease_s=lease_s,
+        on_report=_print_watch,
+    )  # fmt: skip
+
+
+def _print_watch(report: Any) -> None:
+    """The retrain report, without ending the watch at a held task."""
+    _print_retrain(replace(report, busy=None))
+    if report.stalled:
+        click.echo(f"stalled: {report.busy_reason}", err=True)

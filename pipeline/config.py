@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import ConfigError
 
 Scenario = Literal["til", "cil", "dil", "dcil"]
+MAX_LR = 1e3  # no learning rate of any strata method's parameterisation is meaningful above this
 
 
 class StrictModel(BaseModel):
@@ -109,7 +110,9 @@ class MethodConfig(BaseModel):
 
 class TrainConfig(StrictModel):
     batch_size: int = Field(default=32, ge=1, description="global batch size, split across workers")
-    lr: float | None = Field(default=None, gt=0, description="overrides the method's default learning rate")
+    lr: float | None = Field(
+        default=None, gt=0, le=MAX_LR, allow_inf_nan=False, description="overrides the method's default learning rate"
+    )
     passes: int = Field(default=1, ge=1, description="passes over each task's training data")
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(default=0.5, gt=0)
@@ -119,6 +122,12 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(default=0, ge=0, description="worker-group restarts; a restart resumes at the last task")
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")
     storage_path: str | None = Field(default=None, description="Ray Train storage; default OUTPUT_DIR/ray")
+    resources_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long to wait for the cluster to offer the worker group (an autoscaler adding nodes) before "
+        "failing; 0 fails at once when the workers do not fit",
+    )
 
 
 class DataConfig(StrictModel):
@@ -202,7 +211,8 @@ def format_validation_error(origin: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{origin}: " + "; ".join(parts)
 
 
@@ -238,6 +248,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node[last] = _parse_value(raw)
 
 
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN: not valid YAML (problem)`` -- the position 1-based, where the parser knows it."""
+    mark = getattr(exc, "problem_mark", None)
+    position = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return f"{position}: not valid YAML ({getattr(exc, 'problem', None) or exc.__class__.__name__})"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -245,7 +262,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        raise ConfigError(f"{path}{describe_yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data

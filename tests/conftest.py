@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,17 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+def strata_process(ray_session: Any, *args: str) -> subprocess.Popen[str]:
+    """``strata ARGS`` in a process of its own that joins the session's Ray (a second local Ray
+    would fight this one for ports), with the test methods importable in that driver and, through
+    the injected job config, in its Ray workers."""
+    pythonpath = os.pathsep.join([str(TESTS), str(REPO)])
+    env = os.environ | {
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "PYTHONPATH": pythonpath,
+        "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}),
+    }
+    driver = "import sys, strata_test_methods; from pipeline.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", driver, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,12 +6,14 @@ the method registers itself there too.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from pipeline.memory import TaskRecord
-from pipeline.methods import Batch, Method, MethodParams, TaskInfo, register_method
+from pipeline.methods import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
 
 
 class SampleCounterConfig(MethodParams):
@@ -42,3 +44,61 @@ class SampleCounter(Method):
 
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros(len(images), self.task.num_seen_classes if self.task else 1)
+
+
+class NanAtConfig(MethodParams):
+    lr: float = 0.1
+    task: int = 1  # the task whose training diverges
+    step: int = 2  # from this step of that task on, the loss is NaN
+
+
+@register_method("nan_at")
+class NanAt(Method):
+    """A bias-only classifier whose loss turns NaN at a chosen step: the divergence tests."""
+
+    scenarios = frozenset({"cil"})
+    Config = NanAtConfig
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.bias = torch.nn.Parameter(torch.zeros(task.num_seen_classes, device=self.device))
+        self.steps = 0
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("bias", [self.bias], self.cfg.lr)]
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        self.steps += 1
+        loss = torch.nn.functional.cross_entropy(self.bias.expand(len(batch["label"]), -1), batch["label"])
+        assert self.task is not None
+        if self.task.index == self.cfg.task and self.steps >= self.cfg.step:
+            loss = loss * torch.tensor(float("nan"))
+        return loss
+
+    def end_task(self) -> TaskRecord:
+        return TaskRecord({"bias": self.bias.detach()})
+
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        pass
+
+    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bias.detach().expand(len(images), -1)
+
+
+class PausingCounterConfig(SampleCounterConfig):
+    pause_file: str = ""  # while this file exists, training of task `pause_task` waits
+    pause_task: int = 1
+
+
+@register_method("pausing_counter")
+class PausingCounter(SampleCounter):
+    """``sample_counter`` that holds still inside a chosen task while a file exists: a run the
+    fault tests can interrupt mid-task, at a moment they choose rather than one they race."""
+
+    Config = PausingCounterConfig
+
+    def training_step(self, batch: Batch) -> None:
+        assert self.task is not None
+        while self.task.index == self.cfg.pause_task and self.cfg.pause_file and Path(self.cfg.pause_file).exists():
+            time.sleep(0.1)
+        super().training_step(batch)

@@ -16,7 +16,7 @@ from pipeline.config import validate_config
 from pipeline.memory import MemoryStore
 from pipeline.train import run
 
-from conftest import REPO, blobs_task, run_config
+from conftest import REPO, blobs_task, run_config, strata_process
 from test_data import png
 
 pytestmark = pytest.mark.ray
@@ -102,10 +102,12 @@ def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
     tasks = [blobs_task("fine", rows=16), {"id": "broken", "train": {"type": "parquet", "path": str(bad)}, "test": {"type": "parquet", "path": str(bad)}}]
     config = run_config(tmp_path, tasks)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml")])
-    assert result.exit_code == 2
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    driver = strata_process(ray_session, "run", str(tmp_path / "c.yaml"))  # a real process: Ray's worker logs are in its stderr
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "bad.parquet row group 0 row 4: cannot decode image" in errors[0]
+    assert stderr.strip().splitlines()[-1] == errors[0]  # the one line comes last, after Ray's tracebacks
     store = MemoryStore(str(tmp_path / "out/memory"))
     assert [e.task_id for e in store.verify()] == ["fine"]  # the failed task left no record
     client = MlflowClient(config["tracking"]["uri"])

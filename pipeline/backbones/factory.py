@@ -149,11 +149,15 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Read weights from a .safetensors file or a torch state dict (never unpickles objects)."""
     if not Path(path).is_file():
         raise ConfigError(f"backbone.checkpoint: {path}: no such file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, zipfile and unpickler errors share no base class
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"backbone.checkpoint: {path}: not a readable weights file ({reason[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -193,8 +197,14 @@ def load_checkpoint(model: nn.Module, cfg: BackboneConfig) -> None:
             state = getattr(importlib.import_module(module_name), fn_name)(state, model)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"backbone.key_remap: cannot use {cfg.key_remap!r} ({exc})") from None
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     state = {k: v for k, v in state.items() if k in expected or not k.startswith(("head.", "fc.", "classifier."))}
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ConfigError(
+                f"backbone.checkpoint: {cfg.checkpoint}: {key} has shape {tuple(tensor.shape)}, "
+                f"{cfg.name} needs {tuple(expected[key].shape)}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
@@ -232,6 +242,11 @@ def _timm(model_name: str, cfg: BackboneConfig) -> Backbone:
     full_name = f"{model_name}.{pretrained_tag}" if pretrained_tag else model_name
     try:
         model = timm.create_model(full_name, pretrained=bool(cfg.pretrained), num_classes=0, **cfg.kwargs)
+    except OSError as exc:  # huggingface_hub's "not in the cache and cannot reach the Hub"
+        raise ConfigError(
+            f"backbone.pretrained: {full_name}: weights not in the local cache and not downloadable "
+            f"({exc.__class__.__name__}); this needs network, or a local backbone.checkpoint"
+        ) from None
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"backbone: timm cannot build {full_name!r} with {cfg.kwargs}: {exc}") from None
     if cfg.checkpoint:

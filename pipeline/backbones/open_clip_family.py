@@ -116,7 +116,12 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, **cfg.kwargs)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {exc}") from None
+        if pretrained and "download" in str(exc).lower():
+            raise ConfigError(
+                f"backbone.pretrained: {model_name} tag {pretrained!r}: weights not in the local cache and not "
+                "downloadable; this needs network, or a local backbone.checkpoint"
+            ) from None
+        raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {str(exc).splitlines()[0]}") from None
     if cfg.checkpoint:
         load_checkpoint(model, cfg)
     model.eval()

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import FolderSource, GeneratorSource, ParquetSource
@@ -143,8 +144,15 @@ class ParquetReader:
         first_row = 0
         for path in self.files(spec):
             pf = self._open(path)
+            kind = pf.schema_arrow.field("label").type
+            if not pa.types.is_integer(kind):
+                raise DataError(f"{path}: column 'label' holds {kind} values; it must hold integer class indices")
             for rg in range(pf.metadata.num_row_groups):
-                labels = pf.read_row_group(rg, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+                column = pf.read_row_group(rg, columns=["label"]).column("label")
+                if column.null_count:
+                    row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise DataError(f"{path}: column 'label' is null at row {row}")
+                labels = column.to_numpy(zero_copy_only=False)
                 yield LabelBlock(path, first_row, labels.astype(np.int64))
                 first_row += len(labels)
 

@@ -93,9 +93,17 @@ class MemoryStore:
                 manifest = json.loads(fh.read())
         except (OSError, ValueError) as exc:
             raise StoreError(f"{self._location(MANIFEST)}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{self._location(MANIFEST)}: not a strata manifest (its top level is a {type(manifest).__name__})")
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{self._location(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(manifest.get("records"), list):
+            raise StoreError(f"{self._location(MANIFEST)}: has no 'records' list")
         return manifest
+
+    def exists(self) -> bool:
+        """Whether the store's directory exists (an empty store is one with no manifest yet)."""
+        return bool(self.fs.exists(self.root))
 
     def entries(self) -> list[RecordEntry]:
         try:
@@ -115,6 +123,11 @@ class MemoryStore:
         version = len(manifest["records"]) + 1
         name = f"{version - 1:04d}-{safe_name(task_id)}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in record.tensors.items()}
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise StoreError(
+                    f"{self.uri}: task {task_id!r}: tensor {key!r} holds nan/inf values; refused, the store stays at version {version - 1}"
+                )
         header = {"strata": json.dumps({"task_id": task_id, "method": method, "backbone_id": backbone_id, **record.meta})}
         data = st_save(tensors, metadata=header)
         self.fs.makedirs(self.root, exist_ok=True)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from pipeline.backbones import Backbone
-from pipeline.config import MethodConfig
+from pipeline.config import MAX_LR, MethodConfig
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
 
@@ -92,6 +92,20 @@ class MethodParams(BaseModel):
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr: float = 0.0
     grad_clip: float | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _sane_learning_rates(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every ``lr``/``*_lr`` field, including a subclass's redefinition (which drops the
+        base class's Field bounds): finite, positive (``min_lr`` may be 0), at most MAX_LR."""
+        name = info.field_name or ""
+        if value is None or not (name == "lr" or name.endswith("_lr")):
+            return value
+        low_ok = value >= 0 if name == "min_lr" else value > 0
+        if not (math.isfinite(value) and low_ok and value <= MAX_LR):
+            bound = ">= 0" if name == "min_lr" else "> 0"
+            raise ValueError(f"{value!r} is not a learning rate (finite, {bound}, at most {MAX_LR:g})")
+        return value
 
 
 class Method(ABC):
@@ -219,7 +233,7 @@ def resolve_method_params(cfg: MethodConfig, lr: float | None = None) -> MethodP
     try:
         return cls.Config.model_validate(data)
     except ValidationError as err:
-        parts = [f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        parts = [f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
         raise ConfigError("; ".join(parts)) from None
 
 

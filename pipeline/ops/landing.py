@@ -17,7 +17,7 @@ import fsspec
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import TaskConfig, format_validation_error
+from pipeline.config import TaskConfig, describe_yaml_error, format_validation_error
 from pipeline.errors import ConfigError, DataError
 
 MANIFEST = "task.yaml"
@@ -64,7 +64,7 @@ def _load_manifest(fs: fsspec.AbstractFileSystem, folder: str, location: str) ->
         with fs.open(path, "rb") as fh:
             data = yaml.safe_load(fh.read()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{location}/{MANIFEST}: not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{location}/{MANIFEST}{describe_yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{location}/{MANIFEST}: the top level must be a mapping")
     data.setdefault("id", location.rstrip("/").rsplit("/", 1)[-1])

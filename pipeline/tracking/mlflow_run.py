@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
@@ -71,6 +72,19 @@ class TrackedRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, ok: bool) -> None:
-        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(self.run_id, status=status)
+    @classmethod
+    def reopen(cls, cfg: TrackingConfig, run_id: str, tasks_done: int) -> TrackedRun | None:
+        """The run of an interrupted ``strata run``, RUNNING again; None if the store lost it."""
+        uri = resolve_tracking_uri(cfg)
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            return None
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "strata.continued_at_task", str(tasks_done))
+        return cls(uri, run_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED (MLflow's RunStatus names)."""
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))

@@ -9,39 +9,46 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import fsspec
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import jsonout
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig, dump_config, with_absolute_paths
 from pipeline.data.ray_data import split_dataset
 from pipeline.data.stream import StreamPlan, resolve_stream
-from pipeline.errors import ConfigError, StoreError, StrataError
+from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
 from pipeline.eval import metrics
 from pipeline.eval.report import write_heatmap, write_matrix_csv
 from pipeline.memory import MemoryStore
 from pipeline.methods import method_class, resolve_method_params
-from pipeline.tracking import TrackedRun
+from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.data_config import ExactlyOnceDataConfig
+from pipeline.train.preflight import check_resources, check_tracking, check_writable
+from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
 from pipeline.train.worker import Phase, Progress, WorkerJob, make_phases, train_loop_per_worker
 
 log = logging.getLogger("strata")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local Ray sized so Data and Train can't starve."""
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray sized so Data and Train can't starve.
+    True if this call connected (so the caller may shut it down), False if Ray was up already."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return
+        return True
     # More logical CPUs than cores: train workers take fractions, and Ray Data's read tasks
     # must still get a slot, or two 1-CPU workers on a 2-core machine hang. The dashboard
     # serves the state API that Train's placement-group cleaner polls.
@@ -51,6 +58,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}},
     )
+    return True
 
 
 def _resolved_config(cfg: StrataConfig) -> StrataConfig:
@@ -84,21 +92,25 @@ def _datasets(
     return datasets
 
 
-def _learned_tasks(cfg: StrataConfig, plan: StreamPlan, store: MemoryStore, backbone_id: str, joint: bool) -> int:
-    """How many of the stream's tasks the memory store already holds (memory.resume), checked
-    record by record against the stream, the method and the backbone; 0 for a fresh store."""
+def _learned_tasks(
+    cfg: StrataConfig, plan: StreamPlan, store: MemoryStore, backbone_id: str, joint: bool, continuing: bool
+) -> int:
+    """How many of the stream's tasks the memory store already holds (memory.resume, or this
+    run's own records when it continues after an interruption), checked record by record against
+    the stream, the method and the backbone; 0 for a fresh store."""
     entries = store.verify()
     if not entries:
         return 0
-    if not cfg.memory.resume:
-        raise StoreError(
-            f"{cfg.memory_uri}: already holds {len(entries)} records; use a new output_dir or memory.uri, "
-            "or memory.resume=true to continue that stream"
-        )
-    if joint:
-        raise ConfigError(f"memory.resume: method {cfg.method.name} trains every task at once and cannot continue a stream")
-    if len(entries) >= len(plan.tasks):
-        raise ConfigError(f"memory.resume: {cfg.memory_uri} already holds all {len(plan.tasks)} tasks of the stream")
+    if not continuing:
+        if not cfg.memory.resume:
+            raise StoreError(
+                f"{cfg.memory_uri}: already holds {len(entries)} records; use a new output_dir or memory.uri, "
+                "memory.resume=true to continue that stream, or --fresh to start over"
+            )
+        if joint:
+            raise ConfigError(f"memory.resume: method {cfg.method.name} trains every task at once and cannot continue a stream")
+        if len(entries) >= len(plan.tasks):
+            raise ConfigError(f"memory.resume: {cfg.memory_uri} already holds all {len(plan.tasks)} tasks of the stream")
     for entry, task in zip(entries, plan.tasks, strict=False):
         where = f"{cfg.memory_uri}/{entry.file}"
         if entry.task_id != task.id:
@@ -108,6 +120,72 @@ def _learned_tasks(cfg: StrataConfig, plan: StreamPlan, store: MemoryStore, back
         if entry.backbone_id != backbone_id:
             raise StoreError(f"{where}: made with backbone {entry.backbone_id}, but the current backbone is {backbone_id}")
     return len(entries)
+
+
+def _open_run(cfg: StrataConfig, out: Path, store: MemoryStore, fresh: bool) -> tuple[RunState, bool]:
+    """This run's state, and whether it continues an unfinished run of the same config in ``out``.
+
+    ``fresh`` forgets any earlier run here first: its run file, its Ray Train checkpoint and the
+    memory store's records."""
+    state = RunState.load(out)
+    if fresh:
+        if state is not None:
+            storage = cfg.train.storage_path or str(out / "ray")
+            fs, root = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/{state.train_run_name}")
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            (out / RUN_FILE).unlink()
+        if store.exists():
+            store.truncate(0)
+        return RunState.new(cfg), False
+    if state is None:
+        return RunState.new(cfg), False
+    same = state.config_sha256 == config_sha256(cfg)
+    if state.status == "finished":
+        if same:
+            raise ConfigError(f"{out}: this run has finished ({out / 'summary.json'}); pass --fresh to train it again, or use another output_dir")
+        return RunState.new(cfg), False
+    if not same:
+        raise ConfigError(
+            f"{out / RUN_FILE}: an unfinished run of a different config owns this folder; re-run that command to "
+            "continue it, pass --fresh to start over, or use another output_dir"
+        )
+    return state, True
+
+
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, stoppable by SIGINT and SIGTERM.
+
+    Train V2 replaces the SIGINT handler of the main thread with one that aborts the controller
+    and ends in ``sys.exit`` (which ``except Exception`` does not catch), and leaves SIGTERM to
+    kill the process outright. So the fit runs in a helper thread (as under Tune, where Train
+    installs no handler), and the main thread turns either signal into ``RunInterrupted``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    thread = threading.Thread(target=target, name="strata-fit", daemon=True)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def find_user_error(exc: BaseException) -> StrataError | None:
@@ -200,6 +278,7 @@ def run(
     callbacks: Sequence[Any] = (),
     tracking_tags: Mapping[str, str] | None = None,
     prior_accuracy: Sequence[Sequence[float | None]] = (),
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it.
 
@@ -207,6 +286,10 @@ def run(
     task's report reaches Tune); ``tracking_tags`` are set on the MLflow run (a sweep trial nests
     itself under the sweep's run with ``mlflow.parentRunId``). With ``memory.resume``,
     ``prior_accuracy`` gives the accuracy-matrix rows of the tasks learned by earlier runs.
+
+    An unfinished run of the same config in OUTPUT_DIR (its driver killed, interrupted, failed)
+    is continued: finished tasks are not trained again, the same MLflow run goes on, and Ray Train
+    restores its last checkpoint. ``fresh`` starts over instead (``strata run --fresh``).
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
@@ -215,27 +298,43 @@ def run(
         raise ConfigError(
             f"method.name: {cfg.method.name} supports {sorted(method_cls.scenarios)}, not stream.scenario {cfg.stream.scenario!r}"
         )
+    check_writable(cfg.output_dir, "output_dir")
+    check_writable(cfg.memory_uri, "memory.uri")
+    if cfg.train.storage_path:
+        check_writable(cfg.train.storage_path, "train.storage_path")
+    if cfg.tracking.enabled:
+        check_tracking(resolve_tracking_uri(cfg.tracking))
     plan = resolve_stream(
         cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
     )
     backbone = create_backbone(cfg.backbone)
     size = cfg.data.image_size or backbone.input_spec.size
     store = MemoryStore(cfg.memory_uri)
-    learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly)
+    out = Path(cfg.output_dir)
+    state, continuing = _open_run(cfg, out, store, fresh)
+    learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
     del backbone
     start = Progress.resumed(len(plan.tasks), learned, prior_accuracy)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # A continued run's checkpoint may be one task behind the store (killed between the record and
+    # the report): the worker rolls the store back to the checkpoint, so that task's data is needed.
+    first_phase = max(0, learned - 1) if continuing else learned
     (out / "config.yaml").write_text(dump_config(cfg))
 
-    init_ray()
+    own_ray = init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    check_resources(cfg, use_gpu)
     tags = {"strata.method": cfg.method.name, **(tracking_tags or {})}
-    run_ = TrackedRun.start(cfg.tracking, tags=tags) if cfg.tracking.enabled else None
-    if run_:
-        run_.log_params(cfg.model_dump(mode="json"))
-        run_.log_artifact(out / "config.yaml")
+    run_ = None
+    if cfg.tracking.enabled:
+        run_ = TrackedRun.reopen(cfg.tracking, state.mlflow_run_id, learned) if continuing and state.mlflow_run_id else None
+        if run_ is None:
+            run_ = TrackedRun.start(cfg.tracking, tags=tags)
+            run_.log_params(cfg.model_dump(mode="json"))
+            run_.log_artifact(out / "config.yaml")
+    state = state.with_status("running", mlflow_run_id=run_.run_id if run_ else None, tasks_done=learned).save(out)
+    if continuing:
+        log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
     job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, start, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
@@ -244,28 +343,35 @@ def run(
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"strata-{run_.run_id if run_ else int(started)}",
+            name=state.train_run_name,  # the same on a re-run: Train restores the last checkpoint
             storage_path=cfg.train.storage_path or str(out / "ray"),  # absolute or a URI (with_absolute_paths)
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets=_datasets(cfg, plan, phases, size, learned),
+        datasets=_datasets(cfg, plan, phases, size, first_phase),
         dataset_config=ExactlyOnceDataConfig(),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
+    except RunInterrupted as exc:
+        _close(run_, state, out, "killed", store)
+        if own_ray:
+            ray.shutdown()
+        raise RunInterrupted(exc.signum, f"{out}: stopped by {exc.signal_name}; {store.version} finished tasks are in {store.uri}; "
+                             "run the same command again to continue") from None
     except Exception as exc:
-        if run_:
-            run_.finish(ok=False)
+        _close(run_, state, out, "failed", store)
         user_error = find_user_error(exc)
         if user_error is not None:
+            if own_ray:  # before the one line: Ray's worker tracebacks would otherwise print after it
+                ray.shutdown()
             raise type(user_error)(str(user_error).splitlines()[0]) from None
         raise
     progress = Progress.from_checkpoint(result.checkpoint, start)
     summary = _summary(cfg, plan, progress, store, run_, time.time() - started)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(jsonout.dumps(summary, indent=2))
     (out / "memory_manifest.json").write_text(json.dumps([e.to_dict() for e in store.entries()], indent=1))
     write_matrix_csv(out / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
     write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
@@ -276,5 +382,12 @@ def run(
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
             run_.log_artifact(out / name)
         run_.log_artifact(out / "memory_manifest.json")
-        run_.finish(ok=True)
+    _close(run_, state, out, "finished", store)
     return summary
+
+
+def _close(run_: TrackedRun | None, state: RunState, out: Path, status: Literal["finished", "failed", "killed"], store: MemoryStore) -> None:
+    """End the MLflow run and the run file with the same status."""
+    if run_ is not None:
+        run_.finish(status.upper())
+    state.with_status(status, tasks_done=store.version).save(out)

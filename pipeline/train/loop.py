@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import DivergedError
 from pipeline.methods import Batch, Collective, Method
 
 log = logging.getLogger("strata")
@@ -32,16 +33,21 @@ class PhaseStats:
     steps: int
 
 
-def flat_all_reduce_grads(params: list[nn.Parameter], collective: Collective) -> None:
-    """Sum gradients across ranks in one flat buffer; a rank without a batch contributes zeros."""
-    if collective.world_size == 1:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    collective.all_reduce_(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+def flat_all_reduce_grads(params: list[nn.Parameter], collective: Collective, loss_finite: bool = True) -> bool:
+    """Sum gradients across ranks in one flat buffer; a rank without a batch contributes zeros.
+
+    Returns whether the summed gradients and every rank's loss are finite -- the same answer on
+    every rank, since it is read from the reduced buffer (a rank's NaN loss rides along as NaN)."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+    flag = torch.full((1,), 0.0 if loss_finite else math.nan, dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*grads, flag])
+    if collective.world_size > 1:
+        collective.all_reduce_(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+    return bool(torch.isfinite(flat).all())
 
 
 def broadcast_parameters(params: list[nn.Parameter], collective: Collective) -> None:
@@ -87,6 +93,7 @@ def train_phase(
                     break
             elif batch is None:
                 break
+            loss_finite = True
             if batch is not None:
                 samples += torch.bincount(batch["task"], minlength=num_tasks)
                 if params:
@@ -94,13 +101,18 @@ def train_phase(
                         loss = method.training_step(batch)
                     if loss is not None:
                         (loss * (local / global_n)).backward()
+                        loss_finite = math.isfinite(float(loss.detach()))
                         loss_sum += float(loss.detach()) * local
                 else:
                     with torch.no_grad():
                         method.training_step(batch)
             if params:
                 assert optimizer is not None
-                flat_all_reduce_grads(params, collective)
+                if not flat_all_reduce_grads(params, collective, loss_finite):
+                    raise DivergedError(
+                        f"{label}, step {steps + 1}: the loss or its gradient is not finite (nan/inf); "
+                        "lower the learning rate (train.lr or the method's lr groups) or set method.grad_clip"
+                    )
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()

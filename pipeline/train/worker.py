@@ -25,6 +25,7 @@ import torch
 from ray.train.v2._internal.execution import context as train_context
 
 from pipeline.backbones import Backbone, create_backbone
+from pipeline import jsonout
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
@@ -111,7 +112,7 @@ class Progress:
             return cls(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
 
     def write(self, directory: Path) -> None:
-        (directory / PROGRESS_FILE).write_text(json.dumps(asdict(self)))
+        (directory / PROGRESS_FILE).write_text(jsonout.dumps(asdict(self)))
 
 
 def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:

@@ -270,7 +270,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
         grid = tuner.fit()
     except Exception:
         if parent:
-            parent.finish(ok=False)
+            parent.finish("FAILED")
         raise
     trials = []
     for result in grid:
@@ -285,7 +285,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     finished = [t for t in trials if t["tasks_run"] == num_tasks and t["error"] is None]
     if not finished:
         if parent:
-            parent.finish(ok=False)
+            parent.finish("FAILED")
         raise ConfigError(f"sweep {root.name}: no trial finished all {num_tasks} tasks ({sum(t['error'] is not None for t in trials)} failed)")
     best = max(finished, key=lambda t: t["objective_per_task"][-1])
     report: dict[str, Any] = {
@@ -314,7 +314,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
             parent.client.set_tag(parent.run_id, "strata.final_run_id", report["final"]["mlflow_run_id"] or "")
         for name in ("best_config.yaml", "sweep_objective.png", "sweep_summary.json"):
             parent.log_artifact(root / name)
-        parent.finish(ok=True)
+        parent.finish()
     return report
 
 

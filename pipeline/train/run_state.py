@@ -1,0 +1,64 @@
+"""``OUTPUT_DIR/run.json``: which run owns an output folder, so that the same command continues it.
+
+A run writes it before training (status ``running``) and again when it ends (``finished``,
+``failed`` or ``killed``). It holds the id that names the Ray Train run (so a re-run finds the
+last checkpoint in ``storage_path``), the MLflow run id (so a re-run continues the same run), and
+the sha256 of the resolved config (so a different command is never mistaken for a re-run).
+A driver that died without a word leaves ``running``: the next run of the same config resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from pipeline import jsonout
+from pipeline.config import StrataConfig, dump_config
+from pipeline.errors import ConfigError
+
+RUN_FILE = "run.json"
+Status = Literal["running", "finished", "failed", "killed"]
+
+
+def config_sha256(cfg: StrataConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_uid: str
+    config_sha256: str
+    mlflow_run_id: str | None
+    status: Status
+    tasks_done: int = 0
+
+    @property
+    def train_run_name(self) -> str:
+        return f"strata-{self.run_uid}"
+
+    @classmethod
+    def new(cls, cfg: StrataConfig) -> RunState:
+        return cls(uuid.uuid4().hex[:16], config_sha256(cfg), None, "running")
+
+    @classmethod
+    def load(cls, output_dir: Path) -> RunState | None:
+        path = output_dir / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a strata run file ({exc.__class__.__name__}); remove it or pass --fresh") from None
+
+    def save(self, output_dir: Path) -> RunState:
+        tmp = output_dir / f".{RUN_FILE}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(jsonout.dumps(asdict(self), indent=1))
+        tmp.replace(output_dir / RUN_FILE)
+        return self
+
+    def with_status(self, status: Status, **changes: object) -> RunState:
+        return replace(self, status=status, **changes)  # type: ignore[arg-type]
