@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError
 
 Scenario = Literal["til", "cil", "dil", "dcil"]
 MAX_LR = 1e3  # no learning rate of any strata method's parameterisation is meaningful above this
+CLUSTER_MAX_FAILURES = 3
 
 
 class StrictModel(BaseModel):
@@ -119,9 +120,26 @@ class TrainConfig(StrictModel):
     use_gpu: bool | Literal["auto"] = "auto"
     gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per worker when training on GPU; a fraction shares one")
     amp: bool = Field(default=True, description="autocast to bfloat16 on GPU; ignored on CPU")
-    max_failures: int = Field(default=0, ge=0, description="worker-group restarts; a restart resumes at the last task")
+    max_failures: int | Literal["auto"] = Field(
+        default="auto",
+        description="worker-group restarts after a worker dies; a restart resumes at the unfinished task. 'auto': "
+        f"{CLUSTER_MAX_FAILURES} on a cluster joined through RAY_ADDRESS (preemptible nodes), 0 on a local Ray, where "
+        "a failure is a bug that a retry repeats; -1 retries forever",
+    )
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")
     storage_path: str | None = Field(default=None, description="Ray Train storage; default OUTPUT_DIR/ray")
+    checkpoint_every: int = Field(
+        default=0,
+        ge=0,
+        description="also checkpoint inside a task every N optimizer steps (0: off); a restarted worker group then "
+        "goes on from there and reads only the rows the checkpoint does not hold",
+    )
+    checkpoint_every_s: float = Field(
+        default=1800.0,
+        ge=0,
+        description="also checkpoint inside a task when this many seconds have passed since the last (0: off; "
+        "single-pass runs only, as checkpoint_every)",
+    )
     resources_timeout_s: float = Field(
         default=0.0,
         ge=0,
@@ -199,6 +217,8 @@ class StrataConfig(StrictModel):
             raise ValueError("eval.split 'validation' needs data.validation_fraction > 0")
         if self.tracking.model_name and not self.tracking.enabled:
             raise ValueError("tracking.model_name registers versions in MLflow: it needs tracking.enabled")
+        if self.train.passes > 1 and self.train.checkpoint_every:
+            raise ValueError("train.checkpoint_every: checkpoints inside a task need train.passes: 1")
         return self
 
     @property

@@ -6,6 +6,8 @@ the method registers itself there too.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from pipeline.memory import TaskRecord
 from pipeline.methods import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
+from pipeline.methods.finetune import Finetune, FinetuneConfig
 
 
 class SampleCounterConfig(MethodParams):
@@ -86,7 +89,7 @@ class NanAt(Method):
 
 
 class PausingCounterConfig(SampleCounterConfig):
-    pause_file: str = ""  # while this file exists, training of task `pause_task` waits
+    pause_file: str = ""  # while this file exists, training of task `pause_task` waits (and says so in PAUSE_FILE.waiting)
     pause_task: int = 1
 
 
@@ -99,6 +102,49 @@ class PausingCounter(SampleCounter):
 
     def training_step(self, batch: Batch) -> None:
         assert self.task is not None
-        while self.task.index == self.cfg.pause_task and self.cfg.pause_file and Path(self.cfg.pause_file).exists():
+        pause = Path(self.cfg.pause_file)
+        while self.task.index == self.cfg.pause_task and self.cfg.pause_file and pause.exists():
+            Path(f"{pause}.waiting").touch()
             time.sleep(0.1)
         super().training_step(batch)
+
+
+class KillAtConfig(FinetuneConfig):
+    max_id: int = 1024
+    kill_task: int = 1  # on rank 1, at this task's step `kill_step`, the worker process SIGKILLs itself
+    kill_step: int = 0  # 0: never
+    marker: str = ""  # written before the kill: the restarted group does not kill again; reads are logged next to it
+
+
+@register_method("kill_at")
+class KillAt(Finetune):
+    """``finetune`` that counts each sample's gradient steps (a partial sum, checkpointed inside a
+    task) and whose rank-1 worker kills its own process once, mid-task: the worker-restart test."""
+
+    Config = KillAtConfig
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.visits = torch.zeros(self.cfg.max_id, dtype=torch.int64, device=self.device)
+        self.steps = 0
+
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return {"sum.visits": self.visits}
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        assert self.task is not None
+        self.steps += 1
+        marker = Path(self.cfg.marker)
+        if self.collective.rank == 1 and self.task.index == self.cfg.kill_task and self.steps == self.cfg.kill_step and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(3.0)  # long enough for Train's controller to register the last checkpoint (it polls workers)
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(f"{marker}.reads.{os.getpid()}", "a") as fh:  # every row a worker trains on, restarts included
+            fh.write("".join(f"{self.task.index} {int(i)}\n" for i in batch["sample_id"]))
+        self.visits.index_add_(0, batch["sample_id"], torch.ones_like(batch["sample_id"]))
+        return super().training_step(batch)
+
+    def end_task(self) -> TaskRecord:
+        record = super().end_task()
+        record.tensors["visits"] = self.collective.all_reduce_(self.visits.clone())
+        return record

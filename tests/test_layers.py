@@ -11,7 +11,7 @@ RANK = {
     "eval": 2,
     "methods": 1,
     "backbones": 0, "data": 0, "memory": 0, "tracking": 0,
-    "config": -1, "errors": -1,
+    "config": -1, "errors": -1, "jsonout": -1,
 }  # fmt: skip
 
 

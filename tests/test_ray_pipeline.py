@@ -101,6 +101,7 @@ def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
     pq.write_table(table.replace_schema_metadata({"classes": json.dumps(["a", "b"])}), bad)
     tasks = [blobs_task("fine", rows=16), {"id": "broken", "train": {"type": "parquet", "path": str(bad)}, "test": {"type": "parquet", "path": str(bad)}}]
     config = run_config(tmp_path, tasks)
+    config["train"]["max_failures"] = 0  # 'auto' retries on a cluster joined through RAY_ADDRESS, as this process does
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     driver = strata_process(ray_session, "run", str(tmp_path / "c.yaml"))  # a real process: Ray's worker logs are in its stderr
     _, stderr = driver.communicate(timeout=300)

@@ -306,3 +306,43 @@ def test_predict_candidates_follow_the_model_scenario():
         candidates_for(card, "z", infers_tasks=False)
     cil = ModelCard(**{**card.__dict__, "scenario": "cil", "label_space": "seen"})
     assert candidates_for(cil, None, infers_tasks=False).classes == (0, 1, 2, 3)
+
+
+def test_registration_is_idempotent_and_the_card_pins_the_records(tmp_path):
+    """A task registered, then its worker restarted before the version reached a checkpoint:
+    registering again finds the same version; a store trained again no longer serves it."""
+    from pipeline.backbones import create_backbone
+    from pipeline.data.stream import resolve_stream
+    from pipeline.eval.predict import load_model
+    from pipeline.tracking import TrackedRun, load_version
+    from pipeline.config import with_absolute_paths
+    from pipeline.train.progress import Progress, make_phases
+    from pipeline.train.registration import register_finished
+
+    cfg = with_absolute_paths(validate_config(run_config(tmp_path, [blobs_task("a"), blobs_task("b", seed=1)], tracking={
+        "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests", "model_name": "m"})))  # fmt: skip
+    plan = resolve_stream(cfg.stream, 64)
+    backbone = create_backbone(cfg.backbone)
+    store = MemoryStore(cfg.memory_uri)
+    for i, task in enumerate(plan.tasks):
+        means = torch.full((2, backbone.feature_dim), float(i))
+        store.append(TaskRecord({"classes": torch.tensor([2 * i, 2 * i + 1]), "means": means, "counts": torch.ones(2, dtype=torch.int64)}),
+                     task_index=i, task_id=task.id, method="ncm", backbone_id=backbone.backbone_id)  # fmt: skip
+    run = TrackedRun.start(cfg.tracking)
+    phases = make_phases(2, joint=False)
+    progress = Progress(2, phases_done=2, records=2, accuracy_matrix=[[0.5, None], [0.5, 0.5]])
+    register_finished(run, cfg, plan, phases, progress, store, backbone, "seen")
+    assert progress.model_versions == ["1", "2"]
+    progress.model_versions = [None, None]  # as a restarted worker sees it
+    register_finished(run, cfg, plan, phases, progress, store, backbone, "seen")
+    assert progress.model_versions == ["1", "2"]
+    assert len(MlflowClient(cfg.tracking.uri).search_model_versions("name = 'm'")) == 2
+    card = load_version(cfg.tracking.uri, "m/2").card
+    assert card.records_sha256 == [e.sha256 for e in store.entries()]
+    load_model(card)
+    store.truncate(1)  # the second task trained again: another record under the same version number
+    store.append(TaskRecord({"classes": torch.tensor([2, 3]), "means": torch.zeros(2, backbone.feature_dim), "counts": torch.ones(2, dtype=torch.int64)}),
+                 task_index=1, task_id="b", method="ncm", backbone_id=backbone.backbone_id)  # fmt: skip
+    with pytest.raises(StoreError, match="the store no longer holds this version"):
+        load_model(card)
+    load_model(load_version(cfg.tracking.uri, "m/1").card)  # the first version's record is untouched

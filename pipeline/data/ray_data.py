@@ -35,16 +35,25 @@ def decode_image(data: bytes, size: int, location: str) -> np.ndarray:
 
 
 def load_chunks(
-    batch: dict[str, np.ndarray], *, label_map: Sequence[int], task_index: int, size: int, rows: RowSelection = ALL_ROWS
+    batch: dict[str, np.ndarray],
+    *,
+    label_map: Sequence[int],
+    task_index: int,
+    size: int,
+    rows: RowSelection = ALL_ROWS,
+    consumed: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` UDF: read each chunk, keep the rows of the task's classes that the split
-    selects, decode, relabel."""
+    selects and that an in-task checkpoint has not already trained on, decode, relabel."""
     lookup = np.asarray(label_map, dtype=np.int64)
     for text in batch["chunk"]:
         chunk = Chunk.from_json(str(text))
         read = reader_for(chunk.type).read(chunk)
         labels = lookup[read.labels]
-        keep = np.flatnonzero((labels >= 0) & rows.mask(read.sample_ids))
+        selected = (labels >= 0) & rows.mask(read.sample_ids)
+        if consumed is not None:
+            selected &= ~consumed[read.sample_ids]
+        keep = np.flatnonzero(selected)
         for start in range(0, len(keep), OUTPUT_ROWS):
             idx = keep[start : start + OUTPUT_ROWS]
             yield {
@@ -63,15 +72,25 @@ def split_dataset(
     size: int,
     decode_cpus: float,
     shuffle_seed: int | None = None,
+    consumed: np.ndarray | None = None,
 ) -> ray.data.Dataset:
+    """The split as a lazy dataset of decoded batches. ``consumed`` (bool by sample id) leaves
+    out rows an in-task checkpoint holds already; chunks with no row left are not read at all."""
     chunks = list(split.chunks)
+    if consumed is not None:
+        chunks = [c for c in chunks if not consumed[c.first_id : c.first_id + c.num_rows].all()]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(chunks)
     items: list[dict[str, Any]] = [{"chunk": c.to_json()} for c in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     return ds.map_batches(
         load_chunks,
         batch_size=1,
         num_cpus=decode_cpus,
-        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "rows": split.rows},
+        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "rows": split.rows, "consumed": consumed},
     )
+
+
+def source_rows(split: SplitPlan) -> int:
+    """One past the largest sample id of the split's source: the size of a bitmap over its rows."""
+    return max((c.first_id + c.num_rows for c in split.chunks), default=0)

@@ -40,6 +40,12 @@ def load_model(card: ModelCard, device: torch.device | str = "cpu") -> Method:
     store = MemoryStore(card.memory_store)
     if store.version < card.memory_version:
         raise StoreError(f"{card.memory_store}: holds {store.version} records, the model version needs {card.memory_version}")
+    for entry, pinned in zip(store.entries(), card.records_sha256, strict=False):
+        if entry.sha256 != pinned:  # the store was rolled back and trained again (e.g. --fresh) since this version
+            raise StoreError(
+                f"{card.memory_store}/{entry.file}: sha256 {entry.sha256[:12]}…, but the model version was made with "
+                f"{pinned[:12]}…; the store no longer holds this version"
+            )
     method = create_method(resolve_method_params(MethodConfig.model_validate(card.config["method"])), backbone)
     method.restore(store.load_all(backbone_id=card.backbone_id, upto=card.memory_version))
     last = card.tasks[-1]

@@ -144,6 +144,40 @@ class Method(ABC):
         """Diagnostics of the task just ended (JSON-able), for the summary and MLflow."""
         return {}
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        """The current task's tensors besides its trainable parameters that a checkpoint inside
+        the task must keep, as the live tensors (restored in place). Names starting ``sum.`` are
+        per-rank partial sums that ``end_task`` all-reduces (statistics of the rows this rank
+        has seen); the others are identical on every rank."""
+        return {}
+
+    def task_state(self) -> dict[str, torch.Tensor]:
+        """Everything the current task has learned so far, identical on every rank: the trainable
+        parameters and ``task_buffers``, partial sums summed over ranks. Collective: every rank
+        calls it at the same step."""
+        state = {f"param.{i}": p.detach().clone() for i, p in enumerate(self.trainable_parameters())}
+        for name, tensor in self.task_buffers().items():
+            state[name] = self.collective.all_reduce_(tensor.clone()) if name.startswith("sum.") else tensor.clone()
+        return state
+
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue the current task (``begin_task`` done) from ``task_state``: parameters and
+        buffers on every rank; the summed partial sums on rank 0 and zeros on the others, so that
+        ``end_task``'s all-reduce sums every row exactly once."""
+        params = self.trainable_parameters()
+        buffers = self.task_buffers()
+        expected = {f"param.{i}" for i in range(len(params))} | set(buffers)
+        if set(state) != expected:
+            raise ValueError(f"{self.name}: checkpointed task state has {sorted(set(state) ^ expected)[:3]} unlike this task")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(state[f"param.{i}"].to(p.device))
+            for name, tensor in buffers.items():
+                if name.startswith("sum.") and self.collective.rank != 0:
+                    tensor.zero_()
+                else:
+                    tensor.copy_(state[name].to(tensor.device))
+
     def take_eval_stats(self) -> dict[str, torch.Tensor]:
         """Sums accumulated by ``score`` since the last call, as (sum, count) tensors by name;
         the evaluator all-reduces them into a mean per test set."""

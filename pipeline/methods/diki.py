@@ -104,6 +104,9 @@ class DIKI(Method):
         self._local = torch.full((task.num_seen_classes,), -1, dtype=torch.long, device=self.device)
         self._local[list(task.classes)] = torch.arange(len(task.classes), device=self.device)
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return self._accumulator.buffers("gaussian") if self._accumulator is not None else {}
+
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("residuals", self._trainable, self.cfg.lr)]
 

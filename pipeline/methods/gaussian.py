@@ -44,6 +44,10 @@ class GaussianAccumulator:
         self.sum += x.sum(dim=0)
         self.outer += x.T @ x
 
+    def buffers(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The accumulator's partial sums, for ``Method.task_buffers``."""
+        return {f"sum.{prefix}.count": self.count, f"sum.{prefix}.sum": self.sum, f"sum.{prefix}.outer": self.outer}
+
     def reduce(self, collective: Collective) -> None:
         for t in (self.count, self.sum, self.outer):
             collective.all_reduce_(t)

@@ -105,6 +105,9 @@ class L2P(Method):
         self.head.grow(task.num_seen_classes)
         self._task_counts = torch.zeros_like(self.counts)
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return {"sum.selection": self._task_counts}
+
     def param_groups(self) -> list[ParamGroup]:
         return [
             ParamGroup("prompts", [self.prompts, self.keys], self.cfg.lr),

@@ -80,6 +80,10 @@ class MaskRKR(TaskwiseMethod):
                 self.last_masks[name][part] = mask.detach() > 0.5
                 setattr(hook, part, set_slot(getattr(hook, part), slot, masked_part(part, mask, self.shared[name][part], self.cfg.mask_mode)))
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        masks = {f"last_mask.{part}.{name}": m for name, parts in self.last_masks.items() for part, m in parts.items()}
+        return super().task_buffers() | masks
+
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         tensors = {f"mask.{part}.{name}": pack_bits(self.last_masks[name][part]) for name in self.hooks for part in PARTS}
         if slot == 0:

@@ -44,6 +44,9 @@ class NCM(Method):
         self._sums = torch.zeros(task.num_seen_classes, self.backbone.feature_dim, dtype=torch.float64, device=self.device)
         self._task_counts = torch.zeros(task.num_seen_classes, dtype=torch.int64, device=self.device)
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return {"sum.features": self._sums, "sum.counts": self._task_counts}
+
     def training_step(self, batch: Batch) -> None:
         features = self.frozen_features(batch["image"]).double()
         self._sums.index_add_(0, batch["label"], features)

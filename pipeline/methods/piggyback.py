@@ -50,6 +50,9 @@ class Piggyback(TaskwiseMethod):
             self.last_masks[name] = mask.detach() > 0.5
             hook.mask = set_slot(hook.mask, slot, mask)
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return super().task_buffers() | {f"last_mask.{name}": mask for name, mask in self.last_masks.items()}
+
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {f"mask.{name}": pack_bits(self.last_masks[name]) for name in self.hooks}
 

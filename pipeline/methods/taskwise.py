@@ -99,6 +99,9 @@ class TaskwiseMethod(Method):
     def param_groups(self) -> list[ParamGroup]:
         return self._groups
 
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return self._accumulator.buffers("gaussian") if self._accumulator is not None else {}
+
     def training_step(self, batch: Batch) -> torch.Tensor:
         images = batch["image"]
         if self._accumulator is not None:

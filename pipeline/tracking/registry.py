@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class ModelCard:
     image_size: int
     tasks: list[dict[str, Any]]  # learned so far, in order: {"id", "classes" (stream ids), "domain"}
     class_names: list[str]  # seen classes by stream id
+    records_sha256: list[str] = field(default_factory=list)  # the store records it is made of (absent in older cards)
     format: str = CARD_FORMAT
 
     def to_json(self) -> str:
@@ -67,9 +68,26 @@ class RegisteredVersion:
     card: ModelCard
 
 
+def _existing_version(client: MlflowClient, run_id: str, name: str, tags: dict[str, str]) -> str | None:
+    """This run's version of ``name`` with the same store version and record checksum, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    keys = ("strata.memory_store", "strata.memory_version", "strata.record_sha256")
+    for mv in versions:
+        if all(mv.tags.get(k) == tags.get(k) for k in keys):
+            return str(mv.version)
+    return None
+
+
 def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard, tags: dict[str, str]) -> str:
-    """Log ``card`` to the run and register it as the next version of model ``name``; returns the version."""
+    """Log ``card`` to the run and register it as the next version of model ``name``; returns the
+    version. Idempotent: a version this run registered for the same record is returned as it is."""
     client = MlflowClient(tracking_uri)
+    existing = _existing_version(client, run_id, name, tags)
+    if existing is not None:
+        return existing
     artifact_path = f"continual_model/v{card.memory_version:04d}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CARD_FILE

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import jsonout
 from pipeline.backbones import create_backbone
-from pipeline.config import StrataConfig, dump_config, with_absolute_paths
+from pipeline.config import CLUSTER_MAX_FAILURES, StrataConfig, dump_config, with_absolute_paths
 from pipeline.data.ray_data import split_dataset
 from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
@@ -33,10 +33,12 @@ from pipeline.eval.report import write_heatmap, write_matrix_csv
 from pipeline.memory import MemoryStore
 from pipeline.methods import method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset
 from pipeline.train.data_config import ExactlyOnceDataConfig
 from pipeline.train.preflight import check_resources, check_tracking, check_writable
 from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
-from pipeline.train.worker import Phase, Progress, WorkerJob, make_phases, train_loop_per_worker
+from pipeline.train.progress import Phase, Progress, make_phases
+from pipeline.train.worker import WorkerJob, train_loop_per_worker
 
 log = logging.getLogger("strata")
 
@@ -61,34 +63,35 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+def max_failures(cfg: StrataConfig) -> int:
+    """``train.max_failures``, with 'auto' resolved: retries on a cluster, none on a local Ray."""
+    if cfg.train.max_failures != "auto":
+        return cfg.train.max_failures
+    return CLUSTER_MAX_FAILURES if os.environ.get("RAY_ADDRESS") else 0
+
+
 def _resolved_config(cfg: StrataConfig) -> StrataConfig:
     params = resolve_method_params(cfg.method, cfg.train.lr)
     return cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})
 
 
 def _datasets(
-    cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int, start: int
-) -> dict[str, ray.data.Dataset]:
-    common = {"size": size, "decode_cpus": cfg.data.decode_cpus}
-    datasets: dict[str, ray.data.Dataset] = {}
+    cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int, start: int, checkpoints: CheckpointLocator
+) -> dict[str, ray.data.Dataset | PhaseDataset]:
+    """Lazy datasets: ``train_<phase>`` as callables Train calls at every worker-group start (a
+    group restarted inside a phase reads only what its checkpoint does not hold), ``test_<task>``."""
+    datasets: dict[str, ray.data.Dataset | PhaseDataset] = {}
     for p, phase in enumerate(phases):
         if p < start:  # learned by an earlier run (memory.resume)
             continue
-        parts = [
-            split_dataset(
-                plan.tasks[i].train,
-                label_map=plan.tasks[i].label_map,
-                task_index=i,
-                shuffle_seed=cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None,
-                **common,
-            )
-            for i in phase.tasks
-        ]
-        datasets[f"train_{p}"] = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        parts = tuple(
+            (plan.tasks[i].train, plan.tasks[i].label_map, i, cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None) for i in phase.tasks
+        )
+        datasets[f"train_{p}"] = PhaseDataset(p, parts, size, cfg.data.decode_cpus, checkpoints)
     for j, task in enumerate(plan.tasks):
         evaluated = task.test if cfg.eval.split == "test" else task.validation
         assert evaluated is not None
-        datasets[f"test_{j}"] = split_dataset(evaluated, label_map=task.label_map, task_index=j, **common)
+        datasets[f"test_{j}"] = split_dataset(evaluated, label_map=task.label_map, task_index=j, size=size, decode_cpus=cfg.data.decode_cpus)
     return datasets
 
 
@@ -239,6 +242,7 @@ def _summary(
         "model_name": cfg.tracking.model_name,
         "model_versions": progress.model_versions,
         "steps": progress.steps,
+        "resumes": progress.resumes,  # worker-group starts from a checkpoint (restarts after failures, continued runs)
         "task_stats": progress.task_stats,
         **_eval_stats_summary(progress),
         **_task_inference_summary(progress),
@@ -338,19 +342,21 @@ def run(
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
     job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, start, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
+    storage = cfg.train.storage_path or str(out / "ray")  # absolute or a URI (with_absolute_paths)
+    checkpoints = CheckpointLocator(storage, state.train_run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=state.train_run_name,  # the same on a re-run: Train restores the last checkpoint
-            storage_path=cfg.train.storage_path or str(out / "ray"),  # absolute or a URI (with_absolute_paths)
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures(cfg)),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets=_datasets(cfg, plan, phases, size, first_phase),
+        datasets=_datasets(cfg, plan, phases, size, first_phase, checkpoints),  # type: ignore[arg-type]  (Train V2 takes callables)
         dataset_config=ExactlyOnceDataConfig(),
     )
     try:

@@ -12,16 +12,19 @@ it). Every rank then applies the identical update, so adapters stay bit-identica
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from pipeline.errors import DivergedError
 from pipeline.methods import Batch, Collective, Method
+from pipeline.train.checkpoint import PhaseState
 
 log = logging.getLogger("strata")
 
@@ -57,6 +60,22 @@ def broadcast_parameters(params: list[nn.Parameter], collective: Collective) -> 
             collective.broadcast_(p.data)
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a phase checkpoints inside itself, and how: ``save`` reports the state (a collective:
+    every rank calls it at the same step). Steps, seconds (rank 0's clock, agreed through the
+    step's all-reduce), or both; 0 turns a criterion off."""
+
+    save: Callable[[PhaseState], None]
+    every_steps: int = 0
+    every_s: float = 0.0
+    source_rows: dict[int, int] = field(default_factory=dict)  # bitmap size per stream task of the phase
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0 or self.every_s > 0
+
+
 def train_phase(
     method: Method,
     make_batches: Callable[[], Iterable[Batch]],
@@ -68,27 +87,56 @@ def train_phase(
     amp: bool,
     log_every: int,
     label: str,
+    phase_index: int = 0,
+    checkpoints: CheckpointPolicy | None = None,
+    resume: PhaseState | None = None,
 ) -> PhaseStats:
+    """Train one phase; with ``checkpoints``, report its state every so often, and with
+    ``resume``, go on from such a state (the batches then hold only the rows it has not seen)."""
     collective = method.collective
     device = method.device
     params = method.trainable_parameters()
     grad_clip = method.cfg.grad_clip
+    policy = checkpoints if checkpoints is not None and checkpoints.enabled else None
+    lockstep = bool(params) or policy is not None  # a checkpoint is a collective: every rank must reach it at the same step
+    lead = collective.rank == 0
     samples = torch.zeros(num_tasks, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    consumed = {task: torch.zeros(rows, dtype=torch.bool) for task, rows in (policy.source_rows if policy else {}).items()}
     steps = 0
     optimizer = scheduler = None
     if params:
         optimizer, scheduler = method.build_optimizer(passes * math.ceil(num_samples / global_batch_size), global_batch_size)
+    if resume is not None:
+        # Partial sums (samples, loss, consumed rows, the method's statistics) continue on rank 0
+        # only, so that the closing all-reduces count each row once.
+        steps = resume.steps
+        if lead:
+            samples += torch.tensor(resume.samples, dtype=torch.int64, device=device)
+            loss_sum += resume.loss_sum
+            for task, bits in resume.consumed.items():
+                consumed[task] = bits.clone()
+        method.load_task_state(resume.method)
+        if optimizer is not None and resume.optimizer is not None:
+            optimizer.load_state_dict(resume.optimizer)
+        if scheduler is not None and resume.scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
+        if resume.rng is not None and resume.rng.shape[0] == collective.world_size:
+            torch.set_rng_state(resume.rng[collective.rank].to(torch.uint8).cpu())
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     )
+    last_save = time.monotonic()
     for _ in range(passes):
         iterator = iter(make_batches())
         while True:
             batch = next(iterator, None)
             local = 0 if batch is None else len(batch["label"])
-            if params:
-                global_n = int(collective.all_reduce_(torch.tensor([local], device=device))[0])
+            time_due = False
+            if lockstep:
+                wants = int(policy is not None and policy.every_s > 0 and lead and time.monotonic() - last_save >= policy.every_s)
+                reduced = collective.all_reduce_(torch.tensor([local, wants], device=device))
+                global_n, time_due = int(reduced[0]), bool(reduced[1])
                 if global_n == 0:
                     break
             elif batch is None:
@@ -96,6 +144,9 @@ def train_phase(
             loss_finite = True
             if batch is not None:
                 samples += torch.bincount(batch["task"], minlength=num_tasks)
+                if policy is not None:
+                    for task in torch.unique(batch["task"]).tolist():
+                        consumed[task][batch["sample_id"][batch["task"] == task].cpu()] = True
                 if params:
                     with autocast:
                         loss = method.training_step(batch)
@@ -120,8 +171,11 @@ def train_phase(
                 if scheduler is not None:
                     scheduler.step()
             steps += 1
-            if collective.rank == 0 and params and steps % log_every == 0:
+            if lead and params and steps % log_every == 0:
                 log.info("%s | step %d | loss %.4f", label, steps, float(loss_sum[0]) / max(int(samples.sum()), 1))
+            if policy is not None and ((policy.every_steps and steps % policy.every_steps == 0) or time_due):
+                policy.save(_phase_state(method, phase_index, steps, samples, loss_sum, consumed, optimizer, scheduler))
+                last_save = time.monotonic()
     collective.all_reduce_(samples)
     collective.all_reduce_(loss_sum)
     seen = int(samples.sum())
@@ -129,4 +183,39 @@ def train_phase(
         samples_per_task=[int(s) for s in samples.tolist()],
         mean_loss=float(loss_sum[0]) / seen if params and seen else None,
         steps=steps,
+    )
+
+
+def _phase_state(
+    method: Method,
+    phase_index: int,
+    steps: int,
+    samples: torch.Tensor,
+    loss_sum: torch.Tensor,
+    consumed: dict[int, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> PhaseState:
+    """The phase's state reduced over ranks (a collective), identical on every rank."""
+    collective = method.collective
+    device = method.device
+    merged: dict[int, torch.Tensor] = {}
+    for task, bits in consumed.items():
+        counts = collective.all_reduce_(bits.to(device, torch.uint8))
+        if counts.numel() and int(counts.max()) > 1:
+            raise RuntimeError(f"sample ids of task {task} entered a step on two ranks: the data split is not exactly-once")
+        merged[task] = (counts > 0).cpu()
+    rng = torch.get_rng_state()
+    ranks = torch.zeros(collective.world_size, rng.numel(), dtype=torch.int32, device=device)
+    ranks[collective.rank] = rng.to(device, torch.int32)
+    return PhaseState(
+        phase_index=phase_index,
+        steps=steps,
+        samples=[int(v) for v in collective.all_reduce_(samples.clone()).tolist()],
+        loss_sum=float(collective.all_reduce_(loss_sum.clone())[0]),
+        consumed=merged,
+        method=method.task_state(),
+        optimizer=copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,  # its tensors are live otherwise
+        scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+        rng=collective.all_reduce_(ranks).cpu(),
     )

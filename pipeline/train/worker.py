@@ -9,46 +9,35 @@ checkpoint plus the memory store.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
 from ray.train.v2._internal.execution import context as train_context
 
-from pipeline.backbones import Backbone, create_backbone
-from pipeline import jsonout
+from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
-from pipeline.tracking import ModelCard, TrackedRun, register_version
+from pipeline.tracking import TrackedRun
+from pipeline.data.ray_data import source_rows
+from pipeline.train.checkpoint import PhaseState, read_checkpoint
 from pipeline.train.collective import current_collective
-from pipeline.train.loop import broadcast_parameters, train_phase
+from pipeline.train.loop import CheckpointPolicy, broadcast_parameters, train_phase
+from pipeline.train.progress import Phase, Progress, phase_metrics
+from pipeline.train.registration import register_finished
 
 log = logging.getLogger("strata")
-PROGRESS_FILE = "progress.json"
-
-
-@dataclass(frozen=True)
-class Phase:
-    tasks: tuple[int, ...]  # whose training data this phase consumes
-    row: int  # the accuracy-matrix row it fills
-
-
-def make_phases(num_tasks: int, joint: bool) -> tuple[Phase, ...]:
-    if joint:
-        return (Phase(tuple(range(num_tasks)), num_tasks - 1),)
-    return tuple(Phase((i,), i) for i in range(num_tasks))
 
 
 @dataclass(frozen=True)
@@ -60,59 +49,6 @@ class WorkerJob:
     start: Progress  # where the stream starts when there is no checkpoint yet (later than 0 with memory.resume)
     tracking_uri: str | None = None
     run_id: str | None = None
-
-
-@dataclass
-class Progress:
-    """The stream's position and results so far; the checkpoint of a run."""
-
-    num_tasks: int
-    phases_done: int = 0
-    records: int = 0
-    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
-    samples_seen: list[int] = field(default_factory=list)  # by this run (0 for tasks learned by an earlier run)
-    train_loss: list[float | None] = field(default_factory=list)
-    phase_wall_s: list[float] = field(default_factory=list)  # of each phase this run trained
-    train_wall_s: list[float] = field(default_factory=list)  # of each phase: the pass and end_task, no evaluation
-    model_versions: list[str | None] = field(default_factory=list)  # registered after each task (tracking.model_name)
-    steps: list[int | None] = field(default_factory=list)  # optimizer steps of each phase this run trained
-    task_stats: list[dict[str, Any] | None] = field(default_factory=list)  # Method.task_stats() after each phase
-    eval_stats: dict[str, list[list[float | None]]] = field(default_factory=dict)  # Method.take_eval_stats(), by name
-    # Methods that infer tasks (til methods with task_inference): the same rows without task ids.
-    cil_accuracy_matrix: list[list[float | None]] | None = None
-    task_inference_matrix: list[list[float | None]] | None = None
-
-    def __post_init__(self) -> None:
-        t = self.num_tasks
-        self.accuracy_matrix = self.accuracy_matrix or [[None] * t for _ in range(t)]
-        self.samples_seen = self.samples_seen or [0] * t
-        self.train_loss = self.train_loss or [None] * t
-        self.model_versions = self.model_versions or [None] * t
-        self.steps = self.steps or [None] * t
-        self.task_stats = self.task_stats or [None] * t
-
-    def record_eval_stats(self, row: int, column: int, stats: dict[str, float]) -> None:
-        for name, value in stats.items():
-            matrix = self.eval_stats.setdefault(name, [[None] * self.num_tasks for _ in range(self.num_tasks)])
-            matrix[row][column] = value
-
-    @classmethod
-    def resumed(cls, num_tasks: int, learned: int, prior_accuracy: Sequence[Sequence[float | None]] = ()) -> Progress:
-        """The start of a stream whose first ``learned`` tasks an earlier run put in the memory store."""
-        progress = cls(num_tasks, phases_done=learned, records=learned)
-        for i, row in enumerate(prior_accuracy[:learned]):
-            progress.accuracy_matrix[i][: len(row)] = list(row)[:num_tasks]
-        return progress
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: ray.train.Checkpoint | None, start: Progress) -> Progress:
-        if checkpoint is None:
-            return start
-        with checkpoint.as_directory() as path:
-            return cls(**json.loads((Path(path) / PROGRESS_FILE).read_text()))
-
-    def write(self, directory: Path) -> None:
-        (directory / PROGRESS_FILE).write_text(jsonout.dumps(asdict(self)))
 
 
 def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
@@ -127,44 +63,6 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
         class_names=plan.class_names[:num_seen],
         domain=tasks[0].domain if len(tasks) == 1 else None,
     )
-
-
-def model_card(cfg: StrataConfig, plan: StreamPlan, row: int, records: int, backbone: Backbone, label_space: str) -> ModelCard:
-    """The registry card of the model after the task that fills accuracy row ``row``."""
-    num_seen = plan.num_seen(row)
-    return ModelCard(
-        config=cfg.model_dump(mode="json"),
-        backbone_id=backbone.backbone_id,
-        memory_store=cfg.memory_uri,
-        memory_version=records,
-        scenario=plan.scenario,
-        label_space=label_space,
-        image_size=cfg.data.image_size or backbone.input_spec.size,
-        tasks=[{"id": t.id, "classes": list(t.classes), "domain": t.domain} for t in plan.tasks[: row + 1]],
-        class_names=list(plan.class_names[:num_seen]),
-    )
-
-
-def card_tags(card: ModelCard) -> dict[str, str]:
-    return {
-        "strata.stream_position": str(len(card.tasks)),
-        "strata.task_id": card.tasks[-1]["id"],
-        "strata.method": card.config["method"]["name"],
-        "strata.backbone_id": card.backbone_id,
-        "strata.memory_store": card.memory_store,
-        "strata.memory_version": str(card.memory_version),
-    }
-
-
-def flat_stats(stats: dict[str, Any]) -> dict[str, float]:
-    """A method's task stats as MLflow metrics: scalars as they are, lists as ``name/i``."""
-    flat: dict[str, float] = {}
-    for name, value in stats.items():
-        if isinstance(value, list | tuple):
-            flat |= {f"{name}/{i}": float(v) for i, v in enumerate(value)}
-        else:
-            flat[name] = float(value)
-    return flat
 
 
 def train_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -202,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     backbone = create_backbone(cfg.backbone).to(device)
     method = create_method(job.method, backbone, collective)
     store = MemoryStore(cfg.memory_uri)
-    progress = Progress.from_checkpoint(ray.train.get_checkpoint(), job.start)
+    progress, in_phase = read_checkpoint(ray.train.get_checkpoint(), job.start)
     if rank == 0:
         store.truncate(progress.records)
     collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
@@ -211,6 +109,8 @@ def train_loop_per_worker(config: dict) -> None:
     label_space = cfg.eval.label_space
     if label_space == "auto":
         label_space = "task" if plan.scenario in ("til", "dcil") else "seen"
+    if run is not None and cfg.tracking.model_name:  # tasks finished before a restart whose version was not registered
+        register_finished(run, cfg, plan, job.phases, progress, store, backbone, label_space)
     local_batch = max(1, cfg.train.batch_size // max(world, 1))
     eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
 
@@ -234,9 +134,24 @@ def train_loop_per_worker(config: dict) -> None:
                 return iter(())
             return (prepare(b) for b in train_batches(shard, local_batch, cfg.data.shuffle_buffer, cfg.seed * 1000 + phase_index * 16 + rank, device))
 
+        def save(state: PhaseState, phase: Phase = phase) -> None:
+            report(progress, {"task_index": phase.row, "step": float(state.steps)}, rank, state)
+
+        policy = CheckpointPolicy(
+            save,
+            every_steps=cfg.train.checkpoint_every,
+            every_s=cfg.train.checkpoint_every_s,
+            source_rows={i: source_rows(plan.tasks[i].train) for i in phase.tasks},
+        )
+        resume = in_phase if in_phase is not None and in_phase.phase_index == phase_index else None
+        if resume is not None and rank == 0:
+            log.info("%s | resuming at step %d: %d samples are in the checkpoint", label, resume.steps, sum(resume.samples))
         stats = train_phase(
             method,
             batches,
+            phase_index=phase_index,
+            checkpoints=policy if method.consumes_data and cfg.train.passes == 1 else None,
+            resume=resume,
             passes=cfg.train.passes,
             num_tasks=num_tasks,
             num_samples=num_samples,
@@ -289,35 +204,31 @@ def train_loop_per_worker(config: dict) -> None:
         progress.phases_done = phase_index + 1
         progress.records += 1
         progress.phase_wall_s.append(time.perf_counter() - started)
-        seen_acc = sum(v for v in row[: phase.row + 1] if v is not None) / (phase.row + 1)
-        filled = [r for r in progress.accuracy_matrix[: phase.row + 1] if r[0] is not None]
-        running_avg = sum(sum(r[: i + 1]) / (i + 1) for i, r in enumerate(progress.accuracy_matrix[: phase.row + 1]) if r[0] is not None)
-        metrics = {
-            "avg_seen_acc": seen_acc,  # what last_acc will be if the stream ends here
-            "running_avg_acc": running_avg / len(filled),  # what avg_acc will be if the stream ends here
-            "train_loss": stats.mean_loss,
-            "samples": float(sum(stats.samples_per_task)),
-        }
-        metrics |= {f"acc/task_{j}": row[j] for j in evaluated}
-        metrics |= flat_stats(progress.task_stats[phase.row] or {})
+        metrics = phase_metrics(progress, phase)
         if rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
             log.info(
                 "%s | %d samples | loss %s | accuracy on seen tasks %.4f [%s] | %.1fs",
-                label, sum(stats.samples_per_task), loss, seen_acc,
+                label, sum(stats.samples_per_task), loss, metrics["avg_seen_acc"],
                 " ".join(f"{v:.3f}" for v in row[: phase.row + 1]), progress.phase_wall_s[-1],
             )  # fmt: skip
             if run is not None:
                 run.log_metrics(metrics, step=phase.row)
-                if cfg.tracking.model_name:
-                    card = model_card(cfg, plan, phase.row, progress.records, backbone, label_space)
-                    tags = {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if v is not None}
-                    progress.model_versions[phase.row] = register_version(
-                        run.tracking_uri, run.run_id, cfg.tracking.model_name, card, card_tags(card) | tags
-                    )
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                progress.write(Path(tmp))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"task_index": phase.row, **{k: v for k, v in metrics.items() if v is not None}}, checkpoint=checkpoint)
+        report(progress, {"task_index": phase.row, **metrics}, rank)
+        if run is not None and cfg.tracking.model_name:
+            register_finished(run, cfg, plan, job.phases, progress, store, backbone, label_space)
+    if cfg.tracking.model_name:  # the last version was registered after the last report: one closing report carries it
+        report(progress, {"task_index": job.phases[-1].row}, rank)
+
+
+def report(progress: Progress, metrics: dict[str, Any], rank: int, in_phase: PhaseState | None = None) -> None:
+    """``ray.train.report`` on every rank (it is a barrier), rank 0 with the checkpoint: the
+    stream's progress, and inside a phase, the phase's state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            progress.write(Path(tmp))
+            if in_phase is not None:
+                in_phase.write(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -161,7 +161,7 @@ def trial_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any
         data["train"]["gpus_per_worker"] = t.gpus_per_worker
     data["output_dir"] = str(output_dir)
     data["memory"] = {"uri": None, "resume": False}
-    data["train"]["storage_path"] = None
+    data["train"] |= {"storage_path": None, "checkpoint_every": 0, "checkpoint_every_s": 0}  # Tune sees every task's report, no others
     data["tracking"] |= {"run_name": run_name, "model_name": None}  # trials are not versions of the model
     return validate_config(data, f"trial {run_name}")
 
