@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -45,10 +46,6 @@ def pausing_config(tmp_path: Path) -> tuple[dict[str, Any], Path]:
 def reported(tmp_path: Path) -> bool:
     """Whether Train's own snapshot lists a checkpoint of the run in tmp_path/out."""
     return any("checkpoint_" in p.read_text() for p in (tmp_path / "out" / "ray").glob("*/checkpoint_manager_snapshot.json"))
-
-
-def summary_of(tmp_path: Path) -> dict[str, Any]:
-    return json.loads((tmp_path / "out" / "summary.json").read_text())
 
 
 def mlflow_runs(config: dict[str, Any]) -> list[Any]:
@@ -86,7 +83,7 @@ def test_a_driver_stopped_mid_task_again_and_again_continues_with_the_same_comma
     again = strata_process(ray_session, "run", str(tmp_path / "c.yaml"))
     _, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr
-    summary = summary_of(tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert store.entries()[0] == first_record  # task 1 was not learned again
     assert [e.task_id for e in store.entries()] == ["a", "b"]
     for i, record in enumerate(store.load_all()):  # every training sample of every task entered exactly once
@@ -105,10 +102,28 @@ def test_a_driver_stopped_mid_task_again_and_again_continues_with_the_same_comma
     assert repeat.exit_code == 2 and "this run has finished" in repeat.output and "--fresh" in repeat.output
     other = runner.invoke(main, ["run", str(tmp_path / "c.yaml"), "--set", "seed=3"])
     assert other.exit_code == 2 and "already holds 2 records" in other.output and "--fresh" in other.output
-    fresh = runner.invoke(main, ["run", str(tmp_path / "c.yaml"), "--fresh"])
-    assert fresh.exit_code == 0, fresh.output
-    assert sorted(r.info.status for r in mlflow_runs(config)) == ["FINISHED", "FINISHED"]
-    assert [e.task_id for e in store.entries()] == ["a", "b"] and summary_of(tmp_path)["resumes"] == 0
+
+
+def test_fresh_forgets_the_run_file_the_train_checkpoint_and_the_store(tmp_path):
+    from pipeline.config import validate_config, with_absolute_paths
+    from pipeline.memory import TaskRecord
+    from pipeline.train.driver import _open_run
+    from pipeline.train.run_state import RunState
+
+    cfg = with_absolute_paths(validate_config(run_config(tmp_path, [blobs_task("a")])))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    store = MemoryStore(cfg.memory_uri)
+    store.append(TaskRecord({"x": torch.zeros(1)}), task_index=0, task_id="a", method="ncm", backbone_id="b")
+    old = RunState.new(cfg).with_status("killed").save(out)
+    (out / "ray" / old.train_run_name).mkdir(parents=True)
+    (out / "ray" / "strata-someone-else").mkdir()
+    state, continuing = _open_run(cfg, out, store, fresh=False)
+    assert continuing and state == old  # the same command continues
+    state, continuing = _open_run(cfg, out, store, fresh=True)
+    assert not continuing and state.run_uid != old.run_uid and state.mlflow_run_id is None
+    assert store.version == 0 and not (out / "run.json").exists()
+    assert sorted(p.name for p in (out / "ray").iterdir()) == ["strata-someone-else"]
 
 
 def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains_each_sample_once(ray_session, tmp_path):
