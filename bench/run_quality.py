@@ -166,6 +166,30 @@ def _order_section(path: Path) -> list[str]:
     ]
 
 
+def _sweeps_section(folder: Path) -> list[str]:
+    """The single-pass choices made with ``strata sweep`` (bench/results/sweeps/NAME.json are the
+    sweeps' sweep_summary.json, NAME = configs/sweeps/single-pass/NAME.yaml)."""
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        return []
+    lines = [
+        "## Single-pass hyperparameters chosen with `strata sweep`",
+        "",
+        "Validation rows only (the trials never see a test set); sweep files in `configs/sweeps/single-pass/`.",
+        "",
+        "| sweep | values tried | validation objective after each task | chosen |",
+        "|---|---|---|---|",
+    ]
+    for path in files:
+        sweep = json.loads(path.read_text())
+        for trial in sweep["trials"]:
+            values = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["config"].items())
+            per_task = " / ".join(_pct(v) for v in trial["objective_per_task"])
+            chosen = "✓" if trial["config"] == sweep["best"]["config"] else ""
+            lines.append(f"| {path.stem} | {values} | {sweep['objective']}: {per_task} | {chosen} |")
+    return [*lines, ""]
+
+
 def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
     """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
     rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
@@ -203,6 +227,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             )
         lines.append("")
     lines += _order_section(results / "order.json")
+    lines += _sweeps_section(results / "sweeps")
     text = "\n".join(lines)
     out.write_text(text)
     return text

@@ -71,7 +71,13 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     (tmp_path / "dil-pacs__ncm__hybrid-vit.json").write_text(json.dumps(row))
     starved = row | {"method": "finetune", "steps": [120, 99]}
     (tmp_path / "dil-pacs__finetune__hybrid-vit.json").write_text(json.dumps(starved))
+    (tmp_path / "sweeps").mkdir()
+    sweep = {"objective": "avg_acc", "trials": [{"config": {"method.lr": 1e-4}, "objective_per_task": [0.5, 0.625]},
+             {"config": {"method.lr": 5e-4}, "objective_per_task": [0.25]}], "best": {"config": {"method.lr": 1e-4}}}  # fmt: skip
+    (tmp_path / "sweeps" / "piggyback-til-mix.json").write_text(json.dumps(sweep))
     text = run_quality.report(tmp_path, tmp_path / "RESULTS.md")
+    assert "| piggyback-til-mix | method.lr=0.0001 | avg_acc: 50.0 / 62.5 | ✓ |" in text
+    assert "| piggyback-til-mix | method.lr=0.0005 | avg_acc: 25.0 |  |" in text
     assert "| ncm | hybrid-vit | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
     assert "| finetune | hybrid-vit | 99 (< 100: does not count) | 50.0 |" in text
     assert (tmp_path / "RESULTS.md").read_text() == text
