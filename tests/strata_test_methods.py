@@ -16,7 +16,7 @@ import torch
 
 from pipeline.memory import TaskRecord
 from pipeline.methods import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
-from pipeline.methods.finetune import Finetune, FinetuneConfig
+from pipeline.methods.ncm import NCM
 
 
 class SampleCounterConfig(MethodParams):
@@ -109,7 +109,8 @@ class PausingCounter(SampleCounter):
         super().training_step(batch)
 
 
-class KillAtConfig(FinetuneConfig):
+class KillAtConfig(MethodParams):
+    lr: float = 0.01
     max_id: int = 1024
     kill_task: int = 1  # on rank 1, at this task's step `kill_step`, the worker process SIGKILLs itself
     kill_step: int = 0  # 0: never
@@ -117,19 +118,26 @@ class KillAtConfig(FinetuneConfig):
 
 
 @register_method("kill_at")
-class KillAt(Finetune):
-    """``finetune`` that counts each sample's gradient steps (a partial sum, checkpointed inside a
-    task) and whose rank-1 worker kills its own process once, mid-task: the worker-restart test."""
+class KillAt(NCM):
+    """The worker-restart test's method: NCM's class means (order-invariant sums, so a resumed
+    run's predictions can be compared exactly) plus a linear probe trained by Adam (so the
+    optimizer's state crosses the restart), counting each sample's steps (a partial sum,
+    checkpointed inside the task); its rank-1 worker kills its own process once, mid-task."""
 
+    scenarios = frozenset({"cil"})
     Config = KillAtConfig
 
     def begin_task(self, task: TaskInfo) -> None:
         super().begin_task(task)
+        self.probe = torch.nn.Linear(self.backbone.feature_dim, task.num_seen_classes, device=self.device)
         self.visits = torch.zeros(self.cfg.max_id, dtype=torch.int64, device=self.device)
         self.steps = 0
 
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("probe", list(self.probe.parameters()), self.cfg.lr)]
+
     def task_buffers(self) -> dict[str, torch.Tensor]:
-        return {"sum.visits": self.visits}
+        return super().task_buffers() | {"sum.visits": self.visits}
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None
@@ -142,9 +150,11 @@ class KillAt(Finetune):
         with open(f"{marker}.reads.{os.getpid()}", "a") as fh:  # every row a worker trains on, restarts included
             fh.write("".join(f"{self.task.index} {int(i)}\n" for i in batch["sample_id"]))
         self.visits.index_add_(0, batch["sample_id"], torch.ones_like(batch["sample_id"]))
-        return super().training_step(batch)
+        super().training_step(batch)
+        return torch.nn.functional.cross_entropy(self.probe(self.frozen_features(batch["image"])), batch["label"])
 
     def end_task(self) -> TaskRecord:
         record = super().end_task()
         record.tensors["visits"] = self.collective.all_reduce_(self.visits.clone())
+        record.tensors["probe.weight"] = self.probe.weight.detach().clone()
         return record

@@ -134,7 +134,7 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
 
     def config(name: str, kill_step: int) -> dict:
         cfg = run_config(tmp_path / name, [blobs_task("a", rows=48)], method={
-            "name": "kill_at", "lr": 0.01, "kill_task": 0, "kill_step": kill_step, "marker": str(tmp_path / name / "killed")})  # fmt: skip
+            "name": "kill_at", "kill_task": 0, "kill_step": kill_step, "marker": str(tmp_path / name / "killed")})  # fmt: skip
         cfg["train"] |= {"num_workers": 2, "batch_size": 8, "checkpoint_every": 2, "max_failures": 1}
         cfg["data"] = {"rows_per_chunk": 8}
         return cfg
@@ -153,9 +153,7 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
     reads = [line.split() for f in (tmp_path / "killed").glob("killed.reads.*") for line in f.read_text().splitlines()]
     reread = len(reads) - len({tuple(r) for r in reads})
     assert 0 < reread <= 16  # only rows trained after the step-2 checkpoint: steps 3 and 4 of 8 rows, at most
-    # Two workers take blocks as they ask for them, so even two uninterrupted runs group rows into
-    # batches differently, and after the restart the rows left reach the workers in yet another
-    # grouping: at lr 0.01 over 6 steps the heads differ by at most one of the 24 test rows' worth.
-    for row_w, row_k in zip(whole["accuracy_matrix"], killed["accuracy_matrix"], strict=True):
-        for w, k in zip(row_w, row_k, strict=True):
-            assert (w is None) == (k is None) and (w is None or abs(w - k) <= 1 / 24 + 1e-9)
+    # Predictions are NCM's: sums of the same rows in another order, so the matrices are equal up to
+    # float64 rounding, i.e. exactly. (Two workers take blocks as they ask for them, so the probe's
+    # batches, and its weights, differ between any two runs; its resume is bitwise in test_checkpoint.)
+    assert killed["accuracy_matrix"] == whole["accuracy_matrix"]
