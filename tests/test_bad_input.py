@@ -144,9 +144,13 @@ def test_unreadable_and_misfitting_checkpoints_name_the_file_and_key(tmp_path):
     assert_untouched(tmp_path, config)
 
 
-def test_pretrained_weights_without_network_say_so(tmp_path):
+def test_pretrained_weights_without_network_say_so(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # What this machine is; offline mode makes the Hub fail at once instead of after its retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config = run_config(tmp_path, [blobs_task("a")], backbone={"name": "timm:resnet18", "pretrained": True})
-    result = strata("run", str(write_config(tmp_path, config)), env={"HF_HUB_OFFLINE": "1"})
+    result = strata("run", str(write_config(tmp_path, config)))
     assert_one_line(result, 2, "backbone.pretrained", "needs network, or a local backbone.checkpoint")
     assert_untouched(tmp_path, config)
 
