@@ -170,6 +170,9 @@ class PhaseDataset:
     checkpoints: CheckpointLocator
 
     def __call__(self) -> ray.data.Dataset:
+        # Train calls this in its controller, whose DataContext is not the driver's: without this,
+        # the split's progress bars print from there, even after a run's last line.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         consumed = self.checkpoints.consumed(self.phase_index)
         datasets = [
             split_dataset(
