@@ -78,10 +78,7 @@ class PhaseState:
             return None
         meta = json.loads((directory / STATE_META).read_text())
         tensors = load_file(str(directory / STATE_TENSORS))
-        consumed = {
-            int(task): torch.from_numpy(np.unpackbits(tensors[f"consumed.{task}"].numpy())[:rows].astype(bool))
-            for task, rows in meta["consumed_rows"].items()
-        }
+        consumed = {task: torch.from_numpy(bits) for task, bits in _consumed(tensors, meta).items()}
         optimizer = _join_optimizer_state(tensors, meta["optimizer"]) if "optimizer" in meta else None
         return cls(
             phase_index=meta["phase_index"],
@@ -94,6 +91,14 @@ class PhaseState:
             scheduler=meta["scheduler"],
             rng=tensors.get("rng"),
         )
+
+
+def _consumed(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[int, np.ndarray]:
+    """The packed consumed-row bitmaps of a phase state, by task, as bool arrays."""
+    return {
+        int(task): np.unpackbits(tensors[f"consumed.{task}"].numpy())[:rows].astype(bool)
+        for task, rows in meta["consumed_rows"].items()
+    }
 
 
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -151,11 +156,7 @@ class CheckpointLocator:
         meta = json.loads(fs.cat_file(f"{root}/{STATE_META}"))
         if meta["phase_index"] != phase_index:
             return {}
-        tensors = load_tensors(fs.cat_file(f"{root}/{STATE_TENSORS}"))
-        return {
-            int(task): np.unpackbits(tensors[f"consumed.{task}"].numpy())[:rows].astype(bool)
-            for task, rows in meta["consumed_rows"].items()
-        }
+        return _consumed(load_tensors(fs.cat_file(f"{root}/{STATE_TENSORS}")), meta)
 
 
 @dataclass(frozen=True)
