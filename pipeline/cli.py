@@ -177,6 +177,8 @@ def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
 @click.option("--entrypoint-num-gpus", type=float, help="GPUs reserved for the job's driver")
 @click.option("--wait", is_flag=True, help="follow the job's log until it ends; exit 1 unless it succeeded")
+@click.option("--max-upload-mb", type=float, default=100.0, show_default=True, help="refuse a larger working-dir upload")
+@click.option("--force", is_flag=True, help="upload even above --max-upload-mb")
 @_one_line_errors
 def submit_cmd(
     configs: tuple[str, ...],
@@ -194,9 +196,15 @@ def submit_cmd(
     entrypoint_num_cpus: float | None,
     entrypoint_num_gpus: float | None,
     wait: bool,
+    max_upload_mb: float,
+    force: bool,
 ) -> None:
     """Submit CONFIGS as a job (jobs/continual_train.py, jobs/sweep.py or jobs/retrain.py) to the
-    Ray cluster at --address through Ray's Job Submission API; prints the job id."""
+    Ray cluster at --address through Ray's Job Submission API; prints the job id.
+
+    The working dir is uploaded without secrets (.env, keys, credentials), data (landing/, runs/,
+    Parquet outside configs/) and what .gitignore lists; what goes up and its size are printed
+    to stderr first."""
     from pipeline.ops import submit
 
     if kind == "retrain" and not (landing and model_name):
@@ -220,6 +228,9 @@ def submit_cmd(
         pip=pip,
         conda=conda,
         env_vars=_pairs(env_vars, "--env"),
+        max_upload_mb=max_upload_mb,
+        force=force,
+        on_upload=lambda upload: click.echo(upload.describe(), err=True),
     )
     click.echo(job_id)
     if wait:

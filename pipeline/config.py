@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 Scenario = Literal["til", "cil", "dil", "dcil"]
 MAX_LR = 1e3  # no learning rate of any strata method's parameterisation is meaningful above this
 CLUSTER_MAX_FAILURES = 3
+BUILTIN_KEY_REMAPS = ("in_order",)
 
 
 class StrictModel(BaseModel):
@@ -95,7 +96,8 @@ class BackboneConfig(StrictModel):
     checkpoint: str | None = Field(default=None, description="local weights file (.safetensors, or a torch state dict)")
     key_remap: str | None = Field(
         default=None,
-        description="'in_order' (checkpoint tensors onto the model's, in order, shape for shape) or 'module:function'",
+        description="'in_order' (checkpoint tensors onto the model's, in order, shape for shape) or 'module:function' "
+        "(imported; only from a config file you run, never from a registry card or a landed task)",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor")
     seed: int = Field(default=0, description="seed for random init, so every worker builds the same model")
@@ -226,6 +228,18 @@ class StrataConfig(StrictModel):
         return self.memory.uri or str(Path(self.output_dir) / "memory")
 
 
+def refuse_code(data: Any, origin: str) -> None:
+    """A config that arrives as data -- a registry card ``strata predict`` loads, a landed
+    ``task.yaml`` -- may not name code to import: whoever can write it could run code otherwise."""
+    backbone = data.get("backbone") if isinstance(data, dict) else None
+    remap = backbone.get("key_remap") if isinstance(backbone, dict) else None
+    if remap is not None and remap not in BUILTIN_KEY_REMAPS:
+        raise ConfigError(
+            f"{origin}: backbone.key_remap {remap!r} names code to import, which only a config file you run may do; "
+            f"from here only {', '.join(BUILTIN_KEY_REMAPS)} is accepted"
+        )
+
+
 def format_validation_error(origin: str, err: ValidationError) -> str:
     """One line: ``origin: a.b.c: message`` for each problem, joined by '; '."""
     parts = []
@@ -326,7 +340,8 @@ def validate_config(data: dict[str, Any], origin: str = "config") -> StrataConfi
         raise ConfigError(format_validation_error(origin, err)) from None
 
 
-def _absolute(path: str, root: Path) -> str:
+def absolute_path(path: str, root: Path) -> str:
+    """``path`` against ``root`` unless it is absolute or a URI."""
     return path if "://" in path or Path(path).is_absolute() else os.path.normpath(root / path)
 
 
@@ -340,17 +355,17 @@ def with_absolute_paths(cfg: StrataConfig, root: Path | None = None) -> StrataCo
             source = task[split]
             if "path" in source:
                 paths = source["path"]
-                source["path"] = _absolute(paths, root) if isinstance(paths, str) else [_absolute(p, root) for p in paths]
+                source["path"] = absolute_path(paths, root) if isinstance(paths, str) else [absolute_path(p, root) for p in paths]
     backbone = data["backbone"]
     if backbone["checkpoint"]:
-        backbone["checkpoint"] = _absolute(backbone["checkpoint"], root)
+        backbone["checkpoint"] = absolute_path(backbone["checkpoint"], root)
     family, _, model = backbone["name"].partition(":")
     if model.startswith("local-dir:"):
-        backbone["name"] = f"{family}:local-dir:{_absolute(model.removeprefix('local-dir:'), root)}"
-    data["output_dir"] = _absolute(data["output_dir"], root)
+        backbone["name"] = f"{family}:local-dir:{absolute_path(model.removeprefix('local-dir:'), root)}"
+    data["output_dir"] = absolute_path(data["output_dir"], root)
     for section, key in (("memory", "uri"), ("train", "storage_path")):
         if data[section][key]:
-            data[section][key] = _absolute(data[section][key], root)
+            data[section][key] = absolute_path(data[section][key], root)
     return StrataConfig.model_validate(data)
 
 

@@ -83,16 +83,127 @@ def test_ray_version_is_the_same_in_the_image_the_manifests_and_the_environment(
         assert all(tag.endswith(f"ray{ray.__version__}") for tag in re.findall(r'"image": "[^"]*strata:([^"]+)"', text)), name
 
 
-def test_jobs_run_files_that_exist():
-    for name, doc in DOCS:
-        entrypoint = doc.get("spec", {}).get("entrypoint")
-        if not entrypoint:
-            continue
-        args = shlex.split(entrypoint)
-        assert args[0] == "python" and (REPO / args[1]).is_file(), name
+IMAGE_ROOT = "/home/ray/strata"  # where the Dockerfile puts the project
+
+
+def rayjobs() -> list[tuple[str, dict]]:
+    return [(name, doc) for name, doc in DOCS if doc["kind"] == "RayJob"]
+
+
+def clusters() -> list[tuple[str, dict]]:
+    """Every Ray cluster the manifests create: the RayCluster and each RayJob's own."""
+    out = [(name, doc["spec"]) for name, doc in DOCS if doc["kind"] == "RayCluster"]
+    return out + [(name, doc["spec"]["rayClusterSpec"]) for name, doc in rayjobs() if "rayClusterSpec" in doc["spec"]]
+
+
+def in_repo(path: str) -> Path:
+    assert path.startswith(f"{IMAGE_ROOT}/"), path
+    return REPO / path.removeprefix(f"{IMAGE_ROOT}/")
+
+
+def test_jobs_run_files_of_the_image_and_upload_nothing():
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile
+    for name, doc in rayjobs():
+        args = shlex.split(doc["spec"]["entrypoint"])
+        assert args[0] == "python" and in_repo(args[1]).is_file(), name
         for flag, value in zip(args, args[1:], strict=False):
             if flag in ("--config", "--sweep"):
-                assert (REPO / value).is_file(), f"{name}: {value}"
-        env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
-        assert env["working_dir"] == "/home/ray/strata"
-    assert "WORKDIR /home/ray/strata" in (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+                assert in_repo(value).is_file(), f"{name}: {value}"
+        assert "runtimeEnvYAML" not in doc["spec"], f"{name}: the image holds the code; nothing to upload"
+
+
+def strata_store() -> str:
+    env = next(doc for name, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-env")
+    return env["data"]["STRATA_STORE"]
+
+
+def test_every_rayjob_keeps_its_state_under_the_one_shared_store():
+    """The memory store, Train's storage, outputs and landing zones all under $STRATA_STORE from
+    strata-env, which is not one node's disk: strata's own multi-node check passes for each."""
+    from pipeline.config import load_config
+    from pipeline.train.preflight import check_shared_storage, is_node_local
+    from pipeline.tune import load_sweep
+
+    store = strata_store()
+    assert not is_node_local(store, [])
+    for name, doc in rayjobs():
+        args = shlex.split(doc["spec"]["entrypoint"])
+        sets = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+        for key in ("output_dir", "memory.uri", "train.storage_path"):
+            value = next((s.partition("=")[2] for s in sets if s.startswith(f"{key}=")), None)
+            assert value is None or value.startswith("$STRATA_STORE/"), f"{name}: {key}={value}"
+        expanded = [s.replace("$STRATA_STORE", store) for s in sets]
+        if "--sweep" in args:
+            sweep = load_sweep(in_repo(args[args.index("--sweep") + 1]), [s for s in expanded if s.startswith("output_dir=")])
+            places = {"output_dir": sweep.output_dir}  # Tune's storage, every trial's outputs, checkpoints and store
+        else:
+            cfg = load_config(in_repo(args[args.index("--config") + 1]), [s for s in expanded if not s.startswith("trial.")])
+            places = {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": cfg.train.storage_path or ""}
+            assert cfg.memory.uri and cfg.train.storage_path, name
+        if "--landing" in args:
+            places["landing"] = args[args.index("--landing") + 1].replace("$STRATA_STORE", store)
+        assert all(v.startswith(store + "/") for v in places.values()), f"{name}: {places}"
+        check_shared_storage(places, "http://mlflow:5000", nodes=3)
+
+
+def test_every_cluster_requires_the_shared_token_and_every_ray_pod_is_labelled_for_the_network_policy():
+    for name, spec in clusters():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "strata-ray-token"}, name
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            labels = group["template"]["metadata"]["labels"]
+            assert labels == {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "ray"}, name
+            for container in group["template"]["spec"]["containers"]:
+                assert {"configMapRef": {"name": "strata-env"}} in container["envFrom"], name
+            mounts = {m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, f"{name}: Ray's object store needs more than the 64 MiB default /dev/shm"
+    for name, doc in rayjobs():
+        submitter = doc["spec"]["submitterPodTemplate"]
+        assert submitter["metadata"]["labels"]["app.kubernetes.io/component"] == "submitter", name
+        env = {e["name"]: e for e in submitter["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "strata-ray-token", "key": "auth_token"}, name
+    policies = {doc["metadata"]["name"]: doc["spec"] for _, doc in DOCS if doc["kind"] == "NetworkPolicy"}
+    job_port = policies["strata-ray-job-port"]
+    assert job_port["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert [p["port"] for rule in job_port["ingress"] for p in rule["ports"]] == [8265]
+    admitted = [peer["podSelector"]["matchLabels"] for rule in job_port["ingress"] for peer in rule["from"]]
+    assert {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "submitter"} in admitted
+    assert "RAY_AUTH_MODE=disabled" not in (REPO / "deploy" / "README.md").read_text()
+
+
+def test_the_image_installs_locked_dependencies_before_the_code_on_a_pinned_base_as_a_non_root_user():
+    lines = [line for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    base = next(line for line in lines if line.startswith("FROM "))
+    assert "@${RAY_BASE_DIGEST}" in base or "@sha256:" in base, base
+    install = next(i for i, line in enumerate(lines) if "requirements.lock" in line and "pip install" in line)
+    first_code = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "pipeline" in line)
+    assert install < first_code, "a code change must not reinstall the dependencies"
+    assert not any(line.startswith("USER root") for line in lines)
+    assert all("--chown=ray:users" in line for line in lines if line.startswith("COPY"))
+
+
+def locked_versions() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"requirements.lock: {line!r} is not pinned"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return pins
+
+
+def test_this_environment_has_the_locked_versions_and_the_lock_pins_the_images_ray():
+    """`make` installs with requirements.lock as constraints: every locked package that is
+    installed here has the locked version (what the tests ran with is what a fresh clone gets)."""
+    from importlib.metadata import distributions
+
+    pins = locked_versions()
+    assert pins["ray"] == ray.__version__
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M).group(1) == pins["ray"]
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions()}
+    moved = {name: (pins[name], installed[name]) for name in pins if name in installed and installed[name] != pins[name]}
+    assert not moved, f"installed versions differ from requirements.lock (locked, installed): {moved}"
+    assert {"torch", "mlflow", "pytest", "kubernetes-validate"} <= set(pins) & set(installed)

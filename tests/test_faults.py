@@ -6,6 +6,7 @@ method (it holds still inside task 2 while a file exists) instead of racing the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -108,19 +109,19 @@ def test_fresh_forgets_the_run_file_the_train_checkpoint_and_the_store(tmp_path)
     from pipeline.config import validate_config, with_absolute_paths
     from pipeline.memory import TaskRecord
     from pipeline.train.driver import _open_run
+    from pipeline.train.outputs import OutputDir
     from pipeline.train.run_state import RunState
 
     cfg = with_absolute_paths(validate_config(run_config(tmp_path, [blobs_task("a")])))
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True)
     store = MemoryStore(cfg.memory_uri)
     store.append(TaskRecord({"x": torch.zeros(1)}), task_index=0, task_id="a", method="ncm", backbone_id="b")
-    old = RunState.new(cfg).with_status("killed").save(out)
+    old = RunState.new(cfg).with_status("killed").save(OutputDir(str(out)))
     (out / "ray" / old.train_run_name).mkdir(parents=True)
     (out / "ray" / "strata-someone-else").mkdir()
-    state, continuing = _open_run(cfg, out, store, fresh=False)
+    state, continuing = _open_run(cfg, OutputDir(str(out)), store, fresh=False)
     assert continuing and state == old  # the same command continues
-    state, continuing = _open_run(cfg, out, store, fresh=True)
+    state, continuing = _open_run(cfg, OutputDir(str(out)), store, fresh=True)
     assert not continuing and state.run_uid != old.run_uid and state.mlflow_run_id is None
     assert store.version == 0 and not (out / "run.json").exists()
     assert sorted(p.name for p in (out / "ray").iterdir()) == ["strata-someone-else"]
@@ -157,3 +158,25 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
     # float64 rounding, i.e. exactly. (Two workers take blocks as they ask for them, so the probe's
     # batches, and its weights, differ between any two runs; its resume is bitwise in test_checkpoint.)
     assert killed["accuracy_matrix"] == whole["accuracy_matrix"]
+
+
+def test_an_output_dir_in_object_storage_keeps_the_run_file_for_the_next_driver():
+    """memory:// stands in for s3://: any fsspec filesystem that is not this node's disk."""
+    import fsspec
+
+    from pipeline.config import validate_config
+    from pipeline.train.outputs import OutputDir
+    from pipeline.train.run_state import RunState
+
+    uri = f"memory://strata-tests/{os.getpid()}/out"
+    first = OutputDir(uri)
+    assert first.remote and RunState.load(first) is None
+    state = RunState.new(validate_config(run_config(Path("/unused"), [blobs_task("a")]))).save(first)
+    (first.local / "plot.png").write_bytes(b"png")
+    first.publish("plot.png")
+    fs = fsspec.filesystem("memory")
+    assert fs.cat(f"{uri}/plot.png") == b"png" and json.loads(fs.cat(f"{uri}/run.json"))["run_uid"] == state.run_uid
+    (first.local / "run.json").unlink()  # a driver on another node has no local copy
+    assert RunState.load(OutputDir(uri)) == state
+    first.remove("run.json")
+    assert RunState.load(OutputDir(uri)) is None and not fs.exists(f"{uri}/run.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,7 +100,7 @@ def cluster_processes(temp_dir: str) -> list[int]:
 def cli(*args: str) -> str:
     result = CliRunner().invoke(main, list(args))
     assert result.exit_code == 0, result.output
-    return result.output.strip()
+    return result.stdout.strip()  # stderr has the upload's description
 
 
 def test_submit_quickstart_polls_to_success_and_finds_its_mlflow_run(ray_head, tmp_path):
@@ -160,3 +161,30 @@ def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, mon
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     result = CliRunner().invoke(main, ["jobs", "status", "x"])
     assert result.exit_code == 2 and "error: --address: no cluster given" in result.output
+
+
+def test_the_upload_leaves_out_secrets_data_and_what_gitignore_lists_and_has_a_size_limit(tmp_path):
+    root = tmp_path / "project"
+    files = {
+        "jobs/continual_train.py": 10, "configs/a.yaml": 5, "configs/sample/tiny.parquet": 7, "pipeline/x.py": 20,
+        ".env": 1, ".env.prod": 1, "deploy/tls.key": 1, "creds/credentials.json": 1, ".aws/config": 1, "id_rsa": 1,
+        "landing/2026-11-01/train.parquet": 1, "runs/latest/summary.json": 1, "data/big.parquet": 1, "scratch/notes.txt": 3,
+        ".venv/bin/python": 1, "pipeline/__pycache__/x.pyc": 1, ".git/HEAD": 1, "mlflow.db": 1,
+    }  # fmt: skip
+    for rel, size in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * size)
+    (root / ".gitignore").write_text("scratch/\n")
+    upload = submit.plan_upload(root, ["pipeline/x.py"])  # a --runtime-env excludes entry
+    assert dict(upload.files) == {".gitignore": 9, "configs/a.yaml": 5, "configs/sample/tiny.parquet": 7, "jobs/continual_train.py": 10}
+    assert upload.total == 31
+    assert upload.describe().startswith(f"uploading {root}: 4 files, 31 B (") and "configs/ 12 B" in upload.describe()
+    staged = submit.stage_upload(upload, max_mb=1)
+    try:
+        assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == sorted(dict(upload.files))
+    finally:
+        shutil.rmtree(staged)
+    (root / "configs/weights.bin").write_bytes(b"x" * 2 * 1024**2)
+    with pytest.raises(ConfigError, match=r"the upload is 2\.0 MiB, above the 1 MiB limit \(largest file: configs/weights\.bin, 2\.0 MiB\).*--force"):
+        submit.stage_upload(submit.plan_upload(root), max_mb=1)
+    shutil.rmtree(submit.stage_upload(submit.plan_upload(root), max_mb=1, force=True))

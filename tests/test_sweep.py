@@ -55,12 +55,14 @@ def test_bad_sweep_files_fail_naming_the_key(tmp_path, space, message):
 def test_trial_config_sees_validation_rows_of_the_first_tasks_and_the_final_config_sees_test(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, tiny_base(tmp_path), trial={"tasks": 1, "validation_fraction": 0.25, "num_workers": 1}))
     base = base_config(sweep)
-    trial = trial_config(sweep, base, {"method.lr": 0.5}, tmp_path / "t", "trial x")
+    trial = trial_config(sweep, base, {"method.lr": 0.5}, tmp_path / "t", "trial x", "s3://bucket/sweep")
     assert [t.id for t in trial.stream.tasks] == ["a"]
+    assert trial.train.storage_path == "s3://bucket/sweep"  # the sweep's storage, not a folder of the trial's node
     assert (trial.eval.split, trial.data.validation_fraction, trial.method.lr) == ("validation", 0.25, 0.5)
     assert trial.output_dir == str(tmp_path / "t") and trial.tracking.run_name == "trial x"
-    final = final_config(sweep, base, {"method.lr": 0.5}, tmp_path / "f")
+    final = final_config(sweep, base, {"method.lr": 0.5}, tmp_path / "f", "s3://bucket/sweep")
     assert final["eval"]["split"] == "test" and final["data"]["validation_fraction"] == 0.25
+    assert final["train"]["storage_path"] == "s3://bucket/sweep"
     assert [t["id"] for t in final["stream"]["tasks"]] == ["a", "b"] and final["method"]["lr"] == 0.5
 
 
@@ -70,7 +72,7 @@ def test_trials_log_to_the_sweeps_mlflow_store_whatever_their_directory(tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = load_sweep(write_sweep(tmp_path, base))
-    trial = trial_config(sweep, base_config(sweep), {"method.lr": 0.5}, tmp_path / "t", "trial x")
+    trial = trial_config(sweep, base_config(sweep), {"method.lr": 0.5}, tmp_path / "t", "trial x", str(tmp_path))
     assert trial.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 

@@ -2,22 +2,24 @@
 
 A landing zone is a directory or any fsspec URI. Each task is a folder holding its data and a
 manifest ``task.yaml`` (a stream task: ``train``, ``test``, optional ``id``, ``classes``,
-``class_subset``, ``rename``, ``domain``; source paths relative to the folder), and it is
-complete once the uploader writes ``_READY`` last. Arrival order is the time ``_READY``
-appeared (then the folder name), so a folder copied slowly is ordered by when it was finished.
+``class_subset``, ``rename``, ``domain``; source paths relative to the folder and inside it),
+and it is complete once the uploader writes ``_READY`` last. Arrival order is the time
+``_READY`` appeared (then the folder name), so a folder copied slowly is ordered by when it was
+finished. A manifest is data, not code: it may not name code to import or read outside its folder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import TaskConfig, describe_yaml_error, format_validation_error
+from pipeline.config import TaskConfig, describe_yaml_error, format_validation_error, refuse_code
 from pipeline.errors import ConfigError, DataError
 
 MANIFEST = "task.yaml"
@@ -46,13 +48,23 @@ def _timestamp(info: dict[str, Any]) -> float:
     return 0.0
 
 
-def _absolute_sources(data: dict[str, Any], folder: str) -> dict[str, Any]:
+def _confined_sources(data: dict[str, Any], folder: str, origin: str) -> dict[str, Any]:
+    """Source paths made absolute inside ``folder``. A landed task reads its own folder only: an
+    absolute path, another URI or a ``..`` would let an uploader make the trainer read anything."""
+
+    def join(key: str, path: Any) -> Any:
+        if not isinstance(path, str):
+            return path  # the model's validation names the wrong type
+        if "://" in path or path.startswith(("/", "~", "\\")) or ".." in PurePosixPath(path).parts or ":" in path.split("/", 1)[0]:
+            raise ConfigError(f"{origin}: {key} {path!r} must be a relative path inside the task folder")
+        return f"{folder.rstrip('/')}/{path}"
+
     for split in ("train", "test"):
         source = data.get(split)
         if isinstance(source, dict) and "path" in source:
             paths = source["path"]
-            join = lambda p: p if "://" in p or p.startswith("/") else f"{folder.rstrip('/')}/{p}"  # noqa: E731
-            source["path"] = join(paths) if isinstance(paths, str) else [join(p) for p in paths]
+            key = f"{split}.path"
+            source["path"] = join(key, paths) if not isinstance(paths, list) else [join(key, p) for p in paths]
     return data
 
 
@@ -67,9 +79,11 @@ def _load_manifest(fs: fsspec.AbstractFileSystem, folder: str, location: str) ->
         raise ConfigError(f"{location}/{MANIFEST}{describe_yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{location}/{MANIFEST}: the top level must be a mapping")
+    origin = f"{location}/{MANIFEST}"
+    refuse_code(data, origin)
     data.setdefault("id", location.rstrip("/").rsplit("/", 1)[-1])
     try:
-        return TaskConfig.model_validate(_absolute_sources(data, location))
+        return TaskConfig.model_validate(_confined_sources(data, location, origin))
     except ValidationError as err:
         raise ConfigError(format_validation_error(f"{location}/{MANIFEST}", err)) from None
 

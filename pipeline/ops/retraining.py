@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import StrataConfig, validate_config, with_absolute_paths
@@ -128,7 +127,7 @@ def _learn(
     position = len(learned)
     data = cfg.model_dump(mode="json")
     data["stream"] = {"scenario": cfg.stream.scenario, "tasks": [r["task"] for r in learned] + [task]}
-    data["output_dir"] = str(Path(cfg.output_dir) / f"{position:04d}-{task['id']}")
+    data["output_dir"] = f"{cfg.output_dir.rstrip('/')}/{position:04d}-{task['id']}"
     data["tracking"]["run_name"] = f"retrain {cfg.tracking.model_name}: {task['id']}"
     started = time.time()
     summary = run(

@@ -1,26 +1,40 @@
 """Cluster jobs through Ray's Job Submission API: submit the ``jobs/`` entrypoints, then watch them.
 
-The job's working directory is uploaded (the project, minus virtual environments, runs and
-caches), so the cluster runs exactly the code and configs on the submitter's disk. Config
-files must lie inside it; the entrypoint names them by relative path. Ray does not retry jobs:
-a caller that must not submit twice passes a deterministic ``submission_id``.
+The job's working directory is uploaded, so the cluster runs exactly the code and configs on
+the submitter's disk. What goes up is decided here, not left to defaults: never secrets
+(``.env``, key and credential files), data (``landing/``, ``runs/``, Parquet outside
+``configs/``), virtual environments, caches, or anything ``.gitignore`` lists. The chosen files
+are staged in a temporary folder, which is what Ray uploads, so the printed list is the upload.
+Config files must lie inside the working dir; the entrypoint names them by relative path. Ray
+does not retry jobs: a caller that must not submit twice passes a deterministic ``submission_id``.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pathspec
 import yaml
 
 from pipeline.errors import ConfigError
 
 ENTRYPOINTS = {"run": "jobs/continual_train.py", "sweep": "jobs/sweep.py", "retrain": "jobs/retrain.py"}
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "bench/cache", "**/__pycache__", ".pytest_cache"]
+# Never uploaded, whatever the runtime env says: secrets, and data that belongs in object storage.
+NEVER_UPLOAD = [
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", ".netrc", ".pgpass", ".aws/", ".gcp/",
+    ".kube/", "credentials*", "*credentials.json", "*.kubeconfig", "kubeconfig", "landing/", "runs/", "*.parquet",
+    "!configs/**/*.parquet",
+]  # fmt: skip
+MAX_UPLOAD_MB = 100.0
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60
 
@@ -93,6 +107,72 @@ def entrypoint(kind: str, configs: Sequence[str], overrides: Sequence[str], work
     return shlex.join([*args, *extra])
 
 
+@dataclass(frozen=True)
+class Upload:
+    """The files a job's working dir uploads (paths relative to it, sizes in bytes)."""
+
+    root: Path
+    files: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def describe(self) -> str:
+        """One line: the total, then the largest top-level entries."""
+        by_top: dict[str, int] = {}
+        for rel, size in self.files:
+            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+            by_top[top] = by_top.get(top, 0) + size
+        largest = sorted(by_top.items(), key=lambda kv: -kv[1])[:6]
+        parts = ", ".join(f"{name} {_size(size)}" for name, size in largest)
+        return f"uploading {self.root}: {len(self.files)} files, {_size(self.total)} ({parts}{', ...' if len(by_top) > 6 else ''})"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def plan_upload(working_dir: Path, excludes: Sequence[str] = ()) -> Upload:
+    """What uploading ``working_dir`` sends: everything but ``excludes``, ``.gitignore``'s
+    patterns and ``NEVER_UPLOAD`` (gitignore syntax, relative to the working dir)."""
+    gitignore = working_dir / ".gitignore"
+    lines = [*DEFAULT_EXCLUDES, *excludes, *(gitignore.read_text().splitlines() if gitignore.is_file() else []), *NEVER_UPLOAD]
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(working_dir):
+        rel_dir = Path(dirpath).relative_to(working_dir).as_posix()
+        prefix = "" if rel_dir == "." else f"{rel_dir}/"
+        dirnames[:] = sorted(d for d in dirnames if not spec.match_file(f"{prefix}{d}/"))
+        for name in sorted(filenames):
+            rel = f"{prefix}{name}"
+            path = Path(dirpath) / name
+            if not spec.match_file(rel) and path.is_file():
+                files.append((rel, path.stat().st_size))
+    return Upload(working_dir, tuple(files))
+
+
+def stage_upload(upload: Upload, max_mb: float = MAX_UPLOAD_MB, force: bool = False) -> Path:
+    """Copy the upload's files into a new temporary folder (the caller removes it); refuse an
+    upload above ``max_mb`` unless ``force``."""
+    if upload.total > max_mb * 1024**2 and not force:
+        rel, size = max(upload.files, key=lambda f: f[1])
+        raise ConfigError(
+            f"--working-dir {upload.root}: the upload is {_size(upload.total)}, above the {max_mb:g} MiB limit (largest file: "
+            f"{rel}, {_size(size)}); exclude what the job does not need (.gitignore, --runtime-env excludes) or pass --force"
+        )
+    staged = Path(tempfile.mkdtemp(prefix="strata-upload-"))
+    for rel, _ in upload.files:
+        target = staged / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(upload.root / rel, target)
+    return staged
+
+
 def submit(
     kind: str,
     configs: Sequence[str],
@@ -104,13 +184,31 @@ def submit(
     submission_id: str | None = None,
     entrypoint_num_cpus: float | None = None,
     entrypoint_num_gpus: float | None = None,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    force: bool = False,
+    on_upload: Any = None,
     **env_options: Any,
 ) -> str:
-    """Submit a ``jobs/`` entrypoint; returns the job's submission id."""
+    """Submit a ``jobs/`` entrypoint; returns the job's submission id. ``on_upload`` is called
+    with the ``Upload`` before anything is sent."""
     root = Path(working_dir).resolve()
     command = entrypoint(kind, configs, overrides, root, extra_args)
     env = runtime_env(root, **env_options)
+    upload = plan_upload(root, env.pop("excludes"))
     jobs = client(address)
+    if on_upload is not None:
+        on_upload(upload)
+    staged = stage_upload(upload, max_upload_mb, force)
+    try:
+        return _submit_when_ready(jobs, command, env | {"working_dir": str(staged)}, submission_id, entrypoint_num_cpus, entrypoint_num_gpus, kind)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _submit_when_ready(
+    jobs: Any, command: str, env: dict[str, Any], submission_id: str | None, cpus: float | None, gpus: float | None, kind: str
+) -> str:
+    """``submit_job``, waiting for a head that has just started (it answers before its job agent is up)."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -119,13 +217,12 @@ def submit(
                     entrypoint=command,
                     runtime_env=env,
                     submission_id=submission_id,
-                    entrypoint_num_cpus=entrypoint_num_cpus,
-                    entrypoint_num_gpus=entrypoint_num_gpus,
+                    entrypoint_num_cpus=cpus,
+                    entrypoint_num_gpus=gpus,
                     metadata={"strata.kind": kind},
                 )
             )
         except RuntimeError as exc:
-            # A head that has just started answers before its job agent is up, and says so.
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2)

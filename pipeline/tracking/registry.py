@@ -23,6 +23,7 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import refuse_code
 from pipeline.errors import ConfigError
 
 CARD_FORMAT = "strata-model/1"
@@ -54,6 +55,7 @@ class ModelCard:
             data = json.loads(text)
             if data.get("format") != CARD_FORMAT:
                 raise ConfigError(f"{origin}: format {data.get('format')!r}, expected {CARD_FORMAT!r}")
+            refuse_code(data.get("config"), origin)
             return cls(**data)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{origin}: not a strata model card ({exc})") from None

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -35,7 +34,8 @@ from pipeline.methods import method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset
 from pipeline.train.data_config import ExactlyOnceDataConfig
-from pipeline.train.preflight import check_resources, check_tracking, check_writable
+from pipeline.train.outputs import OutputDir
+from pipeline.train.preflight import alive_nodes, check_resources, check_shared_storage, check_tracking, check_writable, shared_dirs
 from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
 from pipeline.train.progress import Phase, Progress, make_phases
 from pipeline.train.worker import WorkerJob, train_loop_per_worker
@@ -125,7 +125,7 @@ def _learned_tasks(
     return len(entries)
 
 
-def _open_run(cfg: StrataConfig, out: Path, store: MemoryStore, fresh: bool) -> tuple[RunState, bool]:
+def _open_run(cfg: StrataConfig, out: OutputDir, store: MemoryStore, fresh: bool) -> tuple[RunState, bool]:
     """This run's state, and whether it continues an unfinished run of the same config in ``out``.
 
     ``fresh`` forgets any earlier run here first: its run file, its Ray Train checkpoint and the
@@ -133,11 +133,11 @@ def _open_run(cfg: StrataConfig, out: Path, store: MemoryStore, fresh: bool) -> 
     state = RunState.load(out)
     if fresh:
         if state is not None:
-            storage = cfg.train.storage_path or str(out / "ray")
+            storage = cfg.train.storage_path or out.join("ray")
             fs, root = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/{state.train_run_name}")
             if fs.exists(root):
                 fs.rm(root, recursive=True)
-            (out / RUN_FILE).unlink()
+            out.remove(RUN_FILE)
         if store.exists():
             store.truncate(0)
         return RunState.new(cfg), False
@@ -146,11 +146,11 @@ def _open_run(cfg: StrataConfig, out: Path, store: MemoryStore, fresh: bool) -> 
     same = state.config_sha256 == config_sha256(cfg)
     if state.status == "finished":
         if same:
-            raise ConfigError(f"{out}: this run has finished ({out / 'summary.json'}); pass --fresh to train it again, or use another output_dir")
+            raise ConfigError(f"{out}: this run has finished ({out.join('summary.json')}); pass --fresh to train it again, or use another output_dir")
         return RunState.new(cfg), False
     if not same:
         raise ConfigError(
-            f"{out / RUN_FILE}: an unfinished run of a different config owns this folder; re-run that command to "
+            f"{out.join(RUN_FILE)}: an unfinished run of a different config owns this folder; re-run that command to "
             "continue it, pass --fresh to start over, or use another output_dir"
         )
     return state, True
@@ -314,7 +314,18 @@ def run(
     backbone = create_backbone(cfg.backbone)
     size = cfg.data.image_size or backbone.input_spec.size
     store = MemoryStore(cfg.memory_uri)
-    out = Path(cfg.output_dir)
+    own_ray = init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    check_resources(cfg, use_gpu)
+    storage = cfg.train.storage_path or f"{cfg.output_dir}/ray"  # absolute or a URI (with_absolute_paths)
+    check_shared_storage(
+        {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": storage},
+        resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else None,
+        alive_nodes(),
+        shared_dirs(),
+    )
+    out = OutputDir(cfg.output_dir)
     state, continuing = _open_run(cfg, out, store, fresh)
     learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
     del backbone
@@ -322,12 +333,8 @@ def run(
     # A continued run's checkpoint may be one task behind the store (killed between the record and
     # the report): the worker rolls the store back to the checkpoint, so that task's data is needed.
     first_phase = max(0, learned - 1) if continuing else learned
-    (out / "config.yaml").write_text(dump_config(cfg))
+    out.write_text("config.yaml", dump_config(cfg))
 
-    own_ray = init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-    check_resources(cfg, use_gpu)
     tags = {"strata.method": cfg.method.name, **(tracking_tags or {})}
     run_ = None
     if cfg.tracking.enabled:
@@ -335,14 +342,13 @@ def run(
         if run_ is None:
             run_ = TrackedRun.start(cfg.tracking, tags=tags)
             run_.log_params(cfg.model_dump(mode="json"))
-            run_.log_artifact(out / "config.yaml")
+            run_.log_artifact(out.local / "config.yaml")
     state = state.with_status("running", mlflow_run_id=run_.run_id if run_ else None, tasks_done=learned).save(out)
     if continuing:
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
     job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, start, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
-    storage = cfg.train.storage_path or str(out / "ray")  # absolute or a URI (with_absolute_paths)
     checkpoints = CheckpointLocator(storage, state.train_run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -377,22 +383,24 @@ def run(
         raise
     progress = Progress.from_checkpoint(result.checkpoint, start)
     summary = _summary(cfg, plan, progress, store, run_, time.time() - started)
-    (out / "summary.json").write_text(jsonout.dumps(summary, indent=2))
-    (out / "memory_manifest.json").write_text(json.dumps([e.to_dict() for e in store.entries()], indent=1))
-    write_matrix_csv(out / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
-    write_heatmap(out / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
+    out.write_text("summary.json", jsonout.dumps(summary, indent=2))
+    out.write_text("memory_manifest.json", json.dumps([e.to_dict() for e in store.entries()], indent=1))
+    write_matrix_csv(out.local / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
+    write_heatmap(out.local / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
+    out.publish("accuracy_matrix.csv")
+    out.publish("accuracy_matrix.png")
     if run_:
         final = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s", "cil_last_acc", "task_inference_acc")
         final += tuple(k for k in summary if k.endswith(("_learned_mean", "_unlearned_mean")))
         run_.log_metrics({k: summary.get(k) for k in final})
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
-            run_.log_artifact(out / name)
-        run_.log_artifact(out / "memory_manifest.json")
+            run_.log_artifact(out.local / name)
+        run_.log_artifact(out.local / "memory_manifest.json")
     _close(run_, state, out, "finished", store)
     return summary
 
 
-def _close(run_: TrackedRun | None, state: RunState, out: Path, status: Literal["finished", "failed", "killed"], store: MemoryStore) -> None:
+def _close(run_: TrackedRun | None, state: RunState, out: OutputDir, status: Literal["finished", "failed", "killed"], store: MemoryStore) -> None:
     """End the MLflow run and the run file with the same status."""
     if run_ is not None:
         run_.finish(status.upper())

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlparse
 
 import fsspec
@@ -18,6 +19,9 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger("strata")
 RESOURCE_POLL_S = 5.0
+SHARED_DIRS_ENV = "STRATA_SHARED_DIRS"  # colon-separated mount points every node sees (NFS, a RWX volume)
+_PROCESS_LOCAL = ("file", "local", "memory")
+_SERVER_TRACKING = ("http", "https", "databricks", "postgresql", "mysql", "mssql")
 
 
 def check_writable(uri: str, key: str) -> None:
@@ -94,3 +98,53 @@ def check_resources(cfg: StrataConfig, use_gpu: bool) -> None:
         + f" do not fit the cluster ({total_cpu:g} CPUs, {total_gpu:g} GPUs on {len(nodes)} nodes)"
         + (f", not even after waiting {train.resources_timeout_s:g}s" if train.resources_timeout_s else "")
     )
+
+
+def shared_dirs() -> list[str]:
+    """The local directories declared shared by every node (``STRATA_SHARED_DIRS``)."""
+    return [os.path.normpath(d) for d in os.environ.get(SHARED_DIRS_ENV, "").split(":") if d]
+
+
+def is_node_local(uri: str, shared: Sequence[str]) -> bool:
+    """True for a path only this node can see: a local path outside the shared mounts, or memory://."""
+    protocol = fsspec.utils.get_protocol(uri)
+    if protocol not in _PROCESS_LOCAL:
+        return False
+    if protocol == "memory":
+        return True
+    path = os.path.normpath(uri.removeprefix("file://").removeprefix("local://"))
+    return not any(path == d or path.startswith(d.rstrip("/") + "/") for d in shared)
+
+
+def _tracking_location(uri: str) -> str | None:
+    """The filesystem location an MLflow tracking URI keeps its runs in; None for a server."""
+    scheme = urlparse(uri).scheme
+    if scheme in _SERVER_TRACKING or scheme.split("+")[0] in _SERVER_TRACKING:
+        return None
+    if scheme == "sqlite":
+        return uri.removeprefix("sqlite:///") or "."
+    return uri
+
+
+def check_shared_storage(places: Mapping[str, str], tracking_uri: str | None, nodes: int, shared: Sequence[str] = ()) -> None:
+    """On a cluster of more than one node, every place a run keeps state must be visible from
+    every node: workers, Tune trials and a re-run driver land anywhere. ``places`` maps config
+    keys to paths or URIs; a single node may use local paths freely."""
+    if nodes <= 1:
+        return
+    located = dict(places)
+    if tracking_uri is not None and (location := _tracking_location(tracking_uri)) is not None:
+        located["tracking.uri"] = location
+    for key, uri in located.items():
+        if is_node_local(uri, shared):
+            raise ConfigError(
+                f"{key}: {uri} is on one node's disk, and this cluster has {nodes} nodes; use an object-store URI "
+                f"(s3://, gs://, ...){' or an MLflow server' if key == 'tracking.uri' else ''}, or a mount every node shares "
+                f"listed in {SHARED_DIRS_ENV}"
+            )
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -13,12 +13,12 @@ import hashlib
 import json
 import uuid
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 from pipeline import jsonout
 from pipeline.config import StrataConfig, dump_config
 from pipeline.errors import ConfigError
+from pipeline.train.outputs import OutputDir
 
 RUN_FILE = "run.json"
 Status = Literal["running", "finished", "failed", "killed"]
@@ -45,19 +45,17 @@ class RunState:
         return cls(uuid.uuid4().hex[:16], config_sha256(cfg), None, "running")
 
     @classmethod
-    def load(cls, output_dir: Path) -> RunState | None:
-        path = output_dir / RUN_FILE
-        if not path.is_file():
+    def load(cls, output_dir: OutputDir) -> RunState | None:
+        text = output_dir.read_text(RUN_FILE)
+        if text is None:
             return None
         try:
-            return cls(**json.loads(path.read_text()))
+            return cls(**json.loads(text))
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path}: not a strata run file ({exc.__class__.__name__}); remove it or pass --fresh") from None
+            raise ConfigError(f"{output_dir.join(RUN_FILE)}: not a strata run file ({exc.__class__.__name__}); remove it or pass --fresh") from None
 
-    def save(self, output_dir: Path) -> RunState:
-        tmp = output_dir / f".{RUN_FILE}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(jsonout.dumps(asdict(self), indent=1))
-        tmp.replace(output_dir / RUN_FILE)
+    def save(self, output_dir: OutputDir) -> RunState:
+        output_dir.write_text(RUN_FILE, jsonout.dumps(asdict(self), indent=1))
         return self
 
     def with_status(self, status: Status, **changes: object) -> RunState:

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator
 from pipeline.config import (
     StrictModel,
     StrataConfig,
+    absolute_path,
     apply_override,
     format_validation_error,
     load_config,
@@ -38,6 +39,8 @@ from pipeline.config import (
 from pipeline.errors import ConfigError
 from pipeline.methods import resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from pipeline.train.outputs import OutputDir
+from pipeline.train.preflight import alive_nodes, check_shared_storage, shared_dirs
 
 log = logging.getLogger("strata")
 
@@ -148,8 +151,11 @@ def _check_space(sweep: SweepConfig) -> None:
     _validate_run(_with(base, {k: _example(s) for k, s in sweep.space.items()}), "sweep base + space")
 
 
-def trial_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: Path, run_name: str) -> StrataConfig:
-    """One trial's run config: the sampled values, the first K tasks, evaluated on validation rows only."""
+def trial_config(
+    sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: str, run_name: str, storage: str
+) -> StrataConfig:
+    """One trial's run config: the sampled values, the first K tasks, evaluated on validation rows
+    only, checkpoints in the sweep's ``storage`` (a trial's driver lands on any node)."""
     t = sweep.trial
     data = _with(base, values)
     if t.tasks is not None:
@@ -161,12 +167,12 @@ def trial_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any
         data["train"]["gpus_per_worker"] = t.gpus_per_worker
     data["output_dir"] = str(output_dir)
     data["memory"] = {"uri": None, "resume": False}
-    data["train"] |= {"storage_path": None, "checkpoint_every": 0, "checkpoint_every_s": 0}  # Tune sees every task's report, no others
+    data["train"] |= {"storage_path": storage, "checkpoint_every": 0, "checkpoint_every_s": 0}  # Tune sees every task's report, no others
     data["tracking"] |= {"run_name": run_name, "model_name": None}  # trials are not versions of the model
     return validate_config(data, f"trial {run_name}")
 
 
-def final_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+def final_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: str, storage: str) -> dict[str, Any]:
     """The chosen configuration as a complete run config: the whole stream, scored on test.
 
     It trains on the same rows the trials did (the validation rows stay held out), so the test
@@ -177,7 +183,7 @@ def final_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any
     data["eval"]["split"] = "test"
     data["output_dir"] = str(output_dir)
     data["memory"]["uri"] = None
-    data["train"]["storage_path"] = None
+    data["train"]["storage_path"] = storage
     return validate_config(data, "best config").model_dump(mode="json")
 
 
@@ -204,7 +210,9 @@ def _search_algorithm(sweep: SweepConfig) -> Any:
     return OptunaSearch(seed=sweep.search.seed)
 
 
-def _run_trial(values: dict[str, Any], sweep: SweepConfig, base: dict[str, Any], root: str, parent: tuple[str, str] | None) -> None:
+def _run_trial(
+    values: dict[str, Any], sweep: SweepConfig, base: dict[str, Any], root: str, storage: str, parent: tuple[str, str] | None
+) -> None:
     """A Tune trial: one full ``strata run`` on validation rows, each task reported to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -213,7 +221,7 @@ def _run_trial(values: dict[str, Any], sweep: SweepConfig, base: dict[str, Any],
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    cfg = trial_config(sweep, base, values, Path(root) / "trials" / trial_id, f"trial {trial_id}")
+    cfg = trial_config(sweep, base, values, f"{root}/trials/{trial_id}", f"trial {trial_id}", storage)
     tags = {"strata.trial": trial_id} | ({"mlflow.parentRunId": parent[1], "strata.sweep_run_id": parent[1]} if parent else {})
     run(cfg, callbacks=[TuneReportCallback()], tracking_tags=tags)
 
@@ -228,16 +236,24 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     base = base_config(sweep_cfg)
     base_cfg = validate_config(base, "sweep base")
     num_tasks = sweep_cfg.trial.tasks or len(base_cfg.stream.tasks)
-    root = Path(sweep_cfg.output_dir).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_cfg.model_dump(mode="json"), sort_keys=False))
+    root = OutputDir(absolute_path(sweep_cfg.output_dir, Path.cwd()))  # trials run in folders of their own
+    # One storage for Tune, every trial and the final run: the base config's train.storage_path
+    # (shared on a multi-node cluster), else the sweep's own folder.
+    storage = absolute_path(base_cfg.train.storage_path or root.uri, Path.cwd())
     init_ray()
+    check_shared_storage(
+        {"output_dir": root.uri, "train.storage_path": storage},
+        resolve_tracking_uri(base_cfg.tracking) if base_cfg.tracking.enabled else None,
+        alive_nodes(),
+        shared_dirs(),
+    )
+    sweep_file = root.write_text("sweep.yaml", yaml.safe_dump(sweep_cfg.model_dump(mode="json"), sort_keys=False))
     parent = None
     if base_cfg.tracking.enabled:
         tracking = base_cfg.tracking.model_copy(update={"run_name": f"sweep {root.name}"})
         parent = TrackedRun.start(tracking, tags={"strata.sweep": root.name, "strata.method": base_cfg.method.name})
         parent.log_params({"sweep": sweep_cfg.model_dump(mode="json")})
-        parent.log_artifact(root / "sweep.yaml")
+        parent.log_artifact(sweep_file)
     metric = OBJECTIVES[sweep_cfg.search.objective]
     search = sweep_cfg.search
     # max_t one past the last task: ASHA stops a trial that reaches max_t, which would kill a
@@ -249,7 +265,8 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     )
     trainable = tune.with_resources(
         tune.with_parameters(
-            _run_trial, sweep=sweep_cfg, base=base, root=str(root), parent=(parent.tracking_uri, parent.run_id) if parent else None
+            _run_trial, sweep=sweep_cfg, base=base, root=root.uri, storage=storage,
+            parent=(parent.tracking_uri, parent.run_id) if parent else None,
         ),
         {"CPU": sweep_cfg.trial.driver_cpus},
     )
@@ -264,7 +281,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
             num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0),
     )
     try:
         grid = tuner.fit()
@@ -296,15 +313,16 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
         "best": {"trial_id": best["trial_id"], "config": best["config"], "validation_objective": best["objective_per_task"][-1]},
         "mlflow_run_id": parent.run_id if parent else None,
     }
-    best_config = final_config(sweep_cfg, base, best["config"], root / "final")
-    (root / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
-    _plot(trials, sweep_cfg, metric, root / "sweep_objective.png")
+    best_config = final_config(sweep_cfg, base, best["config"], root.join("final"), storage)
+    root.write_text("best_config.yaml", yaml.safe_dump(best_config, sort_keys=False))
+    _plot(trials, sweep_cfg, metric, root.local / "sweep_objective.png")
+    root.publish("sweep_objective.png")
     if sweep_cfg.final_run:
         tags = {"strata.sweep_run_id": parent.run_id, "strata.sweep_role": "final"} if parent else {}
         best_config["tracking"]["run_name"] = f"sweep {root.name}: best config on test"
         summary = run(validate_config(best_config, "best config"), tracking_tags=tags)
         report["final"] = {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}
-    (root / "sweep_summary.json").write_text(json.dumps(report, indent=1))
+    root.write_text("sweep_summary.json", json.dumps(report, indent=1))
     if parent:
         _mark_stopped_trials(parent, trials, num_tasks)
         parent.log_metrics({f"best_validation_{sweep_cfg.search.objective}": report["best"]["validation_objective"],
@@ -313,7 +331,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
             parent.log_metrics({f"test_{k}": report["final"][k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")})
             parent.client.set_tag(parent.run_id, "strata.final_run_id", report["final"]["mlflow_run_id"] or "")
         for name in ("best_config.yaml", "sweep_objective.png", "sweep_summary.json"):
-            parent.log_artifact(root / name)
+            parent.log_artifact(root.local / name)
         parent.finish()
     return report
 

@@ -1,0 +1,112 @@
+"""What keeps a multi-node cluster correct and a registry or landing zone from running code:
+the node-local storage refusal, key_remap from data, landed paths confined to their folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.ops import land_task, scan
+from pipeline.tracking import ModelCard
+from pipeline.train.preflight import check_shared_storage, is_node_local
+
+CARD = {
+    "config": {"backbone": {"name": "timm:vit_tiny_patch16_224", "key_remap": None}},
+    "backbone_id": "timm:vit_tiny_patch16_224",
+    "memory_store": "s3://b/m",
+    "memory_version": 1,
+    "scenario": "cil",
+    "label_space": "seen",
+    "image_size": 16,
+    "tasks": [],
+    "class_names": [],
+    "format": "strata-model/1",
+}
+
+
+@pytest.mark.parametrize(
+    "uri,shared,local",
+    [
+        ("/tmp/strata/memory", [], True),
+        ("file:///tmp/strata/memory", [], True),
+        ("runs/x", [], True),
+        ("memory://store", [], True),
+        ("s3://bucket/memory", [], False),
+        ("gs://bucket/ray", [], False),
+        ("/mnt/strata/memory", ["/mnt/strata"], False),
+        ("/mnt/strata", ["/mnt/strata"], False),
+        ("/mnt/strata-other/memory", ["/mnt/strata"], True),  # a prefix of the name is not a parent folder
+        ("/mnt/strata/../etc", ["/mnt/strata"], True),
+    ],
+)
+def test_what_counts_as_node_local(uri, shared, local):
+    assert is_node_local(uri, shared) is local
+
+
+def test_a_multi_node_cluster_refuses_node_local_places_and_names_the_key():
+    places = {"output_dir": "s3://b/out", "memory.uri": "/tmp/m", "train.storage_path": "s3://b/ray"}
+    check_shared_storage(places, "sqlite:////tmp/mlflow.db", nodes=1)  # one node: local paths are fine
+    with pytest.raises(ConfigError, match=r"^memory\.uri: /tmp/m is on one node's disk, and this cluster has 3 nodes; .*STRATA_SHARED_DIRS$"):
+        check_shared_storage(places, "http://mlflow:5000", nodes=3)
+    shared = {k: "s3://b/" + k for k in places}
+    check_shared_storage(shared, "http://mlflow:5000", nodes=3)
+    check_shared_storage(shared, "postgresql://u@db/mlflow", nodes=3)
+    check_shared_storage({**shared, "output_dir": "/mnt/strata/out"}, "sqlite:////mnt/strata/mlflow.db", nodes=3, shared=["/mnt/strata"])
+    with pytest.raises(ConfigError, match=r"^tracking\.uri: /tmp/mlflow\.db is on one node's disk.*MLflow server"):
+        check_shared_storage(shared, "sqlite:////tmp/mlflow.db", nodes=2)
+    with pytest.raises(ConfigError, match=r"^tracking\.uri: mlruns is on one node's disk"):
+        check_shared_storage(shared, "mlruns", nodes=2)
+
+
+@pytest.mark.parametrize("remap", ["os:system", "pipeline.backbones.factory:remap_in_order"])
+def test_a_registry_card_may_not_name_code(remap):
+    assert ModelCard.from_json(json.dumps(CARD), "m/1").memory_version == 1
+    in_order = {**CARD, "config": {"backbone": {**CARD["config"]["backbone"], "key_remap": "in_order"}}}
+    assert ModelCard.from_json(json.dumps(in_order), "m/1").config["backbone"]["key_remap"] == "in_order"
+    bad = {**CARD, "config": {"backbone": {**CARD["config"]["backbone"], "key_remap": remap}}}
+    with pytest.raises(ConfigError, match=rf"^m/1: backbone\.key_remap '{remap}' names code to import.*only in_order is accepted$"):
+        ModelCard.from_json(json.dumps(bad), "m/1")
+
+
+def _land(tmp_path, manifest: dict) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"")
+    landing = tmp_path / "landing"
+    land_task(str(landing), "t1", {"train.parquet": str(data), "test.parquet": str(data)}, manifest)
+    return str(landing)
+
+
+GOOD = {"train": {"type": "parquet", "path": "train.parquet"}, "test": {"type": "parquet", "path": ["test.parquet"]}}
+
+
+def test_a_landed_task_reads_only_its_own_folder(tmp_path):
+    landing = _land(tmp_path, GOOD)
+    (task,), _ = scan(landing)
+    assert task.task.train.path == f"{landing}/t1/train.parquet" and task.task.test.path == [f"{landing}/t1/test.parquet"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/etc/passwd", "../other/train.parquet", "sub/../../x.parquet", "s3://someone-else/train.parquet", "file:///etc/x", "~/x", "c:x"],
+)
+def test_a_landed_task_pointing_outside_its_folder_is_refused(tmp_path, path):
+    landing = _land(tmp_path, {**GOOD, "train": {"type": "parquet", "path": path}})
+    with pytest.raises(ConfigError, match=rf"t1/task\.yaml: train\.path '{path}' must be a relative path inside the task folder$"):
+        scan(landing)
+    listed = _land(tmp_path / "list", {**GOOD, "test": {"type": "parquet", "path": ["test.parquet", path]}})
+    with pytest.raises(ConfigError, match=r"t1/task\.yaml: test\.path"):
+        scan(listed)
+
+
+def test_a_landed_task_may_not_name_code(tmp_path):
+    landing = _land(tmp_path, {**GOOD, "backbone": {"key_remap": "os:system"}})
+    with pytest.raises(ConfigError, match=r"t1/task\.yaml: backbone\.key_remap 'os:system' names code to import"):
+        scan(landing)
+    manifest = tmp_path / "landing" / "t1" / "task.yaml"
+    manifest.write_text(yaml.safe_dump({**GOOD, "backbone": {"key_remap": "in_order"}}))
+    with pytest.raises(ConfigError, match=r"t1/task\.yaml: backbone: Extra inputs are not permitted"):
+        scan(landing)  # a built-in remap is not code, but a task is not the place for a backbone
