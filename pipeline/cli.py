@@ -311,7 +311,10 @@ _tracking_uri = click.option(
 
 @main.command("predict")
 @click.argument("data")
-@click.option("--model", "model_spec", required=True, metavar="NAME[/VERSION|@ALIAS]", help="registered continual model")
+@click.option(
+    "--model", "model_spec", required=True, metavar="NAME[/VERSION|@ALIAS]",
+    help="registered continual model; NAME alone is NAME@champion (@latest-task: the newest version)",
+)  # fmt: skip
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="predictions Parquet file")
 @_tracking_uri
 @click.option("--task", help="score only this task's classes, with its task id (til)")
@@ -320,7 +323,8 @@ _tracking_uri = click.option(
 @_one_line_errors
 def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
     """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
-    a folder of images) with a registered version of a continual model; write --out."""
+    a folder of images) with a registered version of a continual model; write --out. The same
+    version loads with mlflow.pyfunc.load_model("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
     from pipeline.eval.predict import predict
     from pipeline.tracking import load_version, resolve_tracking_uri

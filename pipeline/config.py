@@ -190,6 +190,13 @@ class TrackingConfig(StrictModel):
         description="register a version of the continual model (backbone id + memory-store version) under this "
         "name in MLflow's model registry after every task",
     )
+    champion_tolerance: float = Field(
+        default=2.0,
+        ge=0,
+        le=100,
+        description="accuracy points a new version may lose, on mean over the tasks the current @champion knows, "
+        "and still become @champion",
+    )
 
 
 class MemoryConfig(StrictModel):

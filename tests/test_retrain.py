@@ -212,7 +212,7 @@ def test_resume_checks_the_store_against_the_stream_before_anything_runs(tmp_pat
     assert store.version == 1
 
 
-def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluation(ray_session, tmp_path):
+def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluation(ray_session, tmp_path, monkeypatch):
     landing = tmp_path / "landing"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runner = CliRunner()
@@ -259,6 +259,23 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
+
+    # The same version through MLflow's own API: a pyfunc written from code, nothing pickled.
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    pyfunc = mlflow.pyfunc.load_model("models:/digits/2")
+    images = pq.read_table(landing / "2026-11-08" / "test.parquet").column("image").to_pylist()
+    frame = pyfunc.predict(pd.DataFrame({"image": images}))
+    assert frame["pred_class"].tolist() == preds["pred_class"] and frame["pred"].tolist() == preds["pred"]
+    assert frame["score"].tolist() == pytest.approx(preds["score"], abs=1e-6)
+    model_files = Path(mlflow.artifacts.download_artifacts(f"{versions[-1].source}", dst_path=str(tmp_path / "v2")))
+    assert not [p for p in model_files.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    gate = versions[-1].tags.get("strata.champion_gate") or client.get_model_version("digits", "2").tags["strata.champion_gate"]
+    champion = str(client.get_model_version_by_alias("digits", "champion").version)
+    assert champion == ("2" if gate.startswith("passed") else "1") and str(client.get_model_version_by_alias("digits", "latest-task").version) == "2"
 
     folder = tmp_path / "new-images"  # a plain folder of images, no labels
     folder.mkdir()
@@ -346,3 +363,45 @@ def test_registration_is_idempotent_and_the_card_pins_the_records(tmp_path):
     with pytest.raises(StoreError, match="the store no longer holds this version"):
         load_model(card)
     load_model(load_version(cfg.tracking.uri, "m/1").card)  # the first version's record is untouched
+
+
+def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_path):
+    """@latest-task follows every version; @champion only one whose mean accuracy on the
+    champion's tasks is within champion_tolerance points; a failed version says why."""
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import ModelCard, TrackedRun, load_version, promote, register_version
+    from pipeline.tracking.registry import ACCURACY_TAG, gate
+    from pipeline.train.registration import MODEL_CODE
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = TrackedRun.start(TrackingConfig(uri=uri, experiment="tests"))
+    client = MlflowClient(uri)
+
+    def version(n: int, accuracy: dict[str, float]) -> str:
+        card = ModelCard(config={"backbone": {"key_remap": None}}, backbone_id="b", memory_store=str(tmp_path / "m"), memory_version=n,
+                         scenario="cil", label_space="seen", image_size=16, tasks=[{"id": t, "classes": [], "domain": None} for t in accuracy],
+                         class_names=[], records_sha256=[f"{n}"])  # fmt: skip
+        tags = {"strata.memory_store": card.memory_store, "strata.memory_version": str(n), "strata.record_sha256": f"{n}",
+                ACCURACY_TAG: json.dumps(accuracy)}  # fmt: skip
+        v = register_version(uri, run.run_id, "m", card, tags, MODEL_CODE)
+        promote(uri, "m", v, accuracy, tolerance=2.0)
+        return v
+
+    def alias(name: str) -> str:
+        return str(client.get_model_version_by_alias("m", name).version)
+
+    assert version(1, {"a": 0.90}) == "1" and alias("champion") == alias("latest-task") == "1"
+    assert version(2, {"a": 0.87, "b": 0.99}) == "2"  # 87 < 90 - 2 on task a: forgot too much
+    assert (alias("champion"), alias("latest-task")) == ("1", "2")
+    assert client.get_model_version("m", "2").tags["strata.champion_gate"] == (
+        "failed: mean accuracy on the champion's 1 task(s) 87.00 vs 90.00 (tolerance 2 points) of version 1")
+    assert version(3, {"a": 0.88, "b": 0.70, "c": 0.95}) == "3"  # 88 >= 90 - 2
+    assert (alias("champion"), alias("latest-task")) == ("3", "3")
+    assert client.get_model_version("m", "3").tags["strata.champion_gate"].startswith("passed: mean accuracy on the champion's 1 task(s) 88.00")
+    promote(uri, "m", "3", {"a": 0.88, "b": 0.70, "c": 0.95}, tolerance=2.0)  # a retried registration changes nothing
+    assert alias("champion") == "3"
+    assert version(4, {"a": 0.88, "b": 0.60, "c": 0.94}) == "4"  # mean over a, b, c: 80.7 vs 84.3
+    assert alias("champion") == "3" and load_version(uri, "m").version == "3"  # predict's default is @champion
+    assert load_version(uri, "m@latest-task").version == "4" and load_version(uri, "m/2").version == "2"
+    assert gate({"a": 0.9}, {"b": 0.9}, 2.0) == (False, "failed: no accuracy on the champion's task(s) a")
+    assert gate({"a": 0.5, "b": 0.7}, {"a": 0.48, "b": 0.7}, 2.0)[0]  # 59 >= 60 - 2, exactly at the edge too

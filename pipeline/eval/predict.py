@@ -82,12 +82,13 @@ def candidates_for(card: ModelCard, task: str | None, infers_tasks: bool) -> Can
 
 
 class Predictor:
-    """``map_batches`` actor: builds the model once, scores decoded batches."""
+    """``map_batches`` actor: builds the model once, scores decoded batches. The MLflow pyfunc
+    passes a ``method`` it has built already (one model, a Predictor per ``task``)."""
 
-    def __init__(self, card_json: str, task: str | None, image_column: str) -> None:
+    def __init__(self, card_json: str, task: str | None, image_column: str, method: Method | None = None) -> None:
         self.card = ModelCard.from_json(card_json, "model card")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.method = load_model(self.card, self.device)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if method is None else method.device
+        self.method = method if method is not None else load_model(self.card, self.device)
         self.candidates = candidates_for(self.card, task, getattr(self.method, "infers_tasks", False))
         self.names = [self.card.class_names[c] for c in self.candidates.classes]
         self.image_column = image_column

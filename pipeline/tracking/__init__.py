@@ -1,5 +1,5 @@
 from pipeline.tracking.mlflow_run import TrackedRun, flatten, resolve_tracking_uri
-from pipeline.tracking.registry import ModelCard, RegisteredVersion, latest_version, load_version, register_version
+from pipeline.tracking.registry import ModelCard, RegisteredVersion, latest_version, load_version, promote, register_version
 
 __all__ = [
     "ModelCard",
@@ -8,6 +8,7 @@ __all__ = [
     "flatten",
     "latest_version",
     "load_version",
+    "promote",
     "register_version",
     "resolve_tracking_uri",
 ]

@@ -1,18 +1,28 @@
 """The continual model in MLflow's model registry.
 
-A registered version is not a copy of any weights: it is a small JSON card, logged as a run
-artifact, that names the frozen backbone (its config and the id every record was made with)
-and the memory store (URI and version). Backbone + the first ``memory_version`` records of the
-store is the whole model, so a version costs a few kilobytes however large the backbone is.
-Versions carry the stream position and the task's metrics as tags.
+A registered version is not a copy of any weights: it is a small JSON card that names the frozen
+backbone (its config and the id every record was made with) and the memory store (URI and
+version). Backbone + the first ``memory_version`` records of the store is the whole model, so a
+version costs a few kilobytes however large the backbone is. The card is packaged as an MLflow
+pyfunc model written from code (``pipeline/eval/mlflow_model.py`` is stored as a file, nothing is
+pickled), so ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it. Versions carry the
+stream position, the task's metrics and the accuracy on every task learned so far as tags.
+
+Aliases: ``@latest-task`` follows every new version; ``@champion`` moves to a new version only
+when it passes the regression gate -- its mean accuracy on the tasks the current champion knows
+has not dropped by more than ``tolerance`` points below the champion's own on those tasks. A
+version that fails keeps the old champion and says why in its ``strata.champion_gate`` tag.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
+from importlib.metadata import PackageNotFoundError, requires
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +36,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import refuse_code
 from pipeline.errors import ConfigError
 
+log = logging.getLogger("strata")
 CARD_FORMAT = "strata-model/1"
 CARD_FILE = "continual_model.json"
+LATEST_ALIAS = "latest-task"
+CHAMPION_ALIAS = "champion"
+ACCURACY_TAG = "strata.accuracy"  # {task id: accuracy} of the version, on every task it has learned
+GATE_TAG = "strata.champion_gate"
 
 
 @dataclass(frozen=True)
@@ -83,9 +98,31 @@ def _existing_version(client: MlflowClient, run_id: str, name: str, tags: dict[s
     return None
 
 
-def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard, tags: dict[str, str]) -> str:
-    """Log ``card`` to the run and register it as the next version of model ``name``; returns the
-    version. Idempotent: a version this run registered for the same record is returned as it is."""
+def _pyfunc_signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("long", "pred"), ColSpec("string", "pred_class"), ColSpec("double", "score")]),
+        params=ParamSchema([ParamSpec("task", "string", None)]),
+    )
+
+
+def _requirements() -> list[str]:
+    """strata's own runtime requirements: loading the pyfunc needs strata installed beside them."""
+    try:
+        return [r for r in requires("strata") or [] if "extra ==" not in r]
+    except PackageNotFoundError:
+        return []
+
+
+def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard, tags: dict[str, str], model_code: Path) -> str:
+    """Log ``card`` to the run as a pyfunc model (``model_code`` is its models-from-code file) and
+    register it as the next version of model ``name``; returns the version. Idempotent: a version
+    this run registered for the same record is returned as it is."""
+    import mlflow.pyfunc
+
     client = MlflowClient(tracking_uri)
     existing = _existing_version(client, run_id, name, tags)
     if existing is not None:
@@ -94,7 +131,17 @@ def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CARD_FILE
         path.write_text(card.to_json())
-        client.log_artifact(run_id, str(path), artifact_path)
+        model_dir = Path(tmp) / "model"
+        with warnings.catch_warnings():  # an input example would be an image MLflow runs the model on at every registration
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir),
+                python_model=str(model_code),
+                artifacts={"card": str(path)},
+                signature=_pyfunc_signature(),
+                pip_requirements=_requirements(),
+            )
+        client.log_artifacts(run_id, str(model_dir), artifact_path)
     try:
         client.create_registered_model(name, description="strata continual model: a frozen backbone plus a memory store")
     except MlflowException as exc:
@@ -102,6 +149,48 @@ def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard,
             raise
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def gate(champion: Mapping[str, float], candidate: Mapping[str, float], tolerance: float) -> tuple[bool, str]:
+    """Does ``candidate`` (task id -> accuracy in [0, 1]) keep the champion's tasks within
+    ``tolerance`` accuracy points of the champion's own mean on them? And why, in one line."""
+    tasks = list(champion)
+    missing = [t for t in tasks if t not in candidate]
+    if missing:
+        return False, f"failed: no accuracy on the champion's task(s) {', '.join(missing)}"
+    old, new = _mean([champion[t] for t in tasks]), _mean([candidate[t] for t in tasks])
+    verdict = "passed" if new >= old - tolerance / 100 - 1e-12 else "failed"
+    return verdict == "passed", (
+        f"{verdict}: mean accuracy on the champion's {len(tasks)} task(s) {100 * new:.2f} vs {100 * old:.2f} "
+        f"(tolerance {tolerance:g} points)"
+    )
+
+
+def promote(tracking_uri: str, name: str, version: str, accuracy: Mapping[str, float], tolerance: float) -> bool:
+    """Point ``@latest-task`` at ``version``, and ``@champion`` too when it passes the gate
+    against the current champion (a first version always does). Returns whether it is champion."""
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias(name, LATEST_ALIAS, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        champion = None
+    if champion is not None and str(champion.version) == version:
+        return True
+    if champion is None:
+        passed, why = True, "passed: the first version"
+    else:
+        passed, why = gate(json.loads(champion.tags.get(ACCURACY_TAG, "{}")), accuracy, tolerance)
+        why += f" of version {champion.version}"
+    client.set_model_version_tag(name, version, GATE_TAG, why)
+    if passed:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    log.info("model %s version %s: champion gate %s", name, version, why)
+    return passed
 
 
 @contextmanager
@@ -130,7 +219,8 @@ def _parse_spec(spec: str) -> tuple[str, str | None, str | None]:
 
 
 def load_version(tracking_uri: str, spec: str) -> RegisteredVersion:
-    """The version ``spec`` names (NAME = its latest version), with its card."""
+    """The version ``spec`` names, with its card: NAME/VERSION, NAME@ALIAS, or NAME for its
+    ``@champion`` (the newest version in a registry from before champions)."""
     client = MlflowClient(tracking_uri)
     name, version, alias = _parse_spec(spec)
     try:
@@ -139,20 +229,39 @@ def load_version(tracking_uri: str, spec: str) -> RegisteredVersion:
         elif version:
             mv = client.get_model_version(name, version)
         else:
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ConfigError(f"--model {spec}: no registered model {name!r} in {tracking_uri}")
-            mv = max(versions, key=lambda v: int(v.version))
+            mv = _champion_or_newest(client, name, spec, tracking_uri)
     except MlflowException as exc:
         raise ConfigError(f"--model {spec}: {exc.message.splitlines()[0]} ({tracking_uri})") from None
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/{CARD_FILE}", dst_path=tmp, tracking_uri=tracking_uri)
-        card = ModelCard.from_json(Path(local).read_text(), f"{name}/{mv.version} {CARD_FILE}")
+    card = ModelCard.from_json(_card_text(mv.source, tracking_uri), f"{name}/{mv.version} {CARD_FILE}")
     return RegisteredVersion(name, str(mv.version), mv.run_id, dict(mv.tags), card)
+
+
+def _champion_or_newest(client: MlflowClient, name: str, spec: str, tracking_uri: str) -> Any:
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise ConfigError(f"--model {spec}: no registered model {name!r} in {tracking_uri}")
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        return max(versions, key=lambda v: int(v.version))
+
+
+def _card_text(source: str, tracking_uri: str) -> str:
+    """The card of a version: an artifact of its pyfunc model (or, registered by strata before
+    the pyfunc, the version's only file)."""
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+        for relative in (f"artifacts/{CARD_FILE}", CARD_FILE):
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{relative}", dst_path=tmp, tracking_uri=tracking_uri)
+            except (MlflowException, OSError):
+                continue
+            return Path(local).read_text()
+    raise ConfigError(f"{source}: holds no {CARD_FILE}")
 
 
 def latest_version(tracking_uri: str, name: str) -> RegisteredVersion | None:
     """The newest version of ``name``; None while it has none (or does not exist yet)."""
-    if not MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'"):
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    if not versions:
         return None
-    return load_version(tracking_uri, name)
+    return load_version(tracking_uri, f"{name}/{max(int(v.version) for v in versions)}")

@@ -4,16 +4,27 @@ A task's version is registered only after its checkpoint has been reported, and 
 that starts (after a restart, or in a continued run) first registers every finished task that
 has none yet. ``register_version`` returns the existing version when this run already holds
 one for the same store version and record checksum, so a retried task never creates a second.
+Each version then gets ``@latest-task`` and, when it passes the regression gate against the
+current champion on the accuracy it was evaluated with, ``@champion`` (both idempotent).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from pipeline import eval as eval_package
 from pipeline.backbones import Backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.memory import MemoryStore
-from pipeline.tracking import ModelCard, TrackedRun, register_version
+from pipeline.tracking import ModelCard, TrackedRun, promote, register_version
+from pipeline.tracking.registry import ACCURACY_TAG
 from pipeline.train.progress import Phase, Progress, phase_metrics
+
+
+# The pyfunc's models-from-code file, by path: importing it would register a model as a side effect.
+MODEL_CODE = Path(eval_package.__file__).parent / "mlflow_model.py"
 
 
 def model_card(cfg: StrataConfig, plan: StreamPlan, row: int, records_sha256: list[str], backbone: Backbone, label_space: str) -> ModelCard:
@@ -56,13 +67,20 @@ def register_finished(
     backbone: Backbone,
     label_space: str,
 ) -> None:
-    """Register every finished phase of ``progress`` that has no version yet (rank 0 only)."""
-    assert cfg.tracking.model_name
+    """Register every finished phase of ``progress`` that has no version yet, and set its aliases
+    (rank 0 only)."""
+    name = cfg.tracking.model_name
+    assert name
     shas = [entry.sha256 for entry in store.entries()]
     for p in range(progress.started_at, progress.phases_done):
         phase = phases[p]
         if progress.model_versions[phase.row] is not None:
             continue
         card = model_card(cfg, plan, phase.row, shas[: p + 1], backbone, label_space)
+        row = progress.accuracy_matrix[phase.row]
+        accuracy = {plan.tasks[j].id: float(v) for j, v in enumerate(row[: phase.row + 1]) if v is not None}
         tags = card_tags(card) | {f"metric.{k}": f"{v:.6g}" for k, v in phase_metrics(progress, phase).items()}
-        progress.model_versions[phase.row] = register_version(run.tracking_uri, run.run_id, cfg.tracking.model_name, card, tags)
+        tags[ACCURACY_TAG] = json.dumps(accuracy)
+        version = register_version(run.tracking_uri, run.run_id, name, card, tags, MODEL_CODE)
+        promote(run.tracking_uri, name, version, accuracy, cfg.tracking.champion_tolerance)
+        progress.model_versions[phase.row] = version
