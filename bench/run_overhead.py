@@ -1,17 +1,24 @@
-"""What the pipeline costs: ``strata run`` (1 Ray worker) against a bare PyTorch loop, and peak RSS.
+"""What the pipeline costs: ``strata run`` against the loops a practitioner would write, and peak RSS.
 
-    python bench/run_overhead.py                      # writes bench/results/overhead.json and prints it
-    python bench/run_overhead.py --method l2p --rows 1024 --repeats 5
+    python bench/run_overhead.py                      # writes bench/results/overhead-finetune.json and prints it
+    python bench/run_overhead.py --method rkr --rows 1024 --repeats 5 --workers 1 2
 
-(a) ``strata run`` on a one-task synthetic stream (the ``blobs`` generator) with 1 worker:
-    training throughput = samples / the phase's training time (``train_wall_s``: the streamed
-    pass and ``end_task``, evaluation and start-up excluded); the end-to-end rate is reported too.
-(b) a bare single-process loop in this process over the same rows, decoded once up front: the
-    same backbone, method, optimizer, batch size and torch thread count, ``training_step`` ->
-    ``backward`` -> ``step``, nothing else.
-The two alternate ``--repeats`` times; the ratio (a)/(b) is printed with min/median/max.
-Then peak RSS of the Ray train worker and of every Ray process together, for one task at 1x
-and 10x ``--rows``: with streaming, the worker's peak should not grow with the task.
+The data: ``--rows`` synthetic images (the ``blobs`` generator) written once as PNG in a Parquet
+file, so every contender reads and decodes the same bytes. For each ``--workers`` count N:
+(a) ``strata run`` on a one-task stream over that file with N Ray Train workers (the CPUs split
+    between them): training throughput = samples / the phase's training time (``train_wall_s``:
+    the streamed pass and ``end_task``; evaluation and start-up excluded); end to end = samples /
+    the run's whole wall time, start-up included.
+(b) the DataLoader loop: ``torch.utils.data.DataLoader`` over the same Parquet file, the same
+    decode and resize (strata's ``decode_image``), ``--loader-workers`` worker processes per
+    training process, the same backbone, method, optimizer, batch size and torch threads; with N
+    > 1, N processes in a gloo group, a ``DistributedSampler`` each and the gradients all-reduced
+    (what DDP does), timed from the first batch (training) and from process start (end to end).
+(c) the pre-decoded loop (N = 1 only): the same rows decoded up front, ``training_step`` ->
+    ``backward`` -> ``step``, nothing else: the ceiling no streaming pipeline reaches.
+The contenders alternate ``--repeats`` times; the ratios (a)/(b) and (a)/(c) are printed with
+min/median/max. Then peak RSS of the Ray train worker and of every Ray process together, for
+one task at 1x and 10x ``--rows``: with streaming, the worker's peak should not grow with the task.
 ``--profile`` also samples the train worker with py-spy during one more run and splits the
 training pass's time by where its thread was: waiting for the next batch from Ray Data,
 normalising, forward, backward, optimizer step, the per-step all-reduces, the rest.
@@ -38,34 +45,152 @@ REPO = Path(__file__).resolve().parent.parent
 BACKBONE = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 192, "num_heads": 3}}
 
 
-def stream_config(rows: int, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    params = {"num_classes": 8, "rows": rows, "size": 32, "seed": 0}
-    task = {
-        "id": "synthetic",
-        "train": {"type": "generator", "name": "blobs", "split": "train", "params": params},
-        "test": {"type": "generator", "name": "blobs", "split": "test", "params": {**params, "rows": 64}},
-    }
+def write_parquet(rows: int, folder: Path) -> Path:
+    """``rows`` blobs images as PNG bytes in one Parquet file (what every contender reads)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.generators import get as generator
+    from pipeline.data.sources import _png
+
+    images, labels = generator("blobs").rows("train", {"num_classes": 8, "rows": rows, "size": 32, "seed": 0}, 0, rows)
+    path = folder / f"blobs-{rows}.parquet"
+    table = pa.table({"image": pa.array([_png(i) for i in images], pa.binary()), "label": pa.array(labels, pa.int64())})
+    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(8)])}), path, row_group_size=256)
+    return path
+
+
+def scenario(method: str) -> str:
+    from pipeline.methods import method_class
+
+    return "cil" if "cil" in method_class(method).scenarios else "til"
+
+
+def stream_config(data: Path, args: argparse.Namespace, output_dir: Path, workers: int = 1) -> dict[str, Any]:
+    source = {"type": "parquet", "path": str(data)}
     return {
-        "stream": {"scenario": "cil", "tasks": [task]},
+        "stream": {"scenario": scenario(args.method), "tasks": [{"id": "synthetic", "train": source, "test": source}]},
         "backbone": BACKBONE,
         "method": {"name": args.method},
-        "train": {"batch_size": args.batch_size, "num_workers": 1, "cpus_per_worker": args.threads},
+        "train": {"batch_size": args.batch_size, "num_workers": workers, "cpus_per_worker": args.threads / workers},
         "data": {"rows_per_chunk": 256},
         "tracking": {"enabled": False},
         "output_dir": str(output_dir),
     }
 
 
-def strata_run(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+def strata_run(data: Path, args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
     from pipeline.config import validate_config
     from pipeline.train import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run(validate_config(stream_config(rows, args, Path(tmp) / "out")))
+        summary = run(validate_config(stream_config(data, args, Path(tmp) / "out", workers)))
     return {"samples": summary["samples_seen"][0], "train_s": summary["train_wall_s"][0], "wall_s": summary["wall_s"]}
 
 
-def decode_only(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+class ParquetImages(torch.utils.data.Dataset):
+    """The practitioner's dataset: rows of the Parquet file, decoded and resized on access."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        self.images = table.column("image").to_pylist()
+        self.labels = table.column("label").to_numpy()
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from pipeline.data.ray_data import decode_image
+
+        return torch.tensor(decode_image(self.images[i], self.size, f"row {i}")), int(self.labels[i])  # a copy: PIL's array is read-only
+
+
+def _loader_worker(rank: int, world: int, data: str, args: argparse.Namespace, port: int, started: float, out: Any) -> None:
+    """One training process of the DataLoader loop (rank of ``world``)."""
+    import torch.distributed as dist
+
+    from pipeline.backbones import create_backbone
+    from pipeline.config import validate_config
+    from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
+    from pipeline.train.collective import TorchCollective
+
+    torch.set_num_threads(max(1, int(args.threads / world)))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = validate_config(stream_config(Path(data), args, Path(tempfile.gettempdir()), world))
+    torch.manual_seed(0)
+    backbone = create_backbone(cfg.backbone)
+    method = create_method(resolve_method_params(cfg.method), backbone, TorchCollective() if world > 1 else LocalCollective())
+    names = tuple(f"class{c}" for c in range(8))
+    method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
+    dataset = ParquetImages(Path(data), 32)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=0) if world > 1 else None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler,
+        num_workers=args.loader_workers, persistent_workers=False, drop_last=False,
+    )  # fmt: skip
+    trainable = method.trainable_parameters()
+    steps = len(loader)
+    optimizer, scheduler = method.build_optimizer(steps, args.batch_size) if trainable else (None, None)
+    samples = 0
+    first = time.perf_counter()
+    for images, labels in loader:
+        batch = {"image": backbone.normalize(images), "label": labels, "task": torch.zeros_like(labels)}
+        samples += len(labels)
+        if optimizer is None:
+            with torch.no_grad():
+                method.training_step(batch)
+            continue
+        method.training_step(batch).backward()
+        if world > 1:
+            for p in trainable:  # what DDP's reducer does, one tensor at a time
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        if method.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, method.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+    method.end_task()
+    train_s = time.perf_counter() - first
+    if world > 1:
+        totals = torch.tensor([float(samples), train_s])
+        dist.all_reduce(totals[:1])
+        dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+        samples, train_s = int(totals[0]), float(totals[1])
+        dist.destroy_process_group()
+    if rank == 0:
+        out.put({"samples": samples, "train_s": train_s, "wall_s": time.time() - started})
+
+
+def dataloader_loop(data: Path, args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
+    """The DataLoader loop with ``workers`` training processes (spawned, as torchrun would)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.time()
+    processes = [context.Process(target=_loader_worker, args=(r, workers, str(data), args, port, started, queue)) for r in range(workers)]
+    for proc in processes:
+        proc.start()
+    for proc in processes:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"DataLoader loop: a training process exited {proc.exitcode}")
+    return queue.get()
+
+
+def decode_only(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """What strata's data path costs per sample before training: read and decode every chunk of
     the task in this process (``load_chunks``, the function Ray Data runs), no model."""
     import numpy as np
@@ -74,7 +199,7 @@ def decode_only(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.data.ray_data import load_chunks
     from pipeline.data.stream import resolve_stream
 
-    cfg = validate_config(stream_config(rows, args, Path(tempfile.gettempdir())))
+    cfg = validate_config(stream_config(data, args, Path(tempfile.gettempdir())))
     task = resolve_stream(cfg.stream, cfg.data.rows_per_chunk).tasks[0]
     batch = {"chunk": np.array([c.to_json() for c in task.train.chunks], dtype=object)}
     started = time.perf_counter()
@@ -82,18 +207,17 @@ def decode_only(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"samples": decoded, "seconds": time.perf_counter() - started}
 
 
-def bare_loop(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+def bare_loop(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The same work with nothing around it: decoded tensors, the method's step, the optimizer."""
     from pipeline.backbones import create_backbone
     from pipeline.config import validate_config
-    from pipeline.data.generators import get as generator
     from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
 
-    cfg = validate_config(stream_config(rows, args, Path(tempfile.gettempdir())))
-    params = cfg.stream.tasks[0].train.params
-    images, labels = generator("blobs").rows("train", params, 0, rows)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(labels)
+    cfg = validate_config(stream_config(data, args, Path(tempfile.gettempdir())))
+    dataset = ParquetImages(data, 32)
+    rows = len(dataset)
+    images = torch.stack([dataset[i][0] for i in range(rows)])
+    labels = torch.from_numpy(dataset.labels)
     torch.set_num_threads(int(args.threads))
     torch.manual_seed(0)
     backbone = create_backbone(cfg.backbone)
@@ -149,7 +273,7 @@ def classify(stacks: str) -> dict[str, float]:
 PY_SPY = str(next((p for p in (Path(sys.executable).parent / "py-spy",) if p.exists()), "py-spy"))
 
 
-def profile_run(rows: int, args: argparse.Namespace) -> dict[str, Any]:
+def profile_run(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One ``strata run`` with py-spy attached to its train worker (--idle: blocked time counts)."""
     out = Path(tempfile.mkdtemp()) / "stacks.txt"
     spy: list[subprocess.Popen] = []
@@ -170,12 +294,12 @@ def profile_run(rows: int, args: argparse.Namespace) -> dict[str, Any]:
 
     watcher = threading.Thread(target=attach, daemon=True)
     watcher.start()
-    run = strata_run(rows, args)
+    run = strata_run(data, args)
     watcher.join(timeout=10)
     if not spy:
         raise RuntimeError("py-spy: the train worker was not found")
     spy[0].wait(timeout=60)  # the worker exits with the fit; py-spy then writes its file
-    return {"rows": rows, "train_s": run["train_s"], "breakdown": classify(out.read_text())}
+    return {"rows": run["samples"], "train_s": run["train_s"], "breakdown": classify(out.read_text())}
 
 
 class PeakRSS:
@@ -213,53 +337,83 @@ class PeakRSS:
         self._thread.join()
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _rate(result: dict[str, Any], key: str = "train_s") -> float:
+    return result["samples"] / result[key]
+
+
+def compare(data: Path, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """strata against the DataLoader loop (and, at one worker, the pre-decoded loop), alternating."""
+    repeats = []
+    for repeat in range(args.repeats):
+        entry = {"strata": strata_run(data, args, workers), "dataloader": dataloader_loop(data, args, workers)}
+        if workers == 1:
+            entry["predecoded"] = bare_loop(data, args)
+        entry["ratio_vs_dataloader"] = _rate(entry["strata"]) / _rate(entry["dataloader"])
+        entry["end_to_end_ratio_vs_dataloader"] = _rate(entry["strata"], "wall_s") / _rate(entry["dataloader"], "wall_s")
+        if workers == 1:
+            entry["ratio_vs_predecoded"] = _rate(entry["strata"]) / _rate(entry["predecoded"])
+        repeats.append(entry)
+        line = (f"{workers} worker(s), repeat {repeat + 1}: strata {_rate(entry['strata']):.1f} samples/s "
+                f"(end to end {_rate(entry['strata'], 'wall_s'):.1f}), DataLoader {_rate(entry['dataloader']):.1f} "
+                f"(end to end {_rate(entry['dataloader'], 'wall_s'):.1f}), ratio {entry['ratio_vs_dataloader']:.3f}")  # fmt: skip
+        if workers == 1:
+            line += f"; pre-decoded {_rate(entry['predecoded']):.1f}, ratio {entry['ratio_vs_predecoded']:.3f}"
+        print(line, flush=True)
+    keys = ["ratio_vs_dataloader", "end_to_end_ratio_vs_dataloader"] + (["ratio_vs_predecoded"] if workers == 1 else [])
+    return {"workers": workers, "repeats": repeats, **{k: _stats([r[k] for r in repeats]) for k in keys}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="finetune")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=float, default=float(os.cpu_count() or 1), help="CPUs of the Ray worker = torch threads of the bare loop")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="training workers / processes to compare at")
+    parser.add_argument("--threads", type=float, default=float(os.cpu_count() or 1), help="CPUs (= torch threads) of all training workers together")
+    parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes per training process")
     parser.add_argument("--rss-scale", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also break the training pass down with py-spy (pip install py-spy)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/overhead.json")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/overhead-METHOD.json")
     args = parser.parse_args()
+    out = args.out or REPO / "bench" / "results" / f"overhead-{args.method}.json"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from pipeline.train import init_ray
 
+    folder = Path(tempfile.mkdtemp(prefix="strata-overhead-"))
+    data = write_parquet(args.rows, folder)
     init_ray()
-    strata_run(64, args)  # warm Ray's workers and Data once, outside the measurements
-    pairs = []
-    for repeat in range(args.repeats):
-        a = strata_run(args.rows, args)
-        b = bare_loop(args.rows, args)
-        pairs.append({"strata": a, "bare": b, "ratio": (a["samples"] / a["train_s"]) / (b["samples"] / b["train_s"])})
-        print(f"repeat {repeat + 1}: strata {a['samples'] / a['train_s']:.1f} samples/s (end to end {a['samples'] / a['wall_s']:.1f}), "
-              f"bare {b['samples'] / b['train_s']:.1f} samples/s, ratio {pairs[-1]['ratio']:.3f}", flush=True)  # fmt: skip
-    ratios = [p["ratio"] for p in pairs]
-    decode = decode_only(args.rows, args)
+    strata_run(write_parquet(64, folder), args)  # warm Ray's workers and Data once, outside the measurements
+    by_workers = [compare(data, args, n) for n in args.workers]
+    decode = decode_only(data, args)
     print(f"decoding alone (read + PNG decode + resize, in-process): {decode['samples'] / decode['seconds']:.1f} samples/s", flush=True)
     rss = {}
     for scale in (1, args.rss_scale):
         with PeakRSS() as peak:
-            strata_run(args.rows * scale, args)
+            strata_run(data if scale == 1 else write_parquet(args.rows * scale, folder), args)
         rss[f"{scale}x"] = {"rows": args.rows * scale, "train_worker_peak_mib": round(peak.worker / 2**20, 1), "ray_total_peak_mib": round(peak.total / 2**20, 1)}
         print(f"peak RSS at {scale}x ({args.rows * scale} rows): train worker {rss[f'{scale}x']['train_worker_peak_mib']} MiB, "
               f"all Ray processes {rss[f'{scale}x']['ray_total_peak_mib']} MiB", flush=True)  # fmt: skip
     profile = None
     if args.profile:
-        profile = profile_run(args.rows, args)
+        profile = profile_run(data, args)
         print("where the training pass's time goes (py-spy, train worker): "
               + ", ".join(f"{k} {v:.1%}" for k, v in profile["breakdown"].items()), flush=True)  # fmt: skip
     result = {
-        "method": args.method, "backbone": BACKBONE, "rows": args.rows, "batch_size": args.batch_size, "threads": args.threads,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
-        "ratio": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}, "pairs": pairs, "peak_rss": rss,
-        "decode_only_samples_per_s": decode["samples"] / decode["seconds"], "profile": profile,
+        "method": args.method, "scenario": scenario(args.method), "backbone": BACKBONE, "rows": args.rows,
+        "batch_size": args.batch_size, "threads": args.threads, "loader_workers": args.loader_workers,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(), "by_workers": by_workers,
+        "peak_rss": rss, "decode_only_samples_per_s": decode["samples"] / decode["seconds"], "profile": profile,
     }  # fmt: skip
-    print(f"throughput ratio strata/bare: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  max {max(ratios):.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    for entry in by_workers:
+        print(f"{entry['workers']} worker(s): strata / DataLoader loop, training {entry['ratio_vs_dataloader']['median']:.3f}, "
+              f"end to end {entry['end_to_end_ratio_vs_dataloader']['median']:.3f} (medians of {args.repeats})")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     return 0
 
 
