@@ -121,6 +121,7 @@ def test_partial_sums_on_two_ranks_are_summed_once_across_a_resume(tmp_path):
 STATE_CASES = {
     "ncm": ({}, "vit"),
     "finetune": ({}, "vit"),
+    "lwf": ({}, "vit"),
     "l2p": ({"pool_size": 4, "top_n": 2, "prompt_length": 2}, "vit"),
     "piggyback": ({"task_inference": True}, "vit"),
     "rkr": ({"task_inference": True}, "vit"),
