@@ -104,8 +104,10 @@ def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
 
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_one_line_errors
 def methods_cmd(as_json: bool) -> None:
-    """List the registered continual-learning methods and their scenarios."""
+    """List the registered continual-learning methods and their scenarios: strata's own and those
+    installed packages declare in the `strata.methods` entry-point group."""
     from pipeline.methods import available_methods
 
     rows = [

@@ -14,6 +14,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -237,6 +238,7 @@ class Method(ABC):
 
 
 _METHODS: dict[str, type[Method]] = {}
+ENTRY_POINT_GROUP = "strata.methods"  # a package's own methods: `name = "package.module:MethodClass"`
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -248,11 +250,29 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
+def _load_entry_points(only: str | None = None) -> None:
+    """Register the methods other installed packages declare in the ``strata.methods`` entry-point
+    group (all of them, or the one named ``only``), importing each module on first use."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _METHODS or (only is not None and ep.name != only):
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # whatever the plugin's import raises
+            raise ConfigError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): cannot be loaded ({exc.__class__.__name__}: {exc})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): not a subclass of pipeline.methods.Method")
+        register_method(ep.name)(cls)
+
+
 def available_methods() -> dict[str, type[Method]]:
+    _load_entry_points()
     return dict(sorted(_METHODS.items()))
 
 
 def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        _load_entry_points(only=name)
     if name not in _METHODS:
         raise ConfigError(f"method.name: {name!r} is not a registered method (known: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
