@@ -329,11 +329,13 @@ def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, 
     version loads with mlflow.pyfunc.load_model("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
     from pipeline.eval.predict import predict
-    from pipeline.tracking import load_version, resolve_tracking_uri
+    from pipeline.tracking import champion_lag, load_version, resolve_tracking_uri
     from pipeline.train import init_ray
 
     uri = resolve_tracking_uri(TrackingConfig(uri=tracking_uri))
     version = load_version(uri, model_spec)
+    if "/" not in model_spec and "@" not in model_spec and (behind := champion_lag(uri, version)):
+        click.echo(f"note: {behind}", err=True)
     init_ray()
     result = predict(version.card, data, out, task=task, batch_size=batch_size, actors=actors)
     click.echo(f"{result['rows']} predictions by {version.name} version {version.version} ({len(version.card.tasks)} tasks) -> {out}")

@@ -232,7 +232,7 @@ class StrataConfig(StrictModel):
 
     @property
     def memory_uri(self) -> str:
-        return self.memory.uri or str(Path(self.output_dir) / "memory")
+        return self.memory.uri or f"{self.output_dir.rstrip('/')}/memory"  # a string join: output_dir may be a URI
 
 
 def refuse_code(data: Any, origin: str) -> None:

@@ -46,6 +46,13 @@ def test_what_counts_as_node_local(uri, shared, local):
     assert is_node_local(uri, shared) is local
 
 
+def test_the_default_memory_store_of_an_object_store_output_dir_stays_in_it():
+    from pipeline.config import validate_config
+
+    cfg = validate_config({"stream": {"tasks": []}, "output_dir": "s3://bucket/runs/x/"})
+    assert cfg.memory_uri == "s3://bucket/runs/x/memory"
+
+
 def test_a_multi_node_cluster_refuses_node_local_places_and_names_the_key():
     places = {"output_dir": "s3://b/out", "memory.uri": "/tmp/m", "train.storage_path": "s3://b/ray"}
     check_shared_storage(places, "sqlite:////tmp/mlflow.db", nodes=1)  # one node: local paths are fine
@@ -53,12 +60,12 @@ def test_a_multi_node_cluster_refuses_node_local_places_and_names_the_key():
         check_shared_storage(places, "http://mlflow:5000", nodes=3)
     shared = {k: "s3://b/" + k for k in places}
     check_shared_storage(shared, "http://mlflow:5000", nodes=3)
-    check_shared_storage(shared, "postgresql://u@db/mlflow", nodes=3)
-    check_shared_storage({**shared, "output_dir": "/mnt/strata/out"}, "sqlite:////mnt/strata/mlflow.db", nodes=3, shared=["/mnt/strata"])
-    with pytest.raises(ConfigError, match=r"^tracking\.uri: /tmp/mlflow\.db is on one node's disk.*MLflow server"):
-        check_shared_storage(shared, "sqlite:////tmp/mlflow.db", nodes=2)
-    with pytest.raises(ConfigError, match=r"^tracking\.uri: mlruns is on one node's disk"):
-        check_shared_storage(shared, "mlruns", nodes=2)
+    check_shared_storage({**shared, "output_dir": "/mnt/strata/out"}, "https://mlflow", nodes=3, shared=["/mnt/strata"])
+    check_shared_storage(shared, None, nodes=3)  # tracking off
+    # Database and file stores keep artifacts (cards, pyfunc models) under the driver's working dir.
+    for tracking in ("sqlite:////mnt/strata/mlflow.db", "postgresql://u@db/mlflow", "mlruns", "file:///mnt/strata/mlruns"):
+        with pytest.raises(ConfigError, match=r"^tracking\.uri: .* keeps MLflow's artifacts in the driver's working directory.*MLflow server"):
+            check_shared_storage(shared, tracking, nodes=2, shared=["/mnt/strata"])
 
 
 @pytest.mark.parametrize("remap", ["os:system", "pipeline.backbones.factory:remap_in_order"])
@@ -100,6 +107,13 @@ def test_a_landed_task_pointing_outside_its_folder_is_refused(tmp_path, path):
     listed = _land(tmp_path / "list", {**GOOD, "test": {"type": "parquet", "path": ["test.parquet", path]}})
     with pytest.raises(ConfigError, match=r"t1/task\.yaml: test\.path"):
         scan(listed)
+
+
+@pytest.mark.parametrize("task_id", ["../escape", "a/b", ".", "..", "", "x" * 129, 7])
+def test_a_landed_task_id_names_no_path(tmp_path, task_id):
+    landing = _land(tmp_path, {**GOOD, "id": task_id})
+    with pytest.raises(ConfigError, match=r"t1/task\.yaml: id .* must be letters, digits, '\.', '_' or '-'"):
+        scan(landing)
 
 
 def test_a_landed_task_may_not_name_code(tmp_path):

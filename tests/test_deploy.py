@@ -133,6 +133,9 @@ def test_every_rayjob_keeps_its_state_under_the_one_shared_store():
         for key in ("output_dir", "memory.uri", "train.storage_path"):
             value = next((s.partition("=")[2] for s in sets if s.startswith(f"{key}=")), None)
             assert value is None or value.startswith("$STRATA_STORE/"), f"{name}: {key}={value}"
+        assert any(s.startswith(("train.resources_timeout_s=", "set.train.resources_timeout_s=")) for s in sets), (
+            f"{name}: workers start at 0 replicas; without a resources timeout the run fails before the autoscaler acts"
+        )
         expanded = [s.replace("$STRATA_STORE", store) for s in sets]
         if "--sweep" in args:
             sweep = load_sweep(in_repo(args[args.index("--sweep") + 1]), [s for s in expanded if s.startswith("output_dir=")])

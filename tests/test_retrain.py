@@ -369,7 +369,7 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     """@latest-task follows every version; @champion only one whose mean accuracy on the
     champion's tasks is within champion_tolerance points; a failed version says why."""
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import ModelCard, TrackedRun, load_version, promote, register_version
+    from pipeline.tracking import ModelCard, TrackedRun, champion_lag, load_version, promote, register_version
     from pipeline.tracking.registry import ACCURACY_TAG, gate
     from pipeline.train.registration import MODEL_CODE
 
@@ -403,5 +403,10 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     assert version(4, {"a": 0.88, "b": 0.60, "c": 0.94}) == "4"  # mean over a, b, c: 80.7 vs 84.3
     assert alias("champion") == "3" and load_version(uri, "m").version == "3"  # predict's default is @champion
     assert load_version(uri, "m@latest-task").version == "4" and load_version(uri, "m/2").version == "2"
+    assert champion_lag(uri, load_version(uri, "m")) == (
+        "m@champion is version 3 (3 tasks); the newest, version 4 (@latest-task), is not champion: failed: mean accuracy "
+        "on the champion's 3 task(s) 80.67 vs 84.33 (tolerance 2 points) of version 3")
+    assert champion_lag(uri, load_version(uri, "m/4")) is None
     assert gate({"a": 0.9}, {"b": 0.9}, 2.0) == (False, "failed: no accuracy on the champion's task(s) a")
+    assert gate({}, {"b": 0.9}, 2.0)[0]  # a champion set by hand, without an accuracy tag, does not block
     assert gate({"a": 0.5, "b": 0.7}, {"a": 0.48, "b": 0.7}, 2.0)[0]  # 59 >= 60 - 2, exactly at the edge too

@@ -163,22 +163,30 @@ def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, mon
     assert result.exit_code == 2 and "error: --address: no cluster given" in result.output
 
 
-def test_the_upload_leaves_out_secrets_data_and_what_gitignore_lists_and_has_a_size_limit(tmp_path):
+def test_the_upload_leaves_out_secrets_data_links_and_what_gitignore_lists_and_has_a_size_limit(tmp_path):
     root = tmp_path / "project"
     files = {
         "jobs/continual_train.py": 10, "configs/a.yaml": 5, "configs/sample/tiny.parquet": 7, "pipeline/x.py": 20,
         ".env": 1, ".env.prod": 1, "deploy/tls.key": 1, "creds/credentials.json": 1, ".aws/config": 1, "id_rsa": 1,
-        "landing/2026-11-01/train.parquet": 1, "runs/latest/summary.json": 1, "data/big.parquet": 1, "scratch/notes.txt": 3,
+        ".git-credentials": 1, "home/.ssh/config": 1, "landing/2026-11-01/train.parquet": 1, "runs/latest/summary.json": 1,
+        "data/big.parquet": 1, "scratch/notes.txt": 3, "configs/private/x.yaml": 4, "configs/sample/ignored.parquet": 2,
         ".venv/bin/python": 1, "pipeline/__pycache__/x.pyc": 1, ".git/HEAD": 1, "mlflow.db": 1,
     }  # fmt: skip
     for rel, size in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x" * size)
     (root / ".gitignore").write_text("scratch/\n")
+    (root / "configs" / ".gitignore").write_text("private/\nsample/ignored.parquet\n")  # a nested one, relative to its folder
+    outside = tmp_path / "secret.txt"
+    outside.write_text("key")
+    (root / "configs" / "linked.yaml").symlink_to(outside)
+    (root / "linked-dir").symlink_to(tmp_path)
     upload = submit.plan_upload(root, ["pipeline/x.py"])  # a --runtime-env excludes entry
-    assert dict(upload.files) == {".gitignore": 9, "configs/a.yaml": 5, "configs/sample/tiny.parquet": 7, "jobs/continual_train.py": 10}
-    assert upload.total == 31
-    assert upload.describe().startswith(f"uploading {root}: 4 files, 31 B (") and "configs/ 12 B" in upload.describe()
+    assert dict(upload.files) == {
+        ".gitignore": 9, "configs/.gitignore": 32, "configs/a.yaml": 5, "configs/sample/tiny.parquet": 7, "jobs/continual_train.py": 10,
+    }  # fmt: skip
+    assert upload.total == 63
+    assert upload.describe().startswith(f"uploading {root}: 5 files, 63 B (") and "configs/ 44 B" in upload.describe()
     staged = submit.stage_upload(upload, max_mb=1)
     try:
         assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == sorted(dict(upload.files))
@@ -188,3 +196,10 @@ def test_the_upload_leaves_out_secrets_data_and_what_gitignore_lists_and_has_a_s
     with pytest.raises(ConfigError, match=r"the upload is 2\.0 MiB, above the 1 MiB limit \(largest file: configs/weights\.bin, 2\.0 MiB\).*--force"):
         submit.stage_upload(submit.plan_upload(root), max_mb=1)
     shutil.rmtree(submit.stage_upload(submit.plan_upload(root), max_mb=1, force=True))
+    (root / "jobs/sweep.py").write_text("")
+    with pytest.raises(ConfigError, match=r"private/x\.yaml: excluded from the upload"):
+        submit.submit("run", [str(root / "configs/private/x.yaml")], working_dir=str(root))  # refused before any cluster is asked
+    env = tmp_path / "env.yaml"
+    env.write_text("working_dir: /elsewhere\n")
+    with pytest.raises(ConfigError, match=r"env\.yaml: working_dir is not allowed"):
+        submit.runtime_env(root, runtime_env_file=str(env))

@@ -66,6 +66,16 @@ def test_trial_config_sees_validation_rows_of_the_first_tasks_and_the_final_conf
     assert [t["id"] for t in final["stream"]["tasks"]] == ["a", "b"] and final["method"]["lr"] == 0.5
 
 
+def test_set_from_the_command_line_sets_one_key_and_keeps_the_section(tmp_path):
+    path = write_sweep(tmp_path, tiny_base(tmp_path), set={"train.num_workers": 1})
+    sweep = load_sweep(path, ["set.train.resources_timeout_s=900", "set.backbone.kwargs.depth=1"])  # what a manifest passes
+    base = base_config(sweep)
+    assert base["train"]["resources_timeout_s"] == 900 and base["train"]["batch_size"] == 8 and base["train"]["num_workers"] == 1
+    assert base["backbone"]["kwargs"]["depth"] == 1 and base["backbone"]["kwargs"]["embed_dim"] == 32
+    replaced = base_config(load_sweep(write_sweep(tmp_path, tiny_base(tmp_path), set={"backbone.kwargs": {"depth": 1}})))
+    assert replaced["backbone"]["kwargs"] == {"depth": 1}  # a dotted key's mapping is the value, as written
+
+
 def test_trials_log_to_the_sweeps_mlflow_store_whatever_their_directory(tmp_path, monkeypatch):
     base = tiny_base(tmp_path)
     del base["tracking"]["uri"]

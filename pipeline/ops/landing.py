@@ -10,6 +10,7 @@ finished. A manifest is data, not code: it may not name code to import or read o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -23,6 +24,7 @@ from pipeline.config import TaskConfig, describe_yaml_error, format_validation_e
 from pipeline.errors import ConfigError, DataError
 
 MANIFEST = "task.yaml"
+TASK_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 READY = "_READY"
 
 
@@ -82,6 +84,9 @@ def _load_manifest(fs: fsspec.AbstractFileSystem, folder: str, location: str) ->
     origin = f"{location}/{MANIFEST}"
     refuse_code(data, origin)
     data.setdefault("id", location.rstrip("/").rsplit("/", 1)[-1])
+    if not isinstance(data["id"], str) or not TASK_ID.fullmatch(data["id"]) or set(data["id"]) == {"."}:
+        # The id names the task's output folder and ledger entries: a path in it would escape them.
+        raise ConfigError(f"{origin}: id {data['id']!r} must be letters, digits, '.', '_' or '-' (it names folders)")
     try:
         return TaskConfig.model_validate(_confined_sources(data, location, origin))
     except ValidationError as err:

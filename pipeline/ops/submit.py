@@ -28,11 +28,13 @@ from pipeline.errors import ConfigError
 
 ENTRYPOINTS = {"run": "jobs/continual_train.py", "sweep": "jobs/sweep.py", "retrain": "jobs/retrain.py"}
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "bench/cache", "**/__pycache__", ".pytest_cache"]
-# Never uploaded, whatever the runtime env says: secrets, and data that belongs in object storage.
-NEVER_UPLOAD = [
-    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", ".netrc", ".pgpass", ".aws/", ".gcp/",
-    ".kube/", "credentials*", "*credentials.json", "*.kubeconfig", "kubeconfig", "landing/", "runs/", "*.parquet",
-    "!configs/**/*.parquet",
+# Data that belongs in object storage, not in a job's code (small Parquet samples under configs/ may go).
+DATA = ["landing/", "runs/", "*.parquet", "!configs/**/*.parquet"]
+# Never uploaded, whatever a runtime env or a .gitignore says: applied last, nothing re-includes them.
+SECRETS = [
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".ssh/", ".netrc",
+    ".pgpass", ".pypirc", ".npmrc", ".git-credentials", "*credentials*", ".aws/", ".gcp/", ".config/gcloud/", ".kube/",
+    ".docker/", "*.kubeconfig", "kubeconfig",
 ]  # fmt: skip
 MAX_UPLOAD_MB = 100.0
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -79,6 +81,9 @@ def runtime_env(
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--runtime-env {runtime_env_file}: the top level must be a mapping")
+        for key in ("working_dir", "py_modules"):  # Ray would upload those without strata's filter
+            if key in loaded:
+                raise ConfigError(f"--runtime-env {runtime_env_file}: {key} is not allowed; the working dir is --working-dir, filtered")
         env["excludes"] += loaded.pop("excludes", [])
         env |= loaded
     if pip:
@@ -138,20 +143,30 @@ def _size(n: float) -> str:
 
 
 def plan_upload(working_dir: Path, excludes: Sequence[str] = ()) -> Upload:
-    """What uploading ``working_dir`` sends: everything but ``excludes``, ``.gitignore``'s
-    patterns and ``NEVER_UPLOAD`` (gitignore syntax, relative to the working dir)."""
-    gitignore = working_dir / ".gitignore"
-    lines = [*DEFAULT_EXCLUDES, *excludes, *(gitignore.read_text().splitlines() if gitignore.is_file() else []), *NEVER_UPLOAD]
-    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    """What uploading ``working_dir`` sends: every regular file but the default and ``excludes``
+    patterns, data (``DATA``), what any ``.gitignore`` in the tree lists (relative to its folder,
+    as git and Ray read them) and, whatever came before, ``SECRETS`` (gitignore syntax). Symbolic
+    links are never followed: one could point at a credentials file outside the tree."""
+    top = pathspec.GitIgnoreSpec.from_lines([*DEFAULT_EXCLUDES, *excludes, *DATA])
+    secrets = pathspec.GitIgnoreSpec.from_lines(SECRETS)
+    nested: list[tuple[str, pathspec.GitIgnoreSpec]] = []  # (folder prefix, its .gitignore)
+
+    def excluded(rel: str) -> bool:
+        if top.match_file(rel) or secrets.match_file(rel):
+            return True
+        return any(rel.startswith(prefix) and spec.match_file(rel[len(prefix) :]) for prefix, spec in nested)
+
     files = []
     for dirpath, dirnames, filenames in os.walk(working_dir):
         rel_dir = Path(dirpath).relative_to(working_dir).as_posix()
         prefix = "" if rel_dir == "." else f"{rel_dir}/"
-        dirnames[:] = sorted(d for d in dirnames if not spec.match_file(f"{prefix}{d}/"))
+        if ".gitignore" in filenames and not (Path(dirpath) / ".gitignore").is_symlink():
+            nested.append((prefix, pathspec.GitIgnoreSpec.from_lines((Path(dirpath) / ".gitignore").read_text().splitlines())))
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) / d).is_symlink() and not excluded(f"{prefix}{d}/"))
         for name in sorted(filenames):
             rel = f"{prefix}{name}"
             path = Path(dirpath) / name
-            if not spec.match_file(rel) and path.is_file():
+            if not path.is_symlink() and path.is_file() and not excluded(rel):
                 files.append((rel, path.stat().st_size))
     return Upload(working_dir, tuple(files))
 
@@ -195,6 +210,11 @@ def submit(
     command = entrypoint(kind, configs, overrides, root, extra_args)
     env = runtime_env(root, **env_options)
     upload = plan_upload(root, env.pop("excludes"))
+    uploaded = {rel for rel, _ in upload.files}
+    for config in configs:
+        rel = _relative(config, root)
+        if rel not in uploaded:
+            raise ConfigError(f"{config}: excluded from the upload (.gitignore, runs/, data or secrets), so the job could not read it")
     jobs = client(address)
     if on_upload is not None:
         on_upload(upload)

@@ -159,6 +159,8 @@ def gate(champion: Mapping[str, float], candidate: Mapping[str, float], toleranc
     """Does ``candidate`` (task id -> accuracy in [0, 1]) keep the champion's tasks within
     ``tolerance`` accuracy points of the champion's own mean on them? And why, in one line."""
     tasks = list(champion)
+    if not tasks:
+        return True, "passed: the champion has no recorded accuracy to compare with"
     missing = [t for t in tasks if t not in candidate]
     if missing:
         return False, f"failed: no accuracy on the champion's task(s) {', '.join(missing)}"
@@ -257,6 +259,19 @@ def _card_text(source: str, tracking_uri: str) -> str:
                 continue
             return Path(local).read_text()
     raise ConfigError(f"{source}: holds no {CARD_FILE}")
+
+
+def champion_lag(tracking_uri: str, champion: RegisteredVersion) -> str | None:
+    """One line when newer versions than ``champion`` exist (they failed the gate); else None."""
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{champion.name}'")
+    newest = max(versions, key=lambda v: int(v.version))
+    if int(newest.version) <= int(champion.version):
+        return None
+    why = newest.tags.get(GATE_TAG, "no gate verdict")
+    return (
+        f"{champion.name}@{CHAMPION_ALIAS} is version {champion.version} ({len(champion.card.tasks)} tasks); the newest, "
+        f"version {newest.version} (@{LATEST_ALIAS}), is not champion: {why}"
+    )
 
 
 def latest_version(tracking_uri: str, name: str) -> RegisteredVersion | None:

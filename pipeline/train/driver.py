@@ -315,19 +315,24 @@ def run(
     size = cfg.data.image_size or backbone.input_spec.size
     store = MemoryStore(cfg.memory_uri)
     own_ray = init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-    check_resources(cfg, use_gpu)
-    storage = cfg.train.storage_path or f"{cfg.output_dir}/ray"  # absolute or a URI (with_absolute_paths)
-    check_shared_storage(
-        {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": storage},
-        resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else None,
-        alive_nodes(),
-        shared_dirs(),
-    )
-    out = OutputDir(cfg.output_dir)
-    state, continuing = _open_run(cfg, out, store, fresh)
-    learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
+    try:  # a refusal here leaves no Ray of ours running behind it
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+        check_resources(cfg, use_gpu)
+        storage = cfg.train.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"  # absolute or a URI (with_absolute_paths)
+        check_shared_storage(
+            {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": storage},
+            resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else None,
+            alive_nodes(),
+            shared_dirs(),
+        )
+        out = OutputDir(cfg.output_dir)
+        state, continuing = _open_run(cfg, out, store, fresh)
+        learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
+    except BaseException:
+        if own_ray:
+            ray.shutdown()
+        raise
     del backbone
     start = Progress.resumed(len(plan.tasks), learned, prior_accuracy)
     # A continued run's checkpoint may be one task behind the store (killed between the record and

@@ -21,7 +21,7 @@ log = logging.getLogger("strata")
 RESOURCE_POLL_S = 5.0
 SHARED_DIRS_ENV = "STRATA_SHARED_DIRS"  # colon-separated mount points every node sees (NFS, a RWX volume)
 _PROCESS_LOCAL = ("file", "local", "memory")
-_SERVER_TRACKING = ("http", "https", "databricks", "postgresql", "mysql", "mssql")
+_SERVER_TRACKING = ("http", "https", "databricks")
 
 
 def check_writable(uri: str, key: str) -> None:
@@ -116,32 +116,25 @@ def is_node_local(uri: str, shared: Sequence[str]) -> bool:
     return not any(path == d or path.startswith(d.rstrip("/") + "/") for d in shared)
 
 
-def _tracking_location(uri: str) -> str | None:
-    """The filesystem location an MLflow tracking URI keeps its runs in; None for a server."""
-    scheme = urlparse(uri).scheme
-    if scheme in _SERVER_TRACKING or scheme.split("+")[0] in _SERVER_TRACKING:
-        return None
-    if scheme == "sqlite":
-        return uri.removeprefix("sqlite:///") or "."
-    return uri
-
-
 def check_shared_storage(places: Mapping[str, str], tracking_uri: str | None, nodes: int, shared: Sequence[str] = ()) -> None:
     """On a cluster of more than one node, every place a run keeps state must be visible from
     every node: workers, Tune trials and a re-run driver land anywhere. ``places`` maps config
-    keys to paths or URIs; a single node may use local paths freely."""
+    keys to paths or URIs; a single node may use local paths freely. The tracking store must be
+    an MLflow server there: a database or file store (sqlite, postgresql, ./mlruns) keeps the
+    artifacts -- registry cards, the pyfunc models -- under the driver's working directory."""
     if nodes <= 1:
         return
-    located = dict(places)
-    if tracking_uri is not None and (location := _tracking_location(tracking_uri)) is not None:
-        located["tracking.uri"] = location
-    for key, uri in located.items():
+    for key, uri in places.items():
         if is_node_local(uri, shared):
             raise ConfigError(
                 f"{key}: {uri} is on one node's disk, and this cluster has {nodes} nodes; use an object-store URI "
-                f"(s3://, gs://, ...){' or an MLflow server' if key == 'tracking.uri' else ''}, or a mount every node shares "
-                f"listed in {SHARED_DIRS_ENV}"
+                f"(s3://, gs://, ...) or a mount every node shares listed in {SHARED_DIRS_ENV}"
             )
+    if tracking_uri is not None and urlparse(tracking_uri).scheme not in _SERVER_TRACKING:
+        raise ConfigError(
+            f"tracking.uri: {tracking_uri} keeps MLflow's artifacts in the driver's working directory, and this cluster "
+            f"has {nodes} nodes; use an MLflow server (http://HOST:5000, `mlflow server --serve-artifacts`)"
+        )
 
 
 def alive_nodes() -> int:

@@ -112,11 +112,24 @@ def base_config(sweep: SweepConfig) -> dict[str, Any]:
     the default ``sqlite:///<cwd>/mlflow.db`` would be another file. For the same reason local
     paths (sources, checkpoint, local-dir models) are made absolute against this directory."""
     data = load_config(sweep.base).model_dump(mode="json")
-    for key, value in sweep.set.items():
+    for key, value in _dotted(sweep.set):
         apply_override(data, f"{key}={json.dumps(value)}")
     data = with_absolute_paths(validate_config(data, "sweep base")).model_dump(mode="json")
     data["tracking"]["uri"] = resolve_tracking_uri(validate_config(data, "sweep base").tracking)
     return data
+
+
+def _dotted(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``set`` entries as dotted keys. A nested mapping under a plain name (``{train: {lr: 1}}``,
+    what ``--set set.train.lr=1`` makes) sets train.lr instead of replacing the train section; a
+    dotted key's mapping (``backbone.kwargs: {...}``) is the value, as written."""
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value and "." not in key:
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _with(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -237,12 +250,12 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     base_cfg = validate_config(base, "sweep base")
     num_tasks = sweep_cfg.trial.tasks or len(base_cfg.stream.tasks)
     root = OutputDir(absolute_path(sweep_cfg.output_dir, Path.cwd()))  # trials run in folders of their own
-    # One storage for Tune, every trial and the final run: the base config's train.storage_path
-    # (shared on a multi-node cluster), else the sweep's own folder.
+    # Tune's own state lives in the sweep's folder; every trial's and the final run's checkpoints
+    # in the base config's train.storage_path (shared on a multi-node cluster), else there too.
     storage = absolute_path(base_cfg.train.storage_path or root.uri, Path.cwd())
     init_ray()
     check_shared_storage(
-        {"output_dir": root.uri, "train.storage_path": storage},
+        {"output_dir": root.uri, "train.storage_path": storage},  # Tune's storage is output_dir
         resolve_tracking_uri(base_cfg.tracking) if base_cfg.tracking.enabled else None,
         alive_nodes(),
         shared_dirs(),
@@ -281,7 +294,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
             num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=root.uri, verbose=0),
     )
     try:
         grid = tuner.fit()
