@@ -281,11 +281,14 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     folder.mkdir()
     for i, image in enumerate(pq.read_table(landing / "2026-11-08" / "test.parquet").column("image").to_pylist()[:3]):
         (folder / f"img{i}.png").write_bytes(image)
-    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(out), "--tracking-uri", tracking])
+    predicted = runner.invoke(main, ["predict", "--model", "digits@latest-task", str(folder), "--out", str(out), "--tracking-uri", tracking])
     assert predicted.exit_code == 0, predicted.output
     from_folder = pq.read_table(out).to_pydict()
     by_name = {Path(p).name: (c, s) for p, c, s in zip(from_folder["path"], from_folder["pred_class"], from_folder["score"], strict=True)}
     assert by_name == {f"img{i}.png": (preds["pred_class"][i], pytest.approx(preds["score"][i], abs=1e-6)) for i in range(3)}
+    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(out), "--tracking-uri", tracking])
+    assert predicted.exit_code == 0 and f"by digits version {champion} " in predicted.stdout  # NAME alone: @champion
+    assert ("is not champion: failed" in predicted.stderr) == (champion == "1")
 
 
 def test_watch_looks_again_after_the_interval_and_learns_what_landed_meanwhile(tmp_path, monkeypatch):
