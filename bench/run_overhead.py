@@ -1,6 +1,6 @@
 """What the pipeline costs: ``strata run`` against the loops a practitioner would write, and peak RSS.
 
-    python bench/run_overhead.py                      # writes bench/results/overhead-finetune.json and prints it
+    python bench/run_overhead.py                      # measures finetune into bench/results/overhead.json
     python bench/run_overhead.py --method rkr --rows 1024 --repeats 5 --workers 1 2
 
 The data: ``--rows`` synthetic images (the ``blobs`` generator) written once as PNG in a Parquet
@@ -378,9 +378,9 @@ def main() -> int:
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes per training process")
     parser.add_argument("--rss-scale", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also break the training pass down with py-spy (pip install py-spy)")
-    parser.add_argument("--out", type=Path, default=None, help="default bench/results/overhead-METHOD.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/overhead.json", help="one entry per method, this one replaced")
     args = parser.parse_args()
-    out = args.out or REPO / "bench" / "results" / f"overhead-{args.method}.json"
+    out = args.out
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from pipeline.train import init_ray
 
@@ -413,7 +413,9 @@ def main() -> int:
         print(f"{entry['workers']} worker(s): strata / DataLoader loop, training {entry['ratio_vs_dataloader']['median']:.3f}, "
               f"end to end {entry['end_to_end_ratio_vs_dataloader']['median']:.3f} (medians of {args.repeats})")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    methods = previous.get("by_method", {}) if isinstance(previous, dict) else {}
+    out.write_text(json.dumps({"by_method": {**methods, args.method: result}}, indent=1))
     return 0
 
 

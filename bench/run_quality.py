@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -203,6 +204,31 @@ def _sweeps_section(folder: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _overhead_section(path: Path) -> list[str]:
+    """bench/results/overhead.json (``run_overhead.py``): strata's training pass against the
+    DataLoader loop and the pre-decoded loop, measured in the same run, per method and workers."""
+    if not path.exists() or "by_method" not in (data := json.loads(path.read_text())):
+        return []
+    lines = [
+        "## Throughput: strata against the loops a practitioner writes",
+        "",
+        "Generated from `bench/results/overhead.json` (`python bench/run_overhead.py --method M`): the same Parquet bytes,",
+        "decode, model, method, batch and threads; medians of the repeats. Training = the streamed pass; end to end includes start-up.",
+        "",
+        "| method | workers | strata samples/s | DataLoader samples/s | ratio (training) | ratio (end to end) | ratio vs pre-decoded |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, result in sorted(data["by_method"].items()):
+        for entry in result["by_workers"]:
+            strata, loader = (statistics.median(r[who]["samples"] / r[who]["train_s"] for r in entry["repeats"]) for who in ("strata", "dataloader"))
+            predecoded = f"{entry['ratio_vs_predecoded']['median']:.2f}" if "ratio_vs_predecoded" in entry else "–"
+            lines.append(
+                f"| {method} | {entry['workers']} | {strata:.1f} | {loader:.1f} | {entry['ratio_vs_dataloader']['median']:.2f} | "
+                f"{entry['end_to_end_ratio_vs_dataloader']['median']:.2f} | {predecoded} |"
+            )
+    return [*lines, ""]
+
+
 def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
     """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
     rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
@@ -241,6 +267,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
         lines.append("")
     lines += _order_section(results / "order.json")
     lines += _sweeps_section(results / "sweeps")
+    lines += _overhead_section(results / "overhead.json")
     text = "\n".join(lines)
     out.write_text(text)
     return text
