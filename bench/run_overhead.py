@@ -108,55 +108,69 @@ class ParquetImages(torch.utils.data.Dataset):
         return torch.tensor(decode_image(self.images[i], self.size, f"row {i}")), int(self.labels[i])  # a copy: PIL's array is read-only
 
 
+class HandLoop:
+    """What a hand-written loop does around the method: build it, then ``training_step`` ->
+    ``backward`` -> (all-reduce) -> clip -> ``step`` per batch. Shared by the DataLoader and the
+    pre-decoded loops, so the two differ only in where their batches come from."""
+
+    def __init__(self, data: Path, args: argparse.Namespace, steps: int, world: int = 1) -> None:
+        from pipeline.backbones import create_backbone
+        from pipeline.config import validate_config
+        from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
+        from pipeline.train.collective import TorchCollective
+
+        cfg = validate_config(stream_config(data, args, Path(tempfile.gettempdir()), world))
+        torch.manual_seed(0)
+        self.backbone = create_backbone(cfg.backbone)
+        self.method = create_method(resolve_method_params(cfg.method), self.backbone, TorchCollective() if world > 1 else LocalCollective())
+        names = tuple(f"class{c}" for c in range(8))
+        self.method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
+        self.trainable = self.method.trainable_parameters()
+        self.optimizer, self.scheduler = self.method.build_optimizer(steps, args.batch_size) if self.trainable else (None, None)
+        self.world = world
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        batch = {"image": self.backbone.normalize(images), "label": labels, "task": torch.zeros_like(labels)}
+        if self.optimizer is None:
+            with torch.no_grad():
+                self.method.training_step(batch)
+            return
+        self.method.training_step(batch).backward()
+        if self.world > 1:
+            for p in self.trainable:  # what DDP's reducer does, one tensor at a time
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        if self.method.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.method.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
 def _loader_worker(rank: int, world: int, data: str, args: argparse.Namespace, port: int, started: float, out: Any) -> None:
     """One training process of the DataLoader loop (rank of ``world``)."""
     import torch.distributed as dist
 
-    from pipeline.backbones import create_backbone
-    from pipeline.config import validate_config
-    from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
-    from pipeline.train.collective import TorchCollective
-
     torch.set_num_threads(max(1, int(args.threads / world)))
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = validate_config(stream_config(Path(data), args, Path(tempfile.gettempdir()), world))
-    torch.manual_seed(0)
-    backbone = create_backbone(cfg.backbone)
-    method = create_method(resolve_method_params(cfg.method), backbone, TorchCollective() if world > 1 else LocalCollective())
-    names = tuple(f"class{c}" for c in range(8))
-    method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
     dataset = ParquetImages(Path(data), 32)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=0) if world > 1 else None
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler,
         num_workers=args.loader_workers, persistent_workers=False, drop_last=False,
     )  # fmt: skip
-    trainable = method.trainable_parameters()
-    steps = len(loader)
-    optimizer, scheduler = method.build_optimizer(steps, args.batch_size) if trainable else (None, None)
+    loop = HandLoop(Path(data), args, len(loader), world)
     samples = 0
     first = time.perf_counter()
     for images, labels in loader:
-        batch = {"image": backbone.normalize(images), "label": labels, "task": torch.zeros_like(labels)}
+        loop.step(images, labels)
         samples += len(labels)
-        if optimizer is None:
-            with torch.no_grad():
-                method.training_step(batch)
-            continue
-        method.training_step(batch).backward()
-        if world > 1:
-            for p in trainable:  # what DDP's reducer does, one tensor at a time
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        if method.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, method.cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-    method.end_task()
+    loop.method.end_task()
     train_s = time.perf_counter() - first
     if world > 1:
         totals = torch.tensor([float(samples), train_s])
@@ -209,39 +223,16 @@ def decode_only(data: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def bare_loop(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The same work with nothing around it: decoded tensors, the method's step, the optimizer."""
-    from pipeline.backbones import create_backbone
-    from pipeline.config import validate_config
-    from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
-
-    cfg = validate_config(stream_config(data, args, Path(tempfile.gettempdir())))
     dataset = ParquetImages(data, 32)
     rows = len(dataset)
     images = torch.stack([dataset[i][0] for i in range(rows)])
-    labels = torch.from_numpy(dataset.labels)
+    labels = torch.tensor(dataset.labels)  # a copy: the Arrow-backed array is read-only
     torch.set_num_threads(int(args.threads))
-    torch.manual_seed(0)
-    backbone = create_backbone(cfg.backbone)
-    method = create_method(resolve_method_params(cfg.method), backbone, LocalCollective())
-    names = tuple(f"class{c}" for c in range(8))
-    method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
-    trainable = method.trainable_parameters()
-    optimizer, scheduler = method.build_optimizer(-(-rows // args.batch_size), args.batch_size) if trainable else (None, None)
+    loop = HandLoop(data, args, -(-rows // args.batch_size))
     started = time.perf_counter()
     for i in range(0, rows, args.batch_size):
-        batch = {"image": backbone.normalize(images[i : i + args.batch_size]), "label": labels[i : i + args.batch_size]}
-        batch["task"] = torch.zeros_like(batch["label"])
-        if optimizer is None:
-            with torch.no_grad():
-                method.training_step(batch)
-            continue
-        method.training_step(batch).backward()
-        if method.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, method.cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-    method.end_task()
+        loop.step(images[i : i + args.batch_size], labels[i : i + args.batch_size])
+    loop.method.end_task()
     return {"samples": rows, "train_s": time.perf_counter() - started}
 
 
