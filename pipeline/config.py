@@ -153,6 +153,12 @@ class TrainConfig(StrictModel):
 class DataConfig(StrictModel):
     rows_per_chunk: int = Field(default=128, ge=1, description="rows per read unit (a row-group slice, files, ...)")
     decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
+    decode_tasks: int | None = Field(
+        default=None,
+        ge=1,
+        description="most decode tasks one dataset runs at once; default: the CPU cores of the node that builds it "
+        "(more only start more Python workers that wait for the same cores)",
+    )
     shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
     shuffle_buffer: int = Field(
         default=2048,
@@ -177,6 +183,12 @@ class EvalConfig(StrictModel):
         default="auto",
         description="classes a test sample is scored against: its task's own (til; dcil as in MTIL), "
         "or every seen class (cil, dil); auto picks by scenario",
+    )
+    cache_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="local disk per worker for its share of the test sets, decoded once per run and read back at every "
+        "later evaluation; a share that does not fit is decoded again each time (0: always)",
     )
 
 

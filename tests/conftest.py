@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 # Train's controller polls its workers every 2 s by default, so every fit ends up to 2 s after its
 # last report; the suite runs ~20 fits.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a local Ray is never preempted
 
 TINY_VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}}
 

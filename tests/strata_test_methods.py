@@ -23,9 +23,24 @@ class SampleCounterConfig(MethodParams):
     max_id: int = 1024
 
 
+def ray_actor_processes() -> list[str]:
+    """The Ray actors running on this machine, one entry per process, by class (``ray::Class`` or
+    ``ray::Class.method``); pooled idle workers and tasks (``ray::fn(...)``) are left out."""
+    names = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv0 = cmdline.read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if argv0.startswith("ray::") and argv0 != "ray::IDLE" and "(" not in argv0:
+            names.append(argv0.split(".")[0])
+    return sorted(names)
+
+
 @register_method("sample_counter")
 class SampleCounter(Method):
-    """Counts training visits per (task, sample id), all-reduced across workers."""
+    """Counts training visits per (task, sample id), all-reduced across workers, and the Ray actor
+    processes alive when each task begins."""
 
     scenarios = frozenset({"cil", "dil", "til"})
     Config = SampleCounterConfig
@@ -34,6 +49,10 @@ class SampleCounter(Method):
         super().begin_task(task)
         self.visits = torch.zeros(self.cfg.max_id, dtype=torch.int64)
         self.ranks_seen = torch.zeros(8, dtype=torch.int64)
+        self.actors = len(ray_actor_processes())
+
+    def task_stats(self) -> dict[str, float]:
+        return {"ray_actor_processes": float(self.actors)}
 
     def training_step(self, batch: Batch) -> None:
         self.visits.index_add_(0, batch["sample_id"].cpu(), torch.ones_like(batch["sample_id"].cpu()))

@@ -27,22 +27,28 @@ CONTRACT_KEYS = {
 }  # fmt: skip
 
 
-def test_every_sample_reaches_exactly_one_worker_once(ray_session, tmp_path):
+def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow_with_the_stream(ray_session, tmp_path):
+    """Six tasks: every row of each trained on exactly once, by both workers between them; and
+    the Ray actor processes alive when task 2 begins are as many as when task 6 begins (one
+    split coordinator per phase, ended with it; evaluation runs no actor)."""
     import strata_test_methods  # noqa: F401  (registers sample_counter)
 
-    tasks = [blobs_task("odd", rows=101, seed=1), blobs_task("even", rows=64, seed=2)]
+    rows = (101, 64, 24, 24, 24, 24)
+    tasks = [blobs_task(f"t{i}", rows=n, seed=i + 1) for i, n in enumerate(rows)]
     sections = {"method": {"name": "sample_counter", "max_id": 128}, "tracking": {"enabled": False}, "data": {"rows_per_chunk": 8}}
     cfg = validate_config(run_config(tmp_path, tasks, **sections))
     summary = run(cfg)
     store = MemoryStore(summary["memory_store"])
-    for entry, rows in zip(store.entries(), (101, 64), strict=True):
+    for entry, n in zip(store.entries(), rows, strict=True):
         record = store.load(entry)
         visits = record.tensors["visits"]
-        assert visits[:rows].tolist() == [1] * rows, f"{entry.task_id}: some sample seen 0 or 2+ times"
-        assert int(visits[rows:].sum()) == 0
+        assert visits[:n].tolist() == [1] * n, f"{entry.task_id}: some sample seen 0 or 2+ times"
+        assert int(visits[n:].sum()) == 0
         per_rank = record.tensors["per_rank"][:2].tolist()
-        assert sum(per_rank) == rows and min(per_rank) > 0  # both workers got a share
-    assert summary["samples_seen"] == [101, 64]
+        assert sum(per_rank) == n and min(per_rank) > 0  # both workers got a share
+    assert summary["samples_seen"] == list(rows)
+    actors = [stats["ray_actor_processes"] for stats in summary["task_stats"]]
+    assert actors[1] == actors[5], f"Ray actor processes at the start of each task: {actors}"
 
 
 def digit_pairs_in_train_split() -> list[int]:

@@ -8,6 +8,7 @@ Normalisation happens later on the training device (4x less data through the obj
 from __future__ import annotations
 
 import io
+import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -71,11 +72,13 @@ def split_dataset(
     task_index: int,
     size: int,
     decode_cpus: float,
+    decode_tasks: int | None = None,
     shuffle_seed: int | None = None,
     consumed: np.ndarray | None = None,
 ) -> ray.data.Dataset:
-    """The split as a lazy dataset of decoded batches. ``consumed`` (bool by sample id) leaves
-    out rows an in-task checkpoint holds already; chunks with no row left are not read at all."""
+    """The split as a lazy dataset of decoded batches, decoded by at most ``decode_tasks`` tasks at
+    once (default: this node's CPU cores). ``consumed`` (bool by sample id) leaves out rows an
+    in-task checkpoint holds already; chunks with no row left are not read at all."""
     chunks = list(split.chunks)
     if consumed is not None:
         chunks = [c for c in chunks if not consumed[c.first_id : c.first_id + c.num_rows].all()]
@@ -87,6 +90,7 @@ def split_dataset(
         load_chunks,
         batch_size=1,
         num_cpus=decode_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(decode_tasks or os.cpu_count() or 1, len(items)))),
         fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "rows": split.rows, "consumed": consumed},
     )
 

@@ -8,7 +8,7 @@ rank's RNG state, the step and sample counts, and which sample ids of each task 
 gradient step (a bitmap per task, all-reduced, so it is exact across ranks).
 
 A worker group that starts from such a checkpoint rebuilds the phase's dataset from the rows the
-bitmap does not hold (``PhaseDataset``, which Train V2 calls again at every worker-group start),
+bitmap does not hold (``PhaseDataset``, which rank 0 calls whenever a phase starts),
 loads the state, and trains on: every training sample enters the final adapters exactly once.
 Tensors go to safetensors, everything else to JSON; nothing is pickled.
 """
@@ -161,24 +161,22 @@ class CheckpointLocator:
 
 @dataclass(frozen=True)
 class PhaseDataset:
-    """``train_<phase>`` as a callable: Train V2 calls it at every worker-group start, so a group
-    restarted inside the phase reads only the rows its checkpoint does not hold."""
+    """A phase's training data as a callable: rank 0 calls it when the phase starts, so a worker
+    group restarted inside the phase reads only the rows its checkpoint does not hold."""
 
     phase_index: int
     parts: tuple[tuple[SplitPlan, tuple[int, ...], int, int | None], ...]  # (split, label_map, task, shuffle seed)
     size: int
     decode_cpus: float
+    decode_tasks: int | None
     checkpoints: CheckpointLocator
 
     def __call__(self) -> ray.data.Dataset:
-        # Train calls this in its controller, whose DataContext is not the driver's: without this,
-        # the split's progress bars print from there, even after a run's last line.
-        ray.data.DataContext.get_current().enable_progress_bars = False
         consumed = self.checkpoints.consumed(self.phase_index)
         datasets = [
             split_dataset(
                 split, label_map=label_map, task_index=task, size=self.size, decode_cpus=self.decode_cpus,
-                shuffle_seed=seed, consumed=consumed.get(task),
+                decode_tasks=self.decode_tasks, shuffle_seed=seed, consumed=consumed.get(task),
             )  # fmt: skip
             for split, label_map, task, seed in self.parts
         ]

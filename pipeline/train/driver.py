@@ -24,7 +24,6 @@ from ray.train.torch import TorchTrainer
 from pipeline import jsonout
 from pipeline.backbones import create_backbone
 from pipeline.config import CLUSTER_MAX_FAILURES, StrataConfig, dump_config, with_absolute_paths
-from pipeline.data.ray_data import split_dataset
 from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
 from pipeline.eval import metrics
@@ -32,12 +31,11 @@ from pipeline.eval.report import write_heatmap, write_matrix_csv
 from pipeline.memory import MemoryStore
 from pipeline.methods import method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
-from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset
-from pipeline.train.data_config import ExactlyOnceDataConfig
+from pipeline.train.checkpoint import CheckpointLocator
 from pipeline.train.outputs import OutputDir
 from pipeline.train.preflight import alive_nodes, check_resources, check_shared_storage, check_tracking, check_writable, shared_dirs
 from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
-from pipeline.train.progress import Phase, Progress, make_phases
+from pipeline.train.progress import Progress, make_phases
 from pipeline.train.worker import WorkerJob, train_loop_per_worker
 
 log = logging.getLogger("strata")
@@ -51,6 +49,10 @@ def init_ray(num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return True
+    # Token auth as Ray's default has it, but said explicitly (Ray warns when it picks the mode);
+    # spot-instance preemption does not happen to a local Ray, so Train need not watch for it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # More logical CPUs than cores: train workers take fractions, and Ray Data's read tasks
     # must still get a slot, or two 1-CPU workers on a 2-core machine hang. The dashboard
     # serves the state API that Train's placement-group cleaner polls.
@@ -73,26 +75,6 @@ def max_failures(cfg: StrataConfig) -> int:
 def _resolved_config(cfg: StrataConfig) -> StrataConfig:
     params = resolve_method_params(cfg.method, cfg.train.lr)
     return cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})
-
-
-def _datasets(
-    cfg: StrataConfig, plan: StreamPlan, phases: tuple[Phase, ...], size: int, start: int, checkpoints: CheckpointLocator
-) -> dict[str, ray.data.Dataset | PhaseDataset]:
-    """Lazy datasets: ``train_<phase>`` as callables Train calls at every worker-group start (a
-    group restarted inside a phase reads only what its checkpoint does not hold), ``test_<task>``."""
-    datasets: dict[str, ray.data.Dataset | PhaseDataset] = {}
-    for p, phase in enumerate(phases):
-        if p < start:  # learned by an earlier run (memory.resume)
-            continue
-        parts = tuple(
-            (plan.tasks[i].train, plan.tasks[i].label_map, i, cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None) for i in phase.tasks
-        )
-        datasets[f"train_{p}"] = PhaseDataset(p, parts, size, cfg.data.decode_cpus, checkpoints)
-    for j, task in enumerate(plan.tasks):
-        evaluated = task.test if cfg.eval.split == "test" else task.validation
-        assert evaluated is not None
-        datasets[f"test_{j}"] = split_dataset(evaluated, label_map=task.label_map, task_index=j, size=size, decode_cpus=cfg.data.decode_cpus)
-    return datasets
 
 
 def _learned_tasks(
@@ -316,7 +298,6 @@ def run(
     store = MemoryStore(cfg.memory_uri)
     own_ray = init_ray()
     try:  # a refusal here leaves no Ray of ours running behind it
-        ray.data.DataContext.get_current().enable_progress_bars = False
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
         check_resources(cfg, use_gpu)
         storage = cfg.train.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"  # absolute or a URI (with_absolute_paths)
@@ -335,9 +316,6 @@ def run(
         raise
     del backbone
     start = Progress.resumed(len(plan.tasks), learned, prior_accuracy)
-    # A continued run's checkpoint may be one task behind the store (killed between the record and
-    # the report): the worker rolls the store back to the checkpoint, so that task's data is needed.
-    first_phase = max(0, learned - 1) if continuing else learned
     out.write_text("config.yaml", dump_config(cfg))
 
     tags = {"strata.method": cfg.method.name, **(tracking_tags or {})}
@@ -352,9 +330,11 @@ def run(
     if continuing:
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
-    job = WorkerJob(cfg, resolve_method_params(cfg.method), plan, phases, start, run_.tracking_uri if run_ else None, run_.run_id if run_ else None)
+    job = WorkerJob(
+        cfg, resolve_method_params(cfg.method), plan, phases, start, size, CheckpointLocator(storage, state.train_run_name),
+        run_.tracking_uri if run_ else None, run_.run_id if run_ else None,
+    )  # fmt: skip
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
-    checkpoints = CheckpointLocator(storage, state.train_run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -367,8 +347,6 @@ def run(
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets=_datasets(cfg, plan, phases, size, first_phase, checkpoints),  # type: ignore[arg-type]  (Train V2 takes callables)
-        dataset_config=ExactlyOnceDataConfig(),
     )
     try:
         result = _fit(trainer)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -31,8 +32,9 @@ from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import TrackedRun
 from pipeline.data.ray_data import source_rows
-from pipeline.train.checkpoint import PhaseState, read_checkpoint
+from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset, PhaseState, read_checkpoint
 from pipeline.train.collective import current_collective
+from pipeline.train.ingest import PhaseSplit, TestSets
 from pipeline.train.loop import CheckpointPolicy, broadcast_parameters, train_phase
 from pipeline.train.progress import Phase, Progress, phase_metrics
 from pipeline.train.registration import register_finished
@@ -47,6 +49,8 @@ class WorkerJob:
     plan: StreamPlan
     phases: tuple[Phase, ...]
     start: Progress  # where the stream starts when there is no checkpoint yet (later than 0 with memory.resume)
+    size: int  # image side the data is decoded to
+    checkpoints: CheckpointLocator
     tracking_uri: str | None = None
     run_id: str | None = None
 
@@ -63,6 +67,15 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
         class_names=plan.class_names[:num_seen],
         domain=tasks[0].domain if len(tasks) == 1 else None,
     )
+
+
+def phase_dataset(job: WorkerJob, phase_index: int) -> PhaseDataset:
+    cfg, plan = job.cfg, job.plan
+    parts = tuple(
+        (plan.tasks[i].train, plan.tasks[i].label_map, i, cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None)
+        for i in job.phases[phase_index].tasks
+    )
+    return PhaseDataset(phase_index, parts, job.size, cfg.data.decode_cpus, cfg.data.decode_tasks, job.checkpoints)
 
 
 def train_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -90,9 +103,15 @@ def _setup_logging() -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     job: WorkerJob = config["job"]
+    with tempfile.TemporaryDirectory(prefix="strata-eval-") as cache_dir:
+        _train_stream(job, Path(cache_dir))
+
+
+def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
     cfg, plan = job.cfg, job.plan
     num_tasks = len(plan.tasks)
     _setup_logging()
+    ray.data.DataContext.get_current().use_ray_tqdm = False  # Ray Data's progress goes to its log, not the console
     collective = current_collective()
     rank, world = collective.rank, collective.world_size
     device = ray.train.torch.get_device()
@@ -114,6 +133,12 @@ def train_loop_per_worker(config: dict) -> None:
     local_batch = max(1, cfg.train.batch_size // max(world, 1))
     eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
 
+    test_sets = TestSets(
+        plan, use_validation=cfg.eval.split == "validation", size=job.size, decode_cpus=cfg.data.decode_cpus,
+        decode_tasks=cfg.data.decode_tasks, rank=rank, world=world,
+        batch_size=eval_batch, device=device, cache_dir=cache_dir, cache_bytes=cfg.eval.cache_mb * 2**20,
+    )  # fmt: skip
+
     def prepare(batch: Batch) -> Batch:
         return {**batch, "image": backbone.normalize(batch["image"])}
 
@@ -127,10 +152,12 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("%s | training on %d samples, %d classes seen", label, num_samples, info.num_seen_classes)
         method.begin_task(info)
         broadcast_parameters(method.trainable_parameters(), collective)
-        shard = ray.train.get_dataset_shard(f"train_{phase_index}")
+        # A method with nothing to learn does not read its data.
+        split = PhaseSplit.open(phase_dataset(job, phase_index), f"train_{phase_index}", rank, world) if method.consumes_data else None
+        shard = split.shard if split is not None else None
 
-        def batches(shard=shard, phase_index=phase_index):  # a method with nothing to learn does not read its data
-            if not method.consumes_data:
+        def batches(shard=shard, phase_index=phase_index):
+            if shard is None:
                 return iter(())
             return (prepare(b) for b in train_batches(shard, local_batch, cfg.data.shuffle_buffer, cfg.seed * 1000 + phase_index * 16 + rank, device))
 
@@ -160,6 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
             log_every=cfg.train.log_every,
             label=label,
         )
+        if split is not None:
+            split.close()
         record = method.end_task()
         progress.task_stats[phase.row] = method.task_stats() or None
         progress.steps[phase.row] = stats.steps if method.trainable_parameters() else None
@@ -169,11 +198,10 @@ def train_loop_per_worker(config: dict) -> None:
         row = progress.accuracy_matrix[phase.row]
         evaluated = range(num_tasks if method.zero_shot else phase.row + 1)  # zero-shot: future tasks too
         for j in evaluated:
-            test = ray.train.get_dataset_shard(f"test_{j}")
             candidates = candidate_classes(label_space, plan.tasks[j].classes, info.num_seen_classes)
             row[j] = evaluate_task(
                 method,
-                test.iter_torch_batches(batch_size=eval_batch, device=device),
+                test_sets.batches(j),
                 candidates=candidates,
                 candidate_names=[plan.class_names[c] for c in candidates],
                 task_index=j,
@@ -187,10 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
                 progress.task_inference_matrix = [[None] * num_tasks for _ in range(num_tasks)]
             seen = list(range(info.num_seen_classes))
             for j in range(phase.row + 1):
-                test = ray.train.get_dataset_shard(f"test_{j}")
                 cil, inferred = evaluate_inferred(
                     method,
-                    test.iter_torch_batches(batch_size=eval_batch, device=device),
+                    test_sets.batches(j),
                     candidates=seen,
                     candidate_names=list(info.class_names),
                     task_index=j,
