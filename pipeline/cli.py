@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import RunInterrupted, StrataError
 
@@ -45,8 +47,9 @@ def main() -> None:
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @click.option("--fresh", is_flag=True, help="start over: forget an earlier run in OUTPUT_DIR and the memory store's records")
+@click.option("--verbose", "-v", is_flag=True, help="also show Ray's own output and the workers' log lines")
 @_one_line_errors
-def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool) -> None:
+def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool, verbose: bool) -> None:
     """Train and evaluate the task stream in CONFIGS (later files merge over earlier ones, e.g.
     a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json. Run again
     after an interruption, the same command continues where the run stopped."""
@@ -54,8 +57,52 @@ def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool) -
     from pipeline.train import run
 
     cfg = load_config(configs, overrides)
-    summary = run(cfg, fresh=fresh)
+    with _TaskBars(console) as bars:
+        summary = run(cfg, fresh=fresh, on_progress=bars.on_event, log_to_driver=verbose)
     _print_summary(summary, cfg.output_dir)
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.0f} samples/s" if task.speed else "", style="progress.data.speed")
+
+
+class _TaskBars:
+    """A run's progress events (``pipeline.train.live``) drawn on the console: a bar for the task
+    under way (samples, samples/s, time left, loss), replaced by its accuracy line when done."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeRemainingColumn(),
+            TextColumn("{task.fields[loss]}"), console=console, transient=True,
+        )  # fmt: skip
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> _TaskBars:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        progress = self._progress
+        if event["event"] == "task":
+            label = f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}"
+            self._task = progress.add_task(label, total=event["samples"] or None, loss="")
+        elif event["event"] == "step" and self._task is not None:
+            loss = "" if event["loss"] is None else f"loss {event['loss']:.4f}"
+            progress.update(self._task, completed=event["samples"], loss=loss)
+        elif event["event"] == "done":
+            if self._task is not None:
+                progress.remove_task(self._task)
+                self._task = None
+            seen = " ".join("-" if v is None else f"{v:.3f}" for v in event["accuracy"][: event["row"] + 1])
+            loss = "" if event["loss"] is None else f"  loss {event['loss']:.4f}"
+            progress.console.print(
+                f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: accuracy on seen tasks "
+                f"{event['avg_seen_acc']:.4f} [{seen}]{loss}  {event['wall_s']:.1f}s"
+            )
 
 
 def _fmt(value: float | None) -> str:

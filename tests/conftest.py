@@ -56,6 +56,7 @@ def ray_session():
 
     ray.init(
         num_cpus=8,  # more logical CPUs than cores: fractional workers plus Ray Data tasks
+        _system_config={"worker_maximum_startup_concurrency": 8},  # as init_ray: no warning at 4x the cores
         include_dashboard=True,  # Train's placement-group cleaner polls the state API it serves
         dashboard_host="127.0.0.1",
         object_store_memory=512 * 1024**2,

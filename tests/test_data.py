@@ -202,3 +202,49 @@ def test_label_sorted_source_gives_mixed_batches_and_every_row_once(ray_session,
     assert sum(len(b["label"].unique()) for b in full) / len(full) >= 6
     chunk_order_only = [b for b in batches(0) if len(b["label"]) == 32]
     assert sum(len(b["label"].unique()) for b in chunk_order_only) / len(chunk_order_only) < 2  # what the issue saw
+
+
+@pytest.mark.ray
+def test_test_sets_score_every_row_on_one_rank_and_decode_each_share_once_per_run(ray_session, tmp_path, monkeypatch):
+    """Two ranks' shares of a test set cover it exactly once; the second evaluation of a share
+    reads the decoded batches back from disk instead of running Ray Data again; a share larger
+    than the cache budget is decoded every time and leaves no file behind."""
+    import torch
+
+    from pipeline.train import ingest
+
+    labels = [i % 3 for i in range(30)]
+    path = write_parquet(tmp_path / "t.parquet", labels, ["a", "b", "c"], row_group_size=4)
+    plan = resolve_stream(stream(pq_task("t", path, path)), rows_per_chunk=4)
+    builds = []
+    real_split_dataset = ingest.split_dataset
+
+    def counting_split_dataset(*args, **kwargs):
+        builds.append(kwargs["task_index"])
+        return real_split_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "split_dataset", counting_split_dataset)
+
+    def test_sets(rank: int, cache_bytes: int) -> ingest.TestSets:
+        cache = tmp_path / f"cache-{rank}-{cache_bytes}"
+        cache.mkdir()
+        return ingest.TestSets(
+            plan, use_validation=False, size=4, decode_cpus=0.25, decode_tasks=None, rank=rank, world=2, batch_size=5,
+            device=torch.device("cpu"), cache_dir=cache, cache_bytes=cache_bytes,
+        )  # fmt: skip
+
+    def ids(batches) -> list[int]:
+        return torch.cat([b["sample_id"] for b in batches]).tolist()
+
+    ranks = [test_sets(0, 2**20), test_sets(1, 2**20)]
+    first = [ids(r.batches(0)) for r in ranks]
+    assert sorted(first[0] + first[1]) == list(range(30)) and first[0] and first[1]
+    assert builds == [0, 0]
+    again = [list(r.batches(0)) for r in ranks]
+    assert [ids(batches) for batches in again] == first and builds == [0, 0]  # read back, not decoded again
+    assert again[0][0]["image"].dtype == torch.uint8 and again[0][0]["image"].shape[1:] == (3, 4, 4)
+    assert [r.cached_tasks for r in ranks] == [[0], [0]]
+
+    small = test_sets(0, 100)  # less than one batch of 5 images (5 * 48 bytes + labels and ids)
+    assert ids(small.batches(0)) == first[0] and ids(small.batches(0)) == first[0]
+    assert builds == [0, 0, 0, 0] and small.cached_tasks == [] and not any((tmp_path / "cache-0-100").iterdir())

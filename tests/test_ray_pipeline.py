@@ -71,7 +71,20 @@ def quickstart(tmp_path: Path, method: str) -> dict:
 
 
 def test_quickstart_ncm_beats_finetune_and_mlflow_matches(ray_session, tmp_path):
-    ncm = quickstart(tmp_path, "ncm")
+    """The quickstart command (ncm) in a process of its own, as a user runs it: its whole console
+    output fits on one screen, a line per task and the matrix, with nothing of Ray's in it."""
+    driver = strata_process(
+        ray_session, "run", str(REPO / "configs/quickstart.yaml"), "--set", f"output_dir={tmp_path / 'ncm'}",
+        "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )  # fmt: skip
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr
+    console = (stdout + stderr).strip().splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    assert not [line for line in console if any(s in line for s in ("WARNING", "Warning", "(raylet)", "pid=", "[strata]"))], "\n".join(console)
+    for i in range(1, 6):
+        assert sum(line.startswith(f"task {i}/5 digits-") and "accuracy on seen tasks" in line for line in console) == 1, "\n".join(console)
+    ncm = json.loads((tmp_path / "ncm" / "summary.json").read_text())
     finetune = quickstart(tmp_path, "finetune")
     assert ncm["last_acc"] > finetune["last_acc"]
     for summary in (ncm, finetune):

@@ -32,6 +32,7 @@ from pipeline.memory import MemoryStore
 from pipeline.methods import method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
+from pipeline.train.live import Listener, ProgressBoard, drain
 from pipeline.train.outputs import OutputDir
 from pipeline.train.preflight import alive_nodes, check_resources, check_shared_storage, check_tracking, check_writable, shared_dirs
 from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
@@ -41,26 +42,38 @@ from pipeline.train.worker import WorkerJob, train_loop_per_worker
 log = logging.getLogger("strata")
 
 
-def init_ray(num_cpus: int | None = None) -> bool:
+def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
     """Join the cluster at RAY_ADDRESS, or start a local Ray sized so Data and Train can't starve.
-    True if this call connected (so the caller may shut it down), False if Ray was up already."""
+    True if this call connected (so the caller may shut it down), False if Ray was up already.
+
+    ``log_to_driver=False`` keeps Ray's own output (its workers' stdout, its INFO lines) in Ray's
+    log files, off this process's console."""
     if ray.is_initialized():
         return False
+    quiet = {} if log_to_driver else {"log_to_driver": False, "logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**quiet)
         return True
-    # Token auth as Ray's default has it, but said explicitly (Ray warns when it picks the mode);
-    # spot-instance preemption does not happen to a local Ray, so Train need not watch for it.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" not in os.environ:
+        # Token auth, as Ray's default has it, but said explicitly: Ray warns when it picks the
+        # mode itself. It caches its config at import, so re-read it, as Ray does when it picks.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray._raylet.Config.initialize("")
+    # Spot-instance preemption does not happen to a local Ray: Train need not watch for it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # More logical CPUs than cores: train workers take fractions, and Ray Data's read tasks
     # must still get a slot, or two 1-CPU workers on a 2-core machine hang. The dashboard
     # serves the state API that Train's placement-group cleaner polls.
+    num_cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
     ray.init(
-        num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)),
+        num_cpus=num_cpus,
+        # Ray expects as many Python workers as physical cores starting at once and warns at 4x
+        # that; with CPUs declared above the cores on purpose, expect as many as declared.
+        _system_config={"worker_maximum_startup_concurrency": num_cpus},
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}},
+        **quiet,
     )
     return True
 
@@ -138,16 +151,29 @@ def _open_run(cfg: StrataConfig, out: OutputDir, store: MemoryStore, fresh: bool
     return state, True
 
 
-def _fit(trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``, stoppable by SIGINT and SIGTERM.
+def _fit(trainer: TorchTrainer, board: Any | None, on_progress: Listener | None) -> ray.train.Result:
+    """``trainer.fit()``, stoppable by SIGINT and SIGTERM, handing rank 0's progress events to
+    ``on_progress`` as they come.
 
     Train V2 replaces the SIGINT handler of the main thread with one that aborts the controller
     and ends in ``sys.exit`` (which ``except Exception`` does not catch), and leaves SIGTERM to
     kill the process outright. So the fit runs in a helper thread (as under Tune, where Train
     installs no handler), and the main thread turns either signal into ``RunInterrupted``.
     """
+    try:
+        return _fit_in_thread(trainer, board, on_progress)
+    finally:
+        if board is not None:
+            ray.kill(board)
+
+
+def _fit_in_thread(trainer: TorchTrainer, board: Any | None, on_progress: Listener | None) -> ray.train.Result:
+    listening = board is not None and on_progress is not None
     if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
+        result = trainer.fit()
+        if listening:
+            drain(board, on_progress)  # type: ignore[arg-type]
+        return result
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -164,7 +190,11 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
     try:
         thread.start()
         while thread.is_alive():
-            thread.join(0.2)
+            thread.join(0.3)
+            if listening:
+                drain(board, on_progress)  # type: ignore[arg-type]
+        if listening:
+            drain(board, on_progress)  # type: ignore[arg-type]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -265,6 +295,8 @@ def run(
     tracking_tags: Mapping[str, str] | None = None,
     prior_accuracy: Sequence[Sequence[float | None]] = (),
     fresh: bool = False,
+    on_progress: Listener | None = None,
+    log_to_driver: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it.
 
@@ -276,6 +308,9 @@ def run(
     An unfinished run of the same config in OUTPUT_DIR (its driver killed, interrupted, failed)
     is continued: finished tasks are not trained again, the same MLflow run goes on, and Ray Train
     restores its last checkpoint. ``fresh`` starts over instead (``strata run --fresh``).
+
+    ``on_progress`` gets rank 0's progress events (``train.live``) while the stream trains; with
+    ``log_to_driver=False`` a Ray this call starts keeps its workers' output in its log files.
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
@@ -296,7 +331,7 @@ def run(
     backbone = create_backbone(cfg.backbone)
     size = cfg.data.image_size or backbone.input_spec.size
     store = MemoryStore(cfg.memory_uri)
-    own_ray = init_ray()
+    own_ray = init_ray(log_to_driver=log_to_driver)
     try:  # a refusal here leaves no Ray of ours running behind it
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
         check_resources(cfg, use_gpu)
@@ -330,9 +365,10 @@ def run(
     if continuing:
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
     phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
+    board = ProgressBoard.remote() if on_progress is not None else None
     job = WorkerJob(
         cfg, resolve_method_params(cfg.method), plan, phases, start, size, CheckpointLocator(storage, state.train_run_name),
-        run_.tracking_uri if run_ else None, run_.run_id if run_ else None,
+        run_.tracking_uri if run_ else None, run_.run_id if run_ else None, board,
     )  # fmt: skip
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
@@ -349,7 +385,7 @@ def run(
         ),
     )
     try:
-        result = _fit(trainer)
+        result = _fit(trainer, board, on_progress)
     except RunInterrupted as exc:
         _close(run_, state, out, "killed", store)
         if own_ray:

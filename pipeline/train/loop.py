@@ -90,9 +90,14 @@ def train_phase(
     phase_index: int = 0,
     checkpoints: CheckpointPolicy | None = None,
     resume: PhaseState | None = None,
+    on_step: Callable[[int, Callable[[], float | None]], None] | None = None,
 ) -> PhaseStats:
     """Train one phase; with ``checkpoints``, report its state every so often, and with
-    ``resume``, go on from such a state (the batches then hold only the rows it has not seen)."""
+    ``resume``, go on from such a state (the batches then hold only the rows it has not seen).
+    Rank 0 calls ``on_step(samples, mean_loss)`` after every step: the samples trained so far
+    over all ranks (estimated as its own times the world size where the ranks do not step
+    together), and a function giving the running mean loss of its own batches (None for a
+    method without one)."""
     collective = method.collective
     device = method.device
     params = method.trainable_parameters()
@@ -104,6 +109,7 @@ def train_phase(
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     consumed = {task: torch.zeros(rows, dtype=torch.bool) for task, rows in (policy.source_rows if policy else {}).items()}
     steps = 0
+    done = 0  # samples trained over all ranks, for on_step
     optimizer = scheduler = None
     if params:
         optimizer, scheduler = method.build_optimizer(passes * math.ceil(num_samples / global_batch_size), global_batch_size)
@@ -111,6 +117,7 @@ def train_phase(
         # Partial sums (samples, loss, consumed rows, the method's statistics) continue on rank 0
         # only, so that the closing all-reduces count each row once.
         steps = resume.steps
+        done = sum(resume.samples)
         if lead:
             samples += torch.tensor(resume.samples, dtype=torch.int64, device=device)
             loss_sum += resume.loss_sum
@@ -126,6 +133,9 @@ def train_phase(
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     )
+    def mean_loss() -> float | None:  # a host sync: only when a line or an event wants it
+        return float(loss_sum[0]) / max(int(samples.sum()), 1) if params else None
+
     last_save = time.monotonic()
     for _ in range(passes):
         iterator = iter(make_batches())
@@ -141,6 +151,7 @@ def train_phase(
                     break
             elif batch is None:
                 break
+            done += global_n if lockstep else local * collective.world_size
             loss_finite = True
             if batch is not None:
                 samples += torch.bincount(batch["task"], minlength=num_tasks)
@@ -172,7 +183,9 @@ def train_phase(
                     scheduler.step()
             steps += 1
             if lead and params and steps % log_every == 0:
-                log.info("%s | step %d | loss %.4f", label, steps, float(loss_sum[0]) / max(int(samples.sum()), 1))
+                log.info("%s | step %d | loss %.4f", label, steps, mean_loss())
+            if lead and on_step is not None:
+                on_step(done, mean_loss)
             if policy is not None and ((policy.every_steps and steps % policy.every_steps == 0) or time_due):
                 policy.save(_phase_state(method, phase_index, steps, samples, loss_sum, consumed, optimizer, scheduler))
                 last_save = time.monotonic()

@@ -35,6 +35,7 @@ from pipeline.data.ray_data import source_rows
 from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset, PhaseState, read_checkpoint
 from pipeline.train.collective import current_collective
 from pipeline.train.ingest import PhaseSplit, TestSets
+from pipeline.train.live import ProgressPoster
 from pipeline.train.loop import CheckpointPolicy, broadcast_parameters, train_phase
 from pipeline.train.progress import Phase, Progress, phase_metrics
 from pipeline.train.registration import register_finished
@@ -53,6 +54,7 @@ class WorkerJob:
     checkpoints: CheckpointLocator
     tracking_uri: str | None = None
     run_id: str | None = None
+    board: Any | None = None  # a live.ProgressBoard the driver reads, or None
 
 
 def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
@@ -130,6 +132,7 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
         label_space = "task" if plan.scenario in ("til", "dcil") else "seen"
     if run is not None and cfg.tracking.model_name:  # tasks finished before a restart whose version was not registered
         register_finished(run, cfg, plan, job.phases, progress, store, backbone, label_space)
+    poster = ProgressPoster(job.board if rank == 0 else None)
     local_batch = max(1, cfg.train.batch_size // max(world, 1))
     eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
 
@@ -150,6 +153,7 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
         num_samples = sum(plan.tasks[i].train.num_samples for i in phase.tasks)
         if rank == 0:
             log.info("%s | training on %d samples, %d classes seen", label, num_samples, info.num_seen_classes)
+            poster.task_started(row=phase.row, num_tasks=num_tasks, task_id=info.id, samples=num_samples if method.consumes_data else 0)
         method.begin_task(info)
         broadcast_parameters(method.trainable_parameters(), collective)
         # A method with nothing to learn does not read its data.
@@ -186,6 +190,7 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
             amp=cfg.train.amp,
             log_every=cfg.train.log_every,
             label=label,
+            on_step=poster.step if rank == 0 else None,
         )
         if split is not None:
             split.close()
@@ -238,6 +243,10 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
                 "%s | %d samples | loss %s | accuracy on seen tasks %.4f [%s] | %.1fs",
                 label, sum(stats.samples_per_task), loss, metrics["avg_seen_acc"],
                 " ".join(f"{v:.3f}" for v in row[: phase.row + 1]), progress.phase_wall_s[-1],
+            )  # fmt: skip
+            poster.task_finished(
+                row=phase.row, num_tasks=num_tasks, task_id=info.id, accuracy=row, avg_seen_acc=metrics["avg_seen_acc"],
+                loss=stats.mean_loss, wall_s=progress.phase_wall_s[-1],
             )  # fmt: skip
             if run is not None:
                 run.log_metrics(metrics, step=phase.row)

@@ -1,0 +1,76 @@
+"""A run's live progress, from rank 0 to the driver.
+
+Worker output reaches the driver's console only through Ray's log forwarding, prefixed by process
+and interleaved with Ray's own lines. Instead, rank 0 posts small events to a ``ProgressBoard``
+actor (fire and forget; step events at most every ``interval_s``), and the driver's main thread,
+which waits for the fit anyway, takes them and hands them to a listener: ``strata run`` draws a
+progress bar per task from them.
+
+Events: ``{"event": "task", "row", "num_tasks", "task_id", "samples"}`` when a phase starts,
+``{"event": "step", "samples", "loss"}`` as it trains (samples trained so far over all ranks,
+the running mean loss or None), ``{"event": "done", "row", "num_tasks", "task_id", "accuracy",
+"avg_seen_acc", "loss", "wall_s"}`` when it has been evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+Event = dict[str, Any]
+Listener = Callable[[Event], None]
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+
+    def post(self, event: Event) -> None:
+        self._events.append(event)
+
+    def take(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+
+class ProgressPoster:
+    """What rank 0 posts to the board, and how often; without a board, nothing."""
+
+    def __init__(self, board: Any | None, interval_s: float = 0.5) -> None:
+        self._board = board
+        self._interval_s = interval_s
+        self._last = 0.0
+
+    def _post(self, event: Event) -> None:
+        if self._board is not None:
+            self._board.post.remote(event)
+
+    def task_started(self, *, row: int, num_tasks: int, task_id: str, samples: int) -> None:
+        self._post({"event": "task", "row": row, "num_tasks": num_tasks, "task_id": task_id, "samples": samples})
+        self._last = time.monotonic()
+
+    def step(self, samples: int, loss: Callable[[], float | None]) -> None:
+        now = time.monotonic()
+        if self._board is not None and now - self._last >= self._interval_s:
+            self._post({"event": "step", "samples": samples, "loss": loss()})
+            self._last = now
+
+    def task_finished(
+        self, *, row: int, num_tasks: int, task_id: str, accuracy: Sequence[float | None], avg_seen_acc: float, loss: float | None, wall_s: float
+    ) -> None:
+        self._post(
+            {
+                "event": "done", "row": row, "num_tasks": num_tasks, "task_id": task_id, "accuracy": list(accuracy),
+                "avg_seen_acc": avg_seen_acc, "loss": loss, "wall_s": wall_s,
+            }
+        )  # fmt: skip
+
+
+def drain(board: Any, listener: Listener, timeout_s: float = 10.0) -> None:
+    """Hand every event posted so far to ``listener``, in order."""
+    for event in ray.get(board.take.remote(), timeout=timeout_s):
+        listener(event)
