@@ -226,6 +226,21 @@ def _overhead_section(path: Path) -> list[str]:
                 f"| {method} | {entry['workers']} | {strata:.1f} | {loader:.1f} | {entry['ratio_vs_dataloader']['median']:.2f} | "
                 f"{entry['end_to_end_ratio_vs_dataloader']['median']:.2f} | {predecoded} |"
             )
+    lines += [
+        "",
+        "Peak RSS of one run (1 worker) at the benchmark's task size and at 10x, polled every 0.2 s: the train worker,",
+        "and every Ray process of the run together (workers, coordinators, decode tasks, Train's actors).",
+        "",
+        "| method | rows | train worker MiB | all Ray processes MiB | all Ray processes, 10x / 1x |",
+        "|---|---|---|---|---|",
+    ]
+    for method, result in sorted(data["by_method"].items()):
+        rss = result["peak_rss"]
+        small, large = rss["1x"], next(v for k, v in rss.items() if k != "1x")
+        lines.append(
+            f"| {method} | {small['rows']} → {large['rows']} | {small['train_worker_peak_mib']:.0f} → {large['train_worker_peak_mib']:.0f} | "
+            f"{small['ray_total_peak_mib']:.0f} → {large['ray_total_peak_mib']:.0f} | {large['ray_total_peak_mib'] / small['ray_total_peak_mib']:.2f} |"
+        )
     return [*lines, ""]
 
 

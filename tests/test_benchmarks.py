@@ -79,13 +79,16 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
         {"workers": 1, "repeats": [{"strata": {"samples": 100, "train_s": 2.0}, "dataloader": {"samples": 100, "train_s": 1.0}}],
          "ratio_vs_dataloader": {"median": 0.5}, "end_to_end_ratio_vs_dataloader": {"median": 0.25}, "ratio_vs_predecoded": {"median": 0.4}},
         {"workers": 2, "repeats": [{"strata": {"samples": 100, "train_s": 1.0}, "dataloader": {"samples": 100, "train_s": 1.25}}],
-         "ratio_vs_dataloader": {"median": 1.25}, "end_to_end_ratio_vs_dataloader": {"median": 0.5}}]}}}  # fmt: skip
+         "ratio_vs_dataloader": {"median": 1.25}, "end_to_end_ratio_vs_dataloader": {"median": 0.5}}],
+        "peak_rss": {"1x": {"rows": 64, "train_worker_peak_mib": 1000.0, "ray_total_peak_mib": 4000.0},
+                     "10x": {"rows": 640, "train_worker_peak_mib": 1100.0, "ray_total_peak_mib": 4400.0}}}}}  # fmt: skip
     (tmp_path / "overhead.json").write_text(json.dumps(overhead))
     text = run_quality.report(tmp_path, tmp_path / "RESULTS.md")
     # piggyback-single-pass.yaml ships lr 1e-4: the sweep's best and the shipped value
     assert "| piggyback-til-mix | method.lr=0.0001 | avg_acc: 50.0 / 62.5 | ✓ | ✓ |" in text
     assert "| piggyback-til-mix | method.lr=0.0005 | avg_acc: 25.0 |  |  |" in text
     assert "| rkr | 1 | 50.0 | 100.0 | 0.50 | 0.25 | 0.40 |" in text and "| rkr | 2 | 100.0 | 80.0 | 1.25 | 0.50 | – |" in text
+    assert "| rkr | 64 → 640 | 1000 → 1100 | 4000 → 4400 | 1.10 |" in text
     assert "| ncm | hybrid-vit | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
     assert "| finetune | hybrid-vit | 99 (< 100: does not count) | 50.0 |" in text
     assert (tmp_path / "RESULTS.md").read_text() == text
