@@ -19,3 +19,37 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml")])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: {tmp_path / 'c.yaml'}: train.batch_sise: Extra inputs are not permitted"]
+
+
+def test_rank_zero_posts_steps_at_most_every_interval_and_the_console_draws_each_finished_task():
+    """The progress path without Ray: the poster asks for the loss (a host sync) only when it
+    posts, and the console replaces a task's bar by one accuracy line."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from pipeline.cli import _TaskBars
+    from pipeline.train.live import ProgressPoster
+
+    posted: list[dict] = []
+    board = SimpleNamespace(post=SimpleNamespace(remote=posted.append))
+
+    def no_loss() -> float:
+        raise AssertionError("the loss was read for a step that is not posted")
+
+    slow = ProgressPoster(board, interval_s=3600)
+    slow.task_started(row=0, num_tasks=2, task_id="a", samples=64)
+    slow.step(32, no_loss)
+    assert posted == [{"event": "task", "row": 0, "num_tasks": 2, "task_id": "a", "samples": 64}]
+    every = ProgressPoster(board, interval_s=0)
+    every.step(32, lambda: 0.25)
+    every.step(64, lambda: None)
+    assert posted[1:] == [{"event": "step", "samples": 32, "loss": 0.25}, {"event": "step", "samples": 64, "loss": None}]
+    every.task_finished(row=0, num_tasks=2, task_id="a", accuracy=[0.5, None], avg_seen_acc=0.5, loss=0.125, wall_s=1.25)
+    ProgressPoster(None).step(1, no_loss)  # no board: nothing is asked for
+
+    console = Console(record=True, width=200, force_terminal=False)
+    with _TaskBars(console) as bars:
+        for event in posted:
+            bars.on_event(event)
+    assert console.export_text().strip() == "task 1/2 a: accuracy on seen tasks 0.5000 [0.500]  loss 0.1250  1.2s"

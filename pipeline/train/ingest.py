@@ -38,17 +38,17 @@ class PhaseSplit:
     """This rank's shard of a phase's dataset, which rank 0 builds: every row to exactly one rank.
     ``close`` on every rank, once it has read its last batch, ends the split's coordinator."""
 
-    def __init__(self, shard: DataIterator, coordinator: Any, rank: int, world: int) -> None:
+    def __init__(self, shard: DataIterator, coordinator: Any, world: int) -> None:
         self.shard = shard
         self._coordinator = coordinator
-        self._rank, self._world = rank, world
+        self._world = world
 
     @classmethod
     def open(cls, make: Callable[[], ray.data.Dataset], name: str, rank: int, world: int) -> PhaseSplit:
         if world == 1:  # no split, no coordinator: the executor runs in this worker
             dataset = make()
             dataset.set_name(name)
-            return cls(dataset.iterator(), None, rank, world)
+            return cls(dataset.iterator(), None, world)
         nodes: list[Any] = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())  # locality: rows go to their node's worker
         shards, coordinator = None, None
@@ -64,7 +64,7 @@ class PhaseSplit:
         assert shards is not None
         shard = ray.get(shards[0])[rank]
         barrier()  # every rank holds its shard before rank 0 lets go of the list
-        return cls(shard, coordinator, rank, world)
+        return cls(shard, coordinator, world)
 
     def close(self) -> None:
         if self._world > 1:
