@@ -169,8 +169,9 @@ def _order_section(path: Path) -> list[str]:
 
 
 def _shipped_value(sweep_name: str, key: str) -> object:
-    """The value of dotted ``key`` in the method's single-pass config (configs/methods/M-single-pass.yaml)."""
-    node: object = yaml.safe_load((REPO / "configs" / "methods" / f"{sweep_name.split('-')[0]}-single-pass.yaml").read_text())
+    """The value of dotted ``key`` in the method's config that the benchmark runs (configs/methods/
+    M-single-pass.yaml, or M.yaml where the method needs no single-pass variant)."""
+    node: object = yaml.safe_load(Path(method_files(sweep_name.split("-")[0])[0]).read_text())
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
