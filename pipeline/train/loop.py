@@ -133,6 +133,7 @@ def train_phase(
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
     )
+
     def mean_loss() -> float | None:  # a host sync: only when a line or an event wants it
         return float(loss_sum[0]) / max(int(samples.sum()), 1) if params else None
 
