@@ -50,6 +50,7 @@ EXTRA: dict[tuple[str, str], list[str]] = {
 }
 TIL_TASK_INFERENCE = {"piggyback", "rkr", "mask_rkr", "meat"}
 MIN_STEPS = 100
+EXEMPLARS_PER_CLASS = 20  # replay's budget: iCaRL's 20 per class (K = 2000 on CIFAR-100), sized to each stream
 
 
 def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
@@ -89,6 +90,16 @@ def subsample(stream: str, train_rows: int, test_rows: int) -> list[str]:
     return overrides
 
 
+def replay_memory(stream: str) -> list[str]:
+    """``method.memory_size`` for ``EXEMPLARS_PER_CLASS`` images per class of the stream's label space."""
+    from pipeline.config import load_config
+    from pipeline.data.stream import resolve_stream
+
+    cfg = load_config(REPO / f"configs/benchmarks/{stream}.yaml")
+    classes = resolve_stream(cfg.stream, cfg.data.rows_per_chunk, with_test=False).class_names
+    return [f"method.memory_size={EXEMPLARS_PER_CLASS * len(classes)}"]
+
+
 def method_files(method: str) -> list[str]:
     for name in (f"{method}-single-pass.yaml", f"{method}.yaml"):
         if (REPO / "configs/methods" / name).exists():
@@ -108,6 +119,8 @@ def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -
     ]  # fmt: skip
     if stream == "til-mix" and method in TIL_TASK_INFERENCE:
         overrides.append("method.task_inference=true")
+    if method == "replay":
+        overrides += replay_memory(stream)
     if args.train_rows:
         overrides += subsample(stream, args.train_rows, args.test_rows)
     if out.exists():

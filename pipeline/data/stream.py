@@ -45,6 +45,16 @@ class RowSelection:
         return keep & (in_validation if self.part == "validation" else ~in_validation)
 
 
+def sample_hash(sample_ids: np.ndarray, salt: int) -> np.ndarray:
+    """A number in [0, 1) per sample id, fixed by (id, salt) alone: splitmix64's finaliser, so
+    subsets drawn with it are independent of ``RowSelection``'s validation rows."""
+    z = sample_ids.astype(np.uint64) + np.uint64(salt % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
 ALL_ROWS = RowSelection()
 
 
@@ -54,6 +64,27 @@ class SplitPlan:
     chunks: tuple[Chunk, ...]
     num_samples: int  # after the class subset and the row selection
     rows: RowSelection = ALL_ROWS
+
+
+def read_encoded(split: SplitPlan, sample_ids: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """The original encoded bytes and source labels of the split's rows ``sample_ids``, in that
+    order, reading only the chunks that hold them; an id the split does not select is an error."""
+    wanted = np.asarray(sample_ids, dtype=np.int64)
+    where = getattr(split.source, "path", None) or f"generator {getattr(split.source, 'name', '?')}"
+    if not split.rows.mask(wanted).all():
+        raise DataError(f"{where}: sample ids {wanted[~split.rows.mask(wanted)][:3].tolist()} are not rows of this split")
+    found: dict[int, tuple[bytes, int]] = {}
+    for chunk in split.chunks:
+        inside = wanted[(wanted >= chunk.first_id) & (wanted < chunk.first_id + chunk.num_rows)]
+        if len(inside) == 0:
+            continue
+        rows = reader_for(chunk.type).read(chunk)
+        for i in (inside - chunk.first_id).tolist():
+            found[int(rows.sample_ids[i])] = (rows.images[i], int(rows.labels[i]))
+    missing = [int(i) for i in wanted if int(i) not in found]
+    if missing:
+        raise DataError(f"{where}: no rows with sample ids {missing[:3]}")
+    return [found[int(i)][0] for i in wanted], np.array([found[int(i)][1] for i in wanted], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,23 @@ class TaskPlan:
     train: SplitPlan  # the rows trained on: all of them, or all but the validation rows
     test: SplitPlan | None  # None when the stream is planned for validation only (sweeps)
     validation: SplitPlan | None = None  # rows carved out of the training source
+
+
+def task_rows(task: TaskPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ids (ascending) and stream labels of every row the task trains on, from the label
+    column alone (no image is read)."""
+    source, rows = task.train.source, task.train.rows
+    lookup = np.asarray(task.label_map, dtype=np.int64)
+    ids, labels = [], []
+    for block in reader_for(source.type).labels(source):
+        block_ids = block.first_row + np.arange(len(block.labels), dtype=np.int64)
+        mapped = lookup[block.labels]
+        keep = (mapped >= 0) & rows.mask(block_ids)
+        ids.append(block_ids[keep])
+        labels.append(mapped[keep])
+    ids_all, labels_all = np.concatenate(ids or [np.zeros(0, np.int64)]), np.concatenate(labels or [np.zeros(0, np.int64)])
+    order = np.argsort(ids_all, kind="stable")
+    return ids_all[order], labels_all[order]
 
 
 @dataclass(frozen=True)

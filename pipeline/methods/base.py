@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.backbones import Backbone
 from pipeline.config import MAX_LR, MethodConfig
+from pipeline.data.stream import TaskPlan
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
 
@@ -44,6 +45,7 @@ class TaskInfo:
     num_seen_classes: int  # label space size after this task; seen classes are [0, num_seen_classes)
     class_names: tuple[str, ...]  # names of the seen classes, by stream label id
     domain: str | None = None
+    plans: tuple[TaskPlan, ...] = ()  # the stream's plan of the phase's tasks: where their rows come from
 
 
 Batch = dict[str, torch.Tensor]  # image (normalised float), label, task, sample_id

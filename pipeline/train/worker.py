@@ -68,6 +68,7 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
         num_seen_classes=num_seen,
         class_names=plan.class_names[:num_seen],
         domain=tasks[0].domain if len(tasks) == 1 else None,
+        plans=tuple(tasks),
     )
 
 

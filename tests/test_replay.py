@@ -1,0 +1,192 @@
+"""Replay: herding by hand, the same exemplars on every rank as in one process, exemplars are the
+training rows' original bytes (never a validation or test row) and counted in the record, the
+memory shrinks per group as classes arrive, replayed rows join every batch, NME, task state."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline.backbones import create_backbone
+from pipeline.config import BackboneConfig, MethodConfig, StreamConfig
+from pipeline.data.ray_data import decode_image, load_chunks
+from pipeline.data.sources import reader_for
+from pipeline.data.stream import StreamPlan, TaskPlan, resolve_stream, task_rows
+from pipeline.memory import MemoryStore
+from pipeline.methods import Batch, create_method, resolve_method_params
+from pipeline.methods.replay import herding
+from pipeline.train.collective import TorchCollective
+from pipeline.train.worker import phase_task_info
+from pipeline.train.progress import Phase
+
+from conftest import TINY_VIT, blobs_task
+
+BACKBONE = create_backbone(BackboneConfig(**TINY_VIT))
+
+
+def plan(holdout: float = 0.0) -> StreamPlan:
+    cfg = StreamConfig(tasks=[blobs_task("a", rows=64, subset=[0, 1]), blobs_task("b", rows=64, subset=[2, 3])])
+    return resolve_stream(cfg, rows_per_chunk=16, holdout=holdout, seed=3)
+
+
+def batches(task: TaskPlan, size: int = 8, ids: set[int] | None = None) -> list[Batch]:
+    """The task's training rows decoded as the pipeline decodes them, in batches of ``size``."""
+    rows = []
+    for chunk in task.train.chunks:
+        for block in load_chunks({"chunk": np.array([chunk.to_json()])}, label_map=task.label_map, task_index=task.index, size=16, rows=task.train.rows):
+            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"])) if ids is None or int(block["sample_id"][i]) in ids]
+    out = []
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        image = torch.from_numpy(np.stack([r["image"] for r in part]))
+        out.append({"image": BACKBONE.normalize(image), **{k: torch.tensor(np.array([r[k] for r in part])) for k in ("label", "task", "sample_id")}})
+    return out
+
+
+def make(collective=None, **params):
+    torch.manual_seed(0)
+    return create_method(resolve_method_params(MethodConfig(name="replay", **params)), BACKBONE, collective)
+
+
+def learn(method, data: list[Batch]) -> None:
+    optimizer, _ = method.build_optimizer(len(data), 8)
+    for batch in data:
+        method.training_step(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_herding_picks_the_running_mean_closest_to_the_class_mean():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    mean = torch.tensor([0.5, 0.5])
+    # k=1: distances 0.5, 0.5, 0.1 -> c; k=2: (c+a)/2 = (0.8, 0.4) at 0.1 beats (c+b)/2 = (0.3, 0.9) at 0.2 -> a; then b.
+    assert herding(features, mean, 3) == [2, 0, 1]
+    assert herding(features, mean, 1) == [2]
+    assert herding(features, mean, 10) == [2, 0, 1]
+
+
+def test_exemplars_are_training_rows_original_bytes_counted_and_shrink_per_group(tmp_path):
+    stream = plan(holdout=0.25)
+    method = make(memory_size=12, herding_pool=2.0)
+    store = MemoryStore(str(tmp_path / "memory"))
+    records = []
+    for index, task in enumerate(stream.tasks):
+        method.begin_task(phase_task_info(stream, Phase(row=index, tasks=(index,))))
+        learn(method, batches(task))
+        record = method.end_task()
+        entry = store.append(record, task_index=index, task_id=task.id, method="replay", backbone_id=BACKBONE.backbone_id)
+        records.append(record)
+        t = record.tensors
+        ids = t["exemplars.sample_ids"].numpy()
+        # 12 // 2 groups = 6 per class after the first task; the second stores 12 // 4 = 3 per new class.
+        assert np.bincount(t["exemplars.labels"].numpy()).tolist() == ([6, 6] if index == 0 else [0, 0, 3, 3])
+        fit_ids, fit_labels = task_rows(task)
+        assert set(ids) <= set(fit_ids.tolist())
+        assert np.array_equal(fit_labels[np.searchsorted(fit_ids, ids)], t["exemplars.labels"].numpy())
+        validation = task.validation
+        assert validation is not None and validation.rows.mask(ids).sum() == 0
+        # Exactly the source's encoded bytes, and none is a validation or test row's image.
+        data, offsets = t["exemplars.data"].numpy().tobytes(), t["exemplars.offsets"].tolist()
+        stored = [data[offsets[i] : offsets[i + 1]] for i in range(len(ids))]
+        source = reader_for("generator")
+        train_rows = [r for c in task.train.chunks for r in [source.read(c)]]
+        by_id = {int(i): img for rows in train_rows for i, img in zip(rows.sample_ids, rows.images, strict=True)}
+        assert stored == [by_id[int(i)] for i in ids]
+        held_out = {img for i, img in by_id.items() if validation.rows.mask(np.array([i]))[0]}
+        assert task.test is not None
+        test_images = {img for c in task.test.chunks for img in source.read(c).images}
+        assert not (set(stored) & (held_out | test_images))
+        assert entry.memory_bytes == record.nbytes == len(data) + 8 * (len(ids) + 1) + 16 * len(ids) + 4 * t["head.weight"].numel() + 4 * t["head.bias"].numel()
+    # Live: 12 // 4 groups = 3 per group, each group's herding prefix; a restore rebuilds exactly that.
+    live = method.memory()
+    assert [label for label, _, _ in live] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    first_ids = records[0].tensors["exemplars.sample_ids"][records[0].tensors["exemplars.labels"] == 0][:3].tolist()
+    assert [sid for label, _, sid in live if label == 0] == first_ids
+    restored = make(memory_size=12, herding_pool=2.0)
+    restored.restore(store.load_all(backbone_id=BACKBONE.backbone_id))
+    assert restored.memory() == live
+
+
+def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
+    stream = plan()
+    method = make(memory_size=8, classifier="nme")
+    method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
+    learn(method, batches(stream.tasks[0]))
+    method.end_task()
+    method.begin_task(phase_task_info(stream, Phase(row=1, tasks=(1,))))
+    batch = batches(stream.tasks[1])[0]
+    images = torch.from_numpy(np.stack([decode_image(img, 16, "x") for _, img, _ in method.memory()]))
+    mem_features = BACKBONE.features(BACKBONE.normalize(images))
+    mem_labels = torch.tensor([label for label, _, _ in method.memory()])
+    assert len(mem_labels) == 8 and torch.equal(method.memory_features(16)[0], mem_features)
+    # A replay batch as large as the memory draws all of it, so the mean loss is over batch + memory.
+    method = make(memory_size=8, classifier="nme", replay_batch_size=8)
+    method.restore([]), method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
+    learn(method, batches(stream.tasks[0]))
+    method.end_task()
+    method.begin_task(phase_task_info(stream, Phase(row=1, tasks=(1,))))
+    expected = F.cross_entropy(method.head(torch.cat([BACKBONE.features(batch["image"]), mem_features])), torch.cat([batch["label"], mem_labels]))
+    torch.testing.assert_close(method.training_step(batch), expected, rtol=0, atol=1e-6)
+    # NME: cosine to the mean of each class's normalised exemplar features; unseen classes -inf.
+    x = batch["image"][:3]
+    means = torch.stack([F.normalize(mem_features[mem_labels == c], dim=1).mean(0) for c in (0, 1)])
+    logits = method.predict(x)
+    torch.testing.assert_close(logits[:, :2], F.normalize(BACKBONE.features(x), dim=1) @ F.normalize(means, dim=1).T, rtol=0, atol=1e-5)
+    assert torch.isinf(logits[:, 2:]).all()
+
+
+def test_a_task_resumed_from_its_task_state_selects_the_same_exemplars():
+    stream = plan()
+    info = phase_task_info(stream, Phase(row=0, tasks=(0,)))
+    data = batches(stream.tasks[0])
+    whole = make(memory_size=10)
+    whole.begin_task(info)
+    learn(whole, data)
+    one = whole.end_task()
+    first = make(memory_size=10)
+    first.begin_task(info)
+    learn(first, data[:3])
+    second = make(memory_size=10)
+    second.begin_task(info)
+    second.load_task_state(first.task_state())
+    with torch.no_grad():  # the selection depends on the frozen features alone, not the head
+        for batch in data[3:]:
+            second.training_step(batch)
+    two = second.end_task()
+    for key in ("exemplars.sample_ids", "exemplars.labels", "exemplars.data", "exemplars.offsets"):
+        assert torch.equal(one.tensors[key], two.tensors[key])
+
+
+def rank_worker(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    stream = plan()
+    data = batches(stream.tasks[0], size=5)
+    method = make(TorchCollective(), memory_size=10)
+    method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
+    with torch.no_grad():
+        for batch in data[: 3] if rank == 0 else data[3:]:  # uneven shares: 15 rows and the rest
+            method.training_step(batch)
+    record = method.end_task()
+    save_file({k: v for k, v in record.tensors.items() if k.startswith("exemplars.")}, f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_herd_the_same_exemplars_as_one_process(tmp_path):
+    mp.start_processes(rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    stream = plan()
+    single = make(memory_size=10)
+    single.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
+    with torch.no_grad():
+        for batch in batches(stream.tasks[0], size=5)[::-1]:  # another order, too
+            single.training_step(batch)
+    expected = single.end_task().tensors
+    assert int(expected["exemplars.labels"].numel()) == 10
+    for result in ranks:
+        assert set(result) == {"exemplars.data", "exemplars.offsets", "exemplars.labels", "exemplars.sample_ids"}
+        for key, tensor in result.items():
+            assert torch.equal(tensor, expected[key]), key
