@@ -33,12 +33,12 @@ def plan(holdout: float = 0.0) -> StreamPlan:
     return resolve_stream(cfg, rows_per_chunk=16, holdout=holdout, seed=3)
 
 
-def batches(task: TaskPlan, size: int = 8, ids: set[int] | None = None) -> list[Batch]:
+def batches(task: TaskPlan, size: int = 8) -> list[Batch]:
     """The task's training rows decoded as the pipeline decodes them, in batches of ``size``."""
     rows = []
     for chunk in task.train.chunks:
         for block in load_chunks({"chunk": np.array([chunk.to_json()])}, label_map=task.label_map, task_index=task.index, size=16, rows=task.train.rows):
-            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"])) if ids is None or int(block["sample_id"][i]) in ids]
+            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
     out = []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
@@ -123,8 +123,8 @@ def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
     mem_features = BACKBONE.features(BACKBONE.normalize(images))
     mem_labels = torch.tensor([label for label, _, _ in method.memory()])
     assert len(mem_labels) == 8 and torch.equal(method.memory_features(16)[0], mem_features)
-    # A replay batch as large as the memory draws all of it, so the mean loss is over batch + memory.
-    method = make(memory_size=8, classifier="nme", replay_batch_size=8)
+    # As many exemplars as the memory holds (8 per batch of 8) draws all of it: the loss is over batch + memory.
+    method = make(memory_size=8, classifier="nme", replay_ratio=1.0)
     method.restore([]), method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
     learn(method, batches(stream.tasks[0]))
     method.end_task()

@@ -1,8 +1,8 @@
 """Replay, iCaRL-style (Rebuffi et al., CVPR 2017): a fixed budget of stored images, chosen by herding.
 
 The model is finetune's head over every seen class on the frozen backbone, trained on each
-batch of the current task mixed with as many exemplars drawn from the memory (cross-entropy over
-the union); ``classifier: nme`` predicts instead with iCaRL's nearest mean of exemplars.
+batch of the current task mixed with ``replay_ratio`` times as many exemplars drawn from the
+memory (cross-entropy over the union); ``classifier: nme`` predicts instead with iCaRL's nearest mean of exemplars.
 
 Memory. At most ``memory_size`` images in all, as the original encoded bytes. Exemplars are
 grouped by (task, class) -- a class of a domain-incremental stream keeps exemplars of every
@@ -41,7 +41,7 @@ from pipeline.methods.finetune import Finetune, FinetuneConfig
 
 class ReplayConfig(FinetuneConfig):
     memory_size: int = Field(default=2000, ge=1, description="stored images in all (iCaRL's K)")
-    replay_batch_size: int | None = Field(default=None, ge=1, description="exemplars mixed into each batch (None: the batch's size)")
+    replay_ratio: float = Field(default=1.0, gt=0, description="exemplars mixed into each batch, per sample of the batch")
     classifier: Literal["head", "nme"] = "head"
     herding_pool: float = Field(default=10.0, ge=1, description="herding candidates per exemplar slot")
     seed: int = 0
@@ -167,7 +167,7 @@ class Replay(Finetune):
         if len(mem_labels):
             # Drawn by the batch's own sample ids: the same on a resumed run, distinct per rank.
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(batch["sample_id"].sum()) * 7919 + (self.task.index if self.task else 0))
-            take = torch.randperm(len(mem_labels), generator=g)[: self.cfg.replay_batch_size or len(labels)].to(self.device)
+            take = torch.randperm(len(mem_labels), generator=g)[: max(1, round(self.cfg.replay_ratio * len(labels)))].to(self.device)
             features = torch.cat([features.float(), mem_features[take]])
             labels = torch.cat([labels, mem_labels[take]])
         return F.cross_entropy(self.head(features.float()), labels)
