@@ -190,3 +190,33 @@ def test_two_ranks_herd_the_same_exemplars_as_one_process(tmp_path):
         assert set(result) == {"exemplars.data", "exemplars.offsets", "exemplars.labels", "exemplars.sample_ids"}
         for key, tensor in result.items():
             assert torch.equal(tensor, expected[key]), key
+
+
+def test_replay_through_ray_on_two_workers_stores_the_configured_memory(ray_session, tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    from conftest import run_config
+
+    tasks = [blobs_task("r0", rows=64, subset=[0, 1]), blobs_task("r1", rows=64, subset=[2, 3])]
+    config = run_config(tmp_path, tasks, data={"rows_per_chunk": 16}, tracking={"enabled": False})
+    config["method"] = {"name": "replay", "memory_size": 12}
+    config["train"]["batch_size"] = 8
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "stream.yaml")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["samples_seen"] == [32, 32] and all(steps >= 2 for steps in summary["steps"])
+    assert [stats["exemplars_stored"] for stats in summary["task_stats"]] == [12, 6]
+    assert [stats["exemplars_live"] for stats in summary["task_stats"]] == [12, 12]
+    store = MemoryStore(summary["memory_store"])
+    assert summary["memory_bytes"] == [entry.memory_bytes for entry in store.entries()]
+    stream = resolve_stream(StreamConfig(**config["stream"]), rows_per_chunk=16)
+    for record, task in zip(store.load_all(backbone_id=BACKBONE.backbone_id), stream.tasks, strict=True):
+        ids, labels = task_rows(task)
+        stored = record.tensors["exemplars.sample_ids"].numpy()
+        assert np.array_equal(labels[np.searchsorted(ids, stored)], record.tensors["exemplars.labels"].numpy())
