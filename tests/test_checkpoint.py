@@ -128,6 +128,7 @@ STATE_CASES = {
     "mask_rkr": ({"task_inference": True}, "vit"),
     "meat": ({"task_inference": True}, "vit"),
     "diki": ({"image_layers": [0, 1], "text_layers": [0, 1], "residual_length": 2}, "clip"),
+    "gmm": ({"lora_rank": 2}, "coca"),
 }
 
 
@@ -142,8 +143,9 @@ def test_every_methods_task_state_restores_the_task_in_progress(name):
     from test_diki import clip_backbone
 
     params, kind = STATE_CASES[name]
-    backbone = clip_backbone() if kind == "clip" else create_backbone(BackboneConfig(**TINY_VIT))
-    size = 32 if kind == "clip" else 16
+    backbones = {"clip": clip_backbone, "coca": lambda: create_backbone(BackboneConfig(name="open_clip:strata-tiny-coca")),
+                 "vit": lambda: create_backbone(BackboneConfig(**TINY_VIT))}  # fmt: skip
+    size = 16 if kind == "vit" else 32
     info = TaskInfo(index=0, id="t", classes=(0, 1, 2), num_seen_classes=3, class_names=("cat", "dog", "emu"))
     g = torch.Generator().manual_seed(1)
     data = [{"image": torch.randn(4, 3, size, size, generator=g), "label": torch.tensor([0, 1, 2, 0]), "task": torch.zeros(4, dtype=torch.long)}
@@ -151,7 +153,7 @@ def test_every_methods_task_state_restores_the_task_in_progress(name):
 
     def fresh():
         torch.manual_seed(0)
-        m = create_method(resolve_method_params(MethodConfig(name=name, **params)), backbone)
+        m = create_method(resolve_method_params(MethodConfig(name=name, **params)), backbones[kind]())  # LoRA edits its backbone
         m.begin_task(info)
         return m
 

@@ -85,7 +85,7 @@ def test_an_installed_packages_method_is_found_by_name_listed_and_built(plugins,
     assert result.exit_code == 0, result.output
     listed = {row["name"]: set(row["scenarios"]) for row in json.loads(result.output)}
     assert listed["running_mean"] == {"cil", "dil"}
-    assert listed["lwf"] == listed["replay"] == {"cil", "dil", "til"}
+    assert listed["lwf"] == listed["replay"] == {"cil", "dil", "til"} and listed["gmm"] == {"cil", "dil", "dcil"}
     params = resolve_method_params(MethodConfig(name="running_mean", momentum=0.0))
     assert params.momentum == 0.0
     with pytest.raises(ConfigError, match=r"method\.momentum: Input should be a valid number"):

@@ -122,6 +122,12 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
                 "downloadable; this needs network, or a local backbone.checkpoint"
             ) from None
         raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {str(exc).splitlines()[0]}") from None
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and decoder.text_projection is not None and not pretrained:
+        # open_clip leaves CoCa's vocabulary projection as torch.empty (MultimodalTransformer's
+        # init_parameters names a missing attribute and is never called): without weights to load
+        # it would be whatever the allocator returned, a decoder blind to the image.
+        nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
     if cfg.checkpoint:
         load_checkpoint(model, cfg)
     model.eval()
