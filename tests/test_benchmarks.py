@@ -55,10 +55,12 @@ def test_every_method_runs_on_the_streams_its_scenarios_fit():
         scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
         assert scenario in available_methods()[method].scenarios
         assert (backbone == "clip-offline") == (method in run_quality.CLIP_METHODS)
+        assert (backbone == "coca-offline") == (method in run_quality.CAPTION_METHODS)
     planned = {m for _, m, _ in runs}
     library = {name for name, cls in available_methods().items() if cls.__module__.startswith("pipeline.")}
     assert planned == library and "sample_counter" not in planned
     assert ("til-mix", "piggyback", "effl0") in runs and ("dcil-5", "diki", "clip-offline") in runs
+    assert ("cil-cifar10", "gmm", "coca-offline") in runs and ("cil-cifar10", "gmm_zeroshot", "coca-offline") in runs
 
 
 def test_results_table_is_generated_from_the_run_files(tmp_path):

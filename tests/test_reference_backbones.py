@@ -17,7 +17,7 @@ from test_hooks import identity_adapters, images
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "an", "emu", "."]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "an", "emu", ".", "what", "is", "this", "?"]
 
 
 TINY_TRUNK = "strata_test_tiny_trunk"
@@ -32,15 +32,13 @@ if TINY_TRUNK not in list_models(TINY_TRUNK):
         return build_model_with_cfg(VisionTransformer, TINY_TRUNK, pretrained=False, **args)
 
 
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory) -> Path:
-    """An open_clip local-dir model: tiny timm ViT image tower, tiny random BERT text tower, weights saved."""
+def write_hf_model_dir(directory: Path, decoder: dict | None = None) -> Path:
+    """An open_clip local-dir model: tiny timm ViT image tower, tiny random BERT text tower (a CoCa
+    with ``decoder`` as its multimodal decoder, the shape of bench's coca-offline), weights saved."""
     import open_clip
     from transformers import BertConfig, BertTokenizerFast
 
-    directory = tmp_path_factory.mktemp("hf-clip")
-    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
     BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(directory)
     config = {
         "model_cfg": {
@@ -52,11 +50,28 @@ def hf_clip_dir(tmp_path_factory) -> Path:
         },
         "preprocess_cfg": {"size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     }  # fmt: skip
+    if decoder is not None:
+        config["model_cfg"]["embed_dim"] = 32  # the decoder cross-attends to image tokens of its own width
+        config["model_cfg"]["text_cfg"] |= {"hf_proj_type": None, "context_length": 24, "vocab_size": len(VOCAB), "output_tokens": True}
+        config["model_cfg"]["multimodal_cfg"] = decoder
     (directory / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{directory}", pretrained_hf=False)
+    if decoder is not None:
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=0.2)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors")
     return directory
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory) -> Path:
+    return write_hf_model_dir(tmp_path_factory.mktemp("hf-clip"))
+
+
+@pytest.fixture(scope="module")
+def hf_coca_dir(tmp_path_factory) -> Path:
+    decoder = {"width": 32, "heads": 2, "layers": 1, "context_length": 24, "vocab_size": len(VOCAB), "attn_pooler_heads": 2}
+    return write_hf_model_dir(tmp_path_factory.mktemp("hf-coca"), decoder)
 
 
 def hf_clip(directory: Path):
@@ -161,3 +176,37 @@ def test_hybrid_vit_stem_is_efficientnet_lite0_and_loads_by_path(tmp_path):
     assert loaded.backbone_id == f"timm:strata_hybrid_vit_effl0@{weights_sha256(hybrid.model)[:16]}"
     with torch.no_grad():
         assert torch.equal(loaded.features(x), hybrid.features(x))
+
+
+def test_a_coca_of_timm_and_bert_towers_captions_causally_and_trains_gmm(hf_coca_dir):
+    """The shape of coca-offline: tokens from the timm trunk, MiniLM-like BERT states under a causal
+    mask (a position never sees a later token), WordPiece's [CLS]/[SEP] as start and end, GMM on top."""
+    from pipeline.backbones.captioner import Captioner
+    from pipeline.config import MethodConfig
+    from pipeline.methods import TaskInfo, create_method, resolve_method_params
+
+    backbone = hf_clip(hf_coca_dir)
+    captioner = Captioner(backbone, "gmm")
+    assert (captioner.sot, captioner.eot) == (VOCAB.index("[CLS]"), VOCAB.index("[SEP]"))
+    answer = captioner.encode("this is a photo of a cat.")
+    assert captioner.decode(answer) == "this is a photo of a cat." and captioner.decode([captioner.sot, *answer, captioner.eot]) == "this is a photo of a cat."
+    ids = torch.tensor([[captioner.sot, *captioner.encode("what is this photo of?"), *answer, captioner.eot]])
+    with torch.no_grad():
+        whole, prefix = captioner.text_states(ids), captioner.text_states(ids[:, :6])
+        other = captioner.text_states(torch.cat([ids[:, :6], torch.full((1, ids.shape[1] - 6), VOCAB.index("dog"))], dim=1))
+    torch.testing.assert_close(whole[:, :6], prefix, rtol=0, atol=1e-5)
+    torch.testing.assert_close(other[:, :6], prefix, rtol=0, atol=1e-5)
+    x = images(4, 16)
+    assert captioner.image_tokens(x).shape == (4, 17, 32) and backbone.features(x).shape == (4, 32)
+    torch.manual_seed(0)
+    gmm = create_method(resolve_method_params(MethodConfig(name="gmm", lr=0.05, max_new_tokens=4)), backbone)
+    gmm.begin_task(TaskInfo(0, "t", (0, 1), 2, ("cat", "dog")))
+    batch = {"image": x, "label": torch.tensor([0, 1, 0, 1])}
+    optimizer, _ = gmm.build_optimizer(20, 4)
+    first = float(gmm.training_step(batch).detach())
+    for _ in range(20):
+        gmm.training_step(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert float(gmm.training_step(batch).detach()) < first
+    assert gmm.score(x, [0, 1], ["cat", "dog"]).shape == (4, 2)

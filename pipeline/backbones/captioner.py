@@ -5,6 +5,11 @@ and the unimodal (causal) text tower's token outputs; its logits at position j p
 ``Captioner`` exposes exactly those pieces, so a method can change the image tokens the decoder
 sees (GMM's projection) and add low-rank deltas to the decoder's attention weights (``add_lora``)
 while everything else stays frozen.
+
+Two tower kinds open_clip's CoCa does not wire for generation are supported, as strata's offline
+``coca-offline`` uses them: a timm image tower (its tokens are the trunk's token sequence through
+the tower's own projection) and a Hugging Face text tower (a bidirectional encoder, run with a
+causal mask so position j sees tokens up to j only, as a decoder must).
 """
 
 from __future__ import annotations
@@ -39,31 +44,63 @@ class Captioner:
         model = backbone.model
         if not hasattr(model, "text_decoder"):
             raise ConfigError(f"method.name: {method} needs a captioning backbone (open_clip:coca_*), not {backbone.name}")
+        if not model.text_decoder.batch_first:
+            raise ConfigError(f"method.name: {method}: {backbone.name}'s decoder is not batch-first, which open_clip's CoCa always is")
         self.backbone = backbone
         self.model = model
         self.tokenizer = backbone.tokenizer
-        self.sot: int = self.tokenizer.sot_token_id
-        self.eot: int = self.tokenizer.eot_token_id
+        hf = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+        self.sot: int = hf.cls_token_id if hf is not None else self.tokenizer.sot_token_id
+        self.eot: int = hf.sep_token_id if hf is not None else self.tokenizer.eot_token_id
         self.context_length: int = int(model.context_length)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without start and end tokens."""
-        return list(self.tokenizer.encode(text))
+        hf = getattr(self.tokenizer, "tokenizer", None)
+        return list(hf.encode(text, add_special_tokens=False) if hf is not None else self.tokenizer.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return " ".join(self.tokenizer.decode(ids).split())
+        hf = getattr(self.tokenizer, "tokenizer", None)
+        return " ".join((hf.decode(ids, skip_special_tokens=True) if hf is not None else self.tokenizer.decode(ids)).split())
 
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen image tokens the decoder cross-attends to (B, N, width)."""
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):  # open_clip's TimmModel returns the pooled embedding only
+            return visual.head(visual.trunk.forward_features(images))
         return self.model._encode_image(images)[1]
 
+    @torch.no_grad()
+    def text_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The frozen text tower's causal token states (B, L, width) that the decoder reads."""
+        text = self.model.text
+        if hasattr(text, "transformer") and hasattr(text, "pooler"):  # a Hugging Face encoder
+            n = ids.shape[1]
+            future = torch.ones(n, n, dtype=torch.bool, device=ids.device).triu(1)
+            # an additive 4D mask, which transformers passes to the attention as it is
+            causal = torch.zeros(n, n, device=ids.device).masked_fill(future, torch.finfo(torch.float32).min)
+            return text.transformer(input_ids=ids, attention_mask=causal.expand(len(ids), 1, n, n)).last_hidden_state
+        return self.model._encode_text(ids)[1]
+
+    def hidden(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final states (B, L, width) at every position of ``ids`` (B, L), whose first
+        token is the start token: ``MultimodalTransformer.forward`` without the vocabulary
+        projection, so callers project only the positions they need (the vocabulary is most of
+        the cost). Gradients reach ``image_tokens`` and any LoRA deltas, not the towers."""
+        decoder, n = self.model.text_decoder, ids.shape[1]
+        x = self.text_states(ids)
+        for block, cross in zip(decoder.resblocks, decoder.cross_attn, strict=True):
+            x = block(x, attn_mask=decoder.attn_mask[:n, :n])
+            x = cross(x, k_x=image_tokens, v_x=image_tokens)
+        return decoder.ln_final(x)
+
     def logits(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, L, vocab) at every position of ``ids`` (B, L), whose first token
-        is the start token; gradients reach ``image_tokens`` and any LoRA deltas, not the towers."""
-        with torch.no_grad():
-            _, token_embs = self.model._encode_text(ids)
-        return self.model.text_decoder(image_tokens, token_embs)
+        """Next-token logits (B, L, vocab) at every position of ``ids``."""
+        return self.project(self.hidden(image_tokens, ids))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.model.text_decoder.text_projection
 
     @torch.no_grad()
     def generate(self, image_tokens: torch.Tensor, prefix: list[int], max_new_tokens: int) -> list[list[int]]:
@@ -73,7 +110,7 @@ class Captioner:
         ids = torch.tensor([[self.sot, *prefix]] * n, device=image_tokens.device)
         done = torch.zeros(n, dtype=torch.bool, device=image_tokens.device)
         for _ in range(min(max_new_tokens, self.context_length - ids.shape[1])):
-            step = self.logits(image_tokens, ids)[:, -1].argmax(dim=-1)
+            step = self.project(self.hidden(image_tokens, ids)[:, -1]).argmax(dim=-1)
             step = torch.where(done, torch.full_like(step, self.eot), step)
             ids = torch.cat([ids, step[:, None]], dim=1)
             done |= step == self.eot

@@ -42,6 +42,9 @@ class ClipBackbone(Backbone):
         self._class_cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self._timm_trunk is not None and hasattr(self.model, "text_decoder"):
+            # open_clip's CoCa unpacks (embedding, tokens) from its image tower; a timm tower gives the embedding alone
+            return nn.functional.normalize(self.model.visual(images), dim=-1)
         return self.model.encode_image(images)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,9 @@ class GMM(Method):
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None
         ids, targets = self.sequences(batch["label"], self.task.class_names)
-        logits = self.captioner.logits(self.decoder_tokens(batch["image"]), ids[:, :-1])
-        return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE)
+        hidden = self.captioner.hidden(self.decoder_tokens(batch["image"]), ids[:, :-1])
+        wanted = targets != IGNORE  # only the answer's positions go through the vocabulary projection
+        return F.cross_entropy(self.captioner.project(hidden[wanted]).float(), targets[wanted])
 
     def end_task(self) -> TaskRecord:
         return TaskRecord({k: v.detach().clone() for k, v in self._state().items()})
