@@ -422,8 +422,9 @@ def build_coca_offline(args: argparse.Namespace) -> None:
         for i in range(0, len(order), args.decoder_batch):
             idx = order[i : i + args.decoder_batch]
             r = row[classes[idx]]
-            logits = decoder(tokens[idx].float(), states[r])
-            loss = F.cross_entropy(logits.transpose(1, 2), answer_targets[r], ignore_index=-100)
+            wanted = answer_targets[r] != -100  # the vocabulary projection only where there is a target
+            hidden = captioner.hidden(tokens[idx].float(), states[r])[wanted]
+            loss = F.cross_entropy(captioner.project(hidden), answer_targets[r][wanted])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

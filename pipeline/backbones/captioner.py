@@ -83,13 +83,13 @@ class Captioner:
             return text.transformer(input_ids=ids, attention_mask=causal.expand(len(ids), 1, n, n)).last_hidden_state
         return self.model._encode_text(ids)[1]
 
-    def hidden(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The decoder's final states (B, L, width) at every position of ``ids`` (B, L), whose first
-        token is the start token: ``MultimodalTransformer.forward`` without the vocabulary
-        projection, so callers project only the positions they need (the vocabulary is most of
-        the cost). Gradients reach ``image_tokens`` and any LoRA deltas, not the towers."""
-        decoder, n = self.model.text_decoder, ids.shape[1]
-        x = self.text_states(ids)
+    def hidden(self, image_tokens: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """The decoder's final states (B, L, width) given the text tower's ``text_states`` of ids
+        whose first token is the start token: ``MultimodalTransformer.forward`` without the
+        vocabulary projection, so callers project only the positions they need (the vocabulary is
+        most of the cost). Gradients reach ``image_tokens`` and any LoRA deltas, not the towers."""
+        decoder, n = self.model.text_decoder, text_states.shape[1]
+        x = text_states
         for block, cross in zip(decoder.resblocks, decoder.cross_attn, strict=True):
             x = block(x, attn_mask=decoder.attn_mask[:n, :n])
             x = cross(x, k_x=image_tokens, v_x=image_tokens)
@@ -97,7 +97,7 @@ class Captioner:
 
     def logits(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, L, vocab) at every position of ``ids``."""
-        return self.project(self.hidden(image_tokens, ids))
+        return self.project(self.hidden(image_tokens, self.text_states(ids)))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.model.text_decoder.text_projection
@@ -110,7 +110,7 @@ class Captioner:
         ids = torch.tensor([[self.sot, *prefix]] * n, device=image_tokens.device)
         done = torch.zeros(n, dtype=torch.bool, device=image_tokens.device)
         for _ in range(min(max_new_tokens, self.context_length - ids.shape[1])):
-            step = self.project(self.hidden(image_tokens, ids)[:, -1]).argmax(dim=-1)
+            step = self.project(self.hidden(image_tokens, self.text_states(ids))[:, -1]).argmax(dim=-1)
             step = torch.where(done, torch.full_like(step, self.eot), step)
             ids = torch.cat([ids, step[:, None]], dim=1)
             done |= step == self.eot

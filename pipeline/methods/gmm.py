@@ -89,6 +89,7 @@ class GMM(Method):
         self.lora = self.captioner.add_lora(self.cfg.lora_rank, self.cfg.lora_alpha) if self.cfg.lora_rank else []
         self.prefix = self.captioner.encode(self.cfg.prompt)
         self._answers: dict[str, list[int]] = {}
+        self._states: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
 
     def param_groups(self) -> list[ParamGroup]:
@@ -123,10 +124,26 @@ class GMM(Method):
             targets[i, start - 1 : len(row) - 1] = torch.tensor(row[start:])
         return ids.to(self.device), targets.to(self.device)
 
+    def text_states(self, labels: torch.Tensor, class_names: Sequence[str], length: int) -> torch.Tensor:
+        """The frozen text tower's states of each label's teacher-forcing input, padded to ``length``.
+        They depend on the class name alone, so each is computed once; a causal tower gives a
+        row's positions the same states alone as beside longer rows (padding is never attended)."""
+        rows = []
+        for label in labels.tolist():
+            name = class_names[label]
+            if name not in self._states:
+                ids = torch.tensor([[self.captioner.sot, *self.prefix, *self._answers[name]]], device=self.device)
+                self._states[name] = self.captioner.text_states(ids)[0]
+            rows.append(self._states[name])
+        out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None
         ids, targets = self.sequences(batch["label"], self.task.class_names)
-        hidden = self.captioner.hidden(self.decoder_tokens(batch["image"]), ids[:, :-1])
+        hidden = self.captioner.hidden(self.decoder_tokens(batch["image"]), self.text_states(batch["label"], self.task.class_names, ids.shape[1] - 1))
         wanted = targets != IGNORE  # only the answer's positions go through the vocabulary projection
         return F.cross_entropy(self.captioner.project(hidden[wanted]).float(), targets[wanted])
 
