@@ -140,7 +140,8 @@ def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -
     keep = ("tasks", "accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average",
             "cil_last_acc", "cil_avg_acc", "task_inference_acc", "samples_seen", "memory_bytes", "wall_s",
             "backbone_id", "scenario", "method", "steps", "train_loss", "task_stats", "gate_matrix", "gate_learned_mean",
-            "gate_unlearned_mean")  # fmt: skip
+            "gate_unlearned_mean", "exact_match_matrix", "exact_match_learned_mean", "similarity_match_matrix",
+            "similarity_match_learned_mean")  # fmt: skip
     result = {k: summary.get(k) for k in keep} | {
         "stream": stream, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
         "profile": {"train_rows": args.train_rows, "test_rows": args.test_rows, "batch_size": args.batch_size, "workers": args.workers},
