@@ -2,7 +2,7 @@
 
     python bench/build_backbones.py all     # once: effl0, hybrid-vit, clip-offline, coca-offline
     python bench/run_quality.py             # every (stream, method, backbone) below; regenerates bench/RESULTS.md
-    python bench/run_quality.py --only l2p --only ncm      # some methods; --stream cil-cifar10 for some streams
+    python bench/run_quality.py --only l2p --only ncm      # some methods (or rows: gmm+exemplars); --stream cil-cifar10 for some streams
     python bench/run_quality.py --report                   # only regenerate bench/RESULTS.md from bench/results/
 
 Each run is ``strata run configs/benchmarks/STREAM.yaml [configs/methods/METHOD-single-pass.yaml]
@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,27 +56,31 @@ MIN_STEPS = 100
 EXEMPLARS_PER_CLASS = 20  # replay's budget: iCaRL's 20 per class (K = 2000 on CIFAR-100), sized to each stream
 
 
+def backbones_for(method: str, stream: str) -> list[str]:
+    if method in CLIP_METHODS:
+        return ["clip-offline"]
+    if method in CAPTION_METHODS:
+        return ["coca-offline"]
+    if method in VIT_METHODS or stream != "til-mix":
+        return ["hybrid-vit"]
+    return ["hybrid-vit", "effl0"]
+
+
 def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
-    """(stream, method, backbone) for every method of the library on every stream its scenarios fit
-    (methods registered from elsewhere -- tests, plugins -- are not the library's benchmark)."""
+    """(stream, row, backbone) for every method of the library, and every variant row, on every
+    stream its scenarios fit (methods registered from elsewhere -- tests, plugins -- are not the
+    library's benchmark)."""
     from pipeline.config import load_config
     from pipeline.methods import available_methods
 
+    methods = available_methods()
+    rows = {m: m for m, cls in methods.items() if cls.__module__.startswith("pipeline.")} | {row: m for row, (m, _) in VARIANTS.items()}
     runs = []
     for stream in streams:
         scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
-        for method, cls in available_methods().items():
-            if not cls.__module__.startswith("pipeline.") or scenario not in cls.scenarios or (only and method not in only):
-                continue
-            if method in CLIP_METHODS:
-                backbones = ["clip-offline"]
-            elif method in CAPTION_METHODS:
-                backbones = ["coca-offline"]
-            elif method in VIT_METHODS or stream != "til-mix":
-                backbones = ["hybrid-vit"]
-            else:
-                backbones = ["hybrid-vit", "effl0"]
-            runs += [(stream, method, b) for b in backbones]
+        for row, method in rows.items():
+            if scenario in methods[method].scenarios and (not only or row in only):
+                runs += [(stream, row, b) for b in backbones_for(method, stream)]
     return runs
 
 
@@ -104,6 +109,12 @@ def replay_memory(stream: str) -> list[str]:
     return [f"method.memory_size={EXEMPLARS_PER_CLASS * len(classes)}"]
 
 
+# Rows beside each method's own: row -> (method, the overrides it adds for a stream). GMM with an
+# exemplar memory of replay's size is the official code's class-incremental setup (each task's
+# fine-tuning data holds 2,000 exemplars: DoubleClass/GMM's 20_20_order3_2000exp/task{i}.json).
+VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {"gmm+exemplars": ("gmm", replay_memory)}
+
+
 def method_files(method: str) -> list[str]:
     for name in (f"{method}-single-pass.yaml", f"{method}.yaml"):
         if (REPO / "configs/methods" / name).exists():
@@ -111,10 +122,11 @@ def method_files(method: str) -> list[str]:
     return []
 
 
-def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(stream: str, row: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cli import main as strata
 
-    name = f"{stream}__{method}__{backbone}"
+    method, extra = VARIANTS.get(row, (row, None))
+    name = f"{stream}__{row}__{backbone}"
     out = REPO / "bench/cache/runs" / name
     overrides = [
         f"method.name={method}", *BACKBONES[backbone], *EXTRA.get((method, backbone), []),
@@ -125,6 +137,8 @@ def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -
         overrides.append("method.task_inference=true")
     if method == "replay":
         overrides += replay_memory(stream)
+    if extra is not None:
+        overrides += extra(stream)
     if args.train_rows:
         overrides += subsample(stream, args.train_rows, args.test_rows)
     if out.exists():
@@ -143,7 +157,7 @@ def run_one(stream: str, method: str, backbone: str, args: argparse.Namespace) -
             "gate_unlearned_mean", "exact_match_matrix", "exact_match_learned_mean", "similarity_match_matrix",
             "similarity_match_learned_mean")  # fmt: skip
     result = {k: summary.get(k) for k in keep} | {
-        "stream": stream, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
+        "stream": stream, "row": row, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
         "profile": {"train_rows": args.train_rows, "test_rows": args.test_rows, "batch_size": args.batch_size, "workers": args.workers},
         "host": {"cpus": os.cpu_count(), "gpu": summary["config"]["train"]["use_gpu"]}, "driver_s": round(time.time() - started, 1),
     }  # fmt: skip
@@ -289,12 +303,12 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             "| method | backbone | steps/task | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(part, key=lambda r: (r["backbone"], r["method"])):
+        for r in sorted(part, key=lambda r: (r["backbone"], r.get("row", r["method"]))):
             sizes = [b for b in r["memory_bytes"] if b is not None]
             memory = f"{sum(sizes) / len(sizes) / 1024:,.1f} KiB" if sizes else "–"
             rate = sum(r["samples_seen"]) / r["wall_s"] if r["wall_s"] else 0.0
             lines.append(
-                f"| {r['method']} | {r['backbone']} | {_steps(r.get('steps'))} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
+                f"| {r.get('row', r['method'])} | {r['backbone']} | {_steps(r.get('steps'))} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
                 f"{_pct(r['bwt'])} | {_pct(r['transfer'])} | {_pct(r['mtil_average'])} | {_pct(r['cil_last_acc'])} | "
                 f"{_pct(r['task_inference_acc'])} | {memory} | {r['wall_s']:.0f} | {rate:.1f} |"
             )
@@ -324,14 +338,14 @@ def main() -> int:
     failed = []
     if not args.report:
         runs = [r for r in plan(list(args.stream or STREAMS), args.only) if not args.backbone or r[2] in args.backbone]
-        for i, (stream, method, backbone) in enumerate(runs):
-            print(f"[{i + 1}/{len(runs)}] {stream} · {method} · {backbone}", flush=True)
-            if args.dry_run or (args.skip_done and (RESULTS / f"{stream}__{method}__{backbone}.json").exists()):
+        for i, (stream, row, backbone) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {stream} · {row} · {backbone}", flush=True)
+            if args.dry_run or (args.skip_done and (RESULTS / f"{stream}__{row}__{backbone}.json").exists()):
                 continue
             try:
-                result = run_one(stream, method, backbone, args)
+                result = run_one(stream, row, backbone, args)
             except (Exception, SystemExit) as exc:  # the CLI exits on a bad input: report it, go on
-                failed.append(f"{stream} · {method} · {backbone}: {exc!r}")
+                failed.append(f"{stream} · {row} · {backbone}: {exc!r}")
                 print(f"    FAILED: {exc!r}", flush=True)
                 continue
             print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)

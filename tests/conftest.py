@@ -36,6 +36,36 @@ def blobs_task(task_id: str, *, classes: int = 4, rows: int = 48, seed: int = 0,
     return task
 
 
+def two_task_plan(holdout: float = 0.0) -> Any:
+    """Two 2-class blobs tasks, 64 training rows each, as the driver resolves them (StreamPlan)."""
+    from pipeline.config import StreamConfig
+    from pipeline.data.stream import resolve_stream
+
+    cfg = StreamConfig(tasks=[blobs_task("a", rows=64, subset=[0, 1]), blobs_task("b", rows=64, subset=[2, 3])])
+    return resolve_stream(cfg, rows_per_chunk=16, holdout=holdout, seed=3)
+
+
+def task_batches(task: Any, backbone: Any, size: int = 8, image_size: int = 16) -> list[dict[str, Any]]:
+    """A TaskPlan's training rows decoded as the pipeline decodes them, normalised for
+    ``backbone``, in batches of ``size`` (image, label, task, sample_id)."""
+    import numpy as np
+    import torch
+
+    from pipeline.data.ray_data import load_chunks
+
+    rows = []
+    for chunk in task.train.chunks:
+        blocks = load_chunks({"chunk": np.array([chunk.to_json()])}, label_map=task.label_map, task_index=task.index, size=image_size, rows=task.train.rows)
+        for block in blocks:
+            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
+    out = []
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        image = torch.from_numpy(np.stack([r["image"] for r in part]))
+        out.append({"image": backbone.normalize(image), **{k: torch.tensor(np.array([r[k] for r in part])) for k in ("label", "task", "sample_id")}})
+    return out
+
+
 def run_config(tmp_path: Path, tasks: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
     """A complete config dict for a tiny run that writes everything under tmp_path."""
     return {

@@ -4,12 +4,14 @@ gets both fractions, training moves the answer loss, a record restores the adapt
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.data.ray_data import decode_image
 from pipeline.errors import ConfigError
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.methods.gmm import IGNORE, answer_span, match_scores
@@ -113,6 +115,44 @@ def test_training_the_projection_lowers_the_answer_loss_and_a_record_restores_it
     fresh.restore([record])
     with torch.no_grad():
         assert torch.equal(fresh.decoder_tokens(x), gmm.decoder_tokens(x))
+
+
+def test_exemplars_are_replayed_with_their_answers_stored_in_the_record_and_restored():
+    from pipeline.train.progress import Phase
+    from pipeline.train.worker import phase_task_info
+
+    from conftest import task_batches, two_task_plan
+
+    def with_memory():  # begins the plan's tasks, not TASK
+        return create_method(resolve_method_params(MethodConfig(name="gmm", memory_size=4)), COCA)
+
+    stream = two_task_plan()
+    gmm, records = with_memory(), []
+    for index, task in enumerate(stream.tasks):
+        gmm.begin_task(phase_task_info(stream, Phase(row=index, tasks=(index,))))
+        data = task_batches(task, COCA, image_size=32)
+        if index == 1:
+            # 8 draws from 4 live exemplars take all of them, and the mean over answer tokens does
+            # not depend on the order: the loss is the memoryless loss of the batch plus the memory.
+            live = gmm.exemplars.live()
+            decoded = torch.from_numpy(np.stack([decode_image(img, 32, "x") for _, img, _ in live]))
+            batch = data[0]
+            joined = {"image": torch.cat([batch["image"], COCA.normalize(decoded)]), "label": torch.cat([batch["label"], torch.tensor([c for c, _, _ in live])])}
+            memoryless = make()
+            memoryless.begin_task(gmm.task)
+            with torch.no_grad():
+                torch.testing.assert_close(gmm.training_step(batch), memoryless.training_step(joined), rtol=0, atol=1e-5)
+        with torch.no_grad():
+            for batch in data:
+                gmm.training_step(batch)
+        records.append(gmm.end_task())
+    # 4 // 2 classes after the first task, 4 // 4 per new class after the second; bytes counted.
+    assert [np.bincount(r.tensors["exemplars.labels"].numpy()).tolist() for r in records] == [[2, 2], [0, 0, 1, 1]]
+    assert records[0].nbytes == 4 * (32 * 32 + 32) + sum(t.numel() * t.element_size() for k, t in records[0].tensors.items() if k.startswith("exemplars."))
+    assert [c for c, _, _ in gmm.exemplars.live()] == [0, 1, 2, 3] and gmm.task_stats()["exemplars_live"] == 4
+    fresh = with_memory()
+    fresh.restore(records)
+    assert fresh.exemplars.live() == gmm.exemplars.live()
 
 
 def test_a_backbone_without_a_decoder_is_refused_in_one_line():

@@ -12,39 +12,28 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.backbones import create_backbone
-from pipeline.config import BackboneConfig, MethodConfig, StreamConfig
-from pipeline.data.ray_data import decode_image, load_chunks
+from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.data.ray_data import decode_image
 from pipeline.data.sources import reader_for
-from pipeline.data.stream import StreamPlan, TaskPlan, resolve_stream, task_rows
+from pipeline.data.stream import StreamPlan, TaskPlan, task_rows
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, create_method, resolve_method_params
-from pipeline.methods.replay import herding
+from pipeline.methods.exemplars import herding
 from pipeline.train.collective import TorchCollective
 from pipeline.train.worker import phase_task_info
 from pipeline.train.progress import Phase
 
-from conftest import TINY_VIT, blobs_task
+from conftest import TINY_VIT, task_batches, two_task_plan
 
 BACKBONE = create_backbone(BackboneConfig(**TINY_VIT))
 
 
 def plan(holdout: float = 0.0) -> StreamPlan:
-    cfg = StreamConfig(tasks=[blobs_task("a", rows=64, subset=[0, 1]), blobs_task("b", rows=64, subset=[2, 3])])
-    return resolve_stream(cfg, rows_per_chunk=16, holdout=holdout, seed=3)
+    return two_task_plan(holdout)
 
 
 def batches(task: TaskPlan, size: int = 8) -> list[Batch]:
-    """The task's training rows decoded as the pipeline decodes them, in batches of ``size``."""
-    rows = []
-    for chunk in task.train.chunks:
-        for block in load_chunks({"chunk": np.array([chunk.to_json()])}, label_map=task.label_map, task_index=task.index, size=16, rows=task.train.rows):
-            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
-    out = []
-    for start in range(0, len(rows), size):
-        part = rows[start : start + size]
-        image = torch.from_numpy(np.stack([r["image"] for r in part]))
-        out.append({"image": BACKBONE.normalize(image), **{k: torch.tensor(np.array([r[k] for r in part])) for k in ("label", "task", "sample_id")}})
-    return out
+    return task_batches(task, BACKBONE, size)
 
 
 def make(collective=None, **params):
@@ -102,13 +91,13 @@ def test_exemplars_are_training_rows_original_bytes_counted_and_shrink_per_group
         assert not (set(stored) & (held_out | test_images))
         assert entry.memory_bytes == record.nbytes == len(data) + 8 * (len(ids) + 1) + 16 * len(ids) + 4 * t["head.weight"].numel() + 4 * t["head.bias"].numel()
     # Live: 12 // 4 groups = 3 per group, each group's herding prefix; a restore rebuilds exactly that.
-    live = method.memory()
+    live = method.exemplars.live()
     assert [label for label, _, _ in live] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     first_ids = records[0].tensors["exemplars.sample_ids"][records[0].tensors["exemplars.labels"] == 0][:3].tolist()
     assert [sid for label, _, sid in live if label == 0] == first_ids
     restored = make(memory_size=12, herding_pool=2.0)
     restored.restore(store.load_all(backbone_id=BACKBONE.backbone_id))
-    assert restored.memory() == live
+    assert restored.exemplars.live() == live
 
 
 def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
@@ -119,9 +108,9 @@ def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
     method.end_task()
     method.begin_task(phase_task_info(stream, Phase(row=1, tasks=(1,))))
     batch = batches(stream.tasks[1])[0]
-    images = torch.from_numpy(np.stack([decode_image(img, 16, "x") for _, img, _ in method.memory()]))
+    images = torch.from_numpy(np.stack([decode_image(img, 16, "x") for _, img, _ in method.exemplars.live()]))
     mem_features = BACKBONE.features(BACKBONE.normalize(images))
-    mem_labels = torch.tensor([label for label, _, _ in method.memory()])
+    mem_labels = torch.tensor([label for label, _, _ in method.exemplars.live()])
     assert len(mem_labels) == 8 and torch.equal(method.memory_features(16)[0], mem_features)
     # As many exemplars as the memory holds (8 per batch of 8) draws all of it: the loss is over batch + memory.
     method = make(memory_size=8, classifier="nme", replay_ratio=1.0)
@@ -199,8 +188,10 @@ def test_replay_through_ray_on_two_workers_stores_the_configured_memory(ray_sess
     from click.testing import CliRunner
 
     from pipeline.cli import main
+    from pipeline.config import StreamConfig
+    from pipeline.data.stream import resolve_stream
 
-    from conftest import run_config
+    from conftest import blobs_task, run_config
 
     tasks = [blobs_task("r0", rows=64, subset=[0, 1]), blobs_task("r1", rows=64, subset=[2, 3])]
     config = run_config(tmp_path, tasks, data={"rows_per_chunk": 16}, tracking={"enabled": False})

@@ -16,11 +16,21 @@ candidate's name exactly wins outright. Any candidate set can be scored, so futu
 evaluated zero-shot (transfer), as for DIKI. The evaluator reports, per test set, the fraction of
 generations that were exactly a candidate's name and the fraction matched only by similarity.
 The record of a task is the projection (and LoRA deltas) after it; the last record restores.
+
+Exemplars (``memory_size`` > 0; off by default, so the record is the adapter alone): the
+official code's conventional class-incremental runs fine-tune each task on its data plus a
+2,000-image exemplar memory (DoubleClass/GMM builds task i from ``20_20_order3_2000exp/task{i}.json``).
+Here that memory is ``ExemplarMemory`` (herded in one pass on the mean of the decoder's image
+tokens, identical on every rank), replayed ``replay_ratio`` per sample into each batch with its
+own answer; its encoded images join the task's record and ``memory_bytes``. Without it, a
+decoder small enough to have no prior of its own answers every image with the newest task's names
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +39,8 @@ from torch import nn
 
 from pipeline.backbones.captioner import Captioner
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, register_method
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
+from pipeline.methods.exemplars import ExemplarMemory
 from pipeline.methods.zeroshot import require_clip
 
 IGNORE = -100
@@ -43,6 +54,10 @@ class GMMConfig(MethodParams):
     max_new_tokens: int = Field(default=16, ge=1)
     lora_rank: int = Field(default=0, ge=0, description="0: no LoRA on the decoder's attention")
     lora_alpha: float = Field(default=16.0, gt=0)
+    memory_size: int = Field(default=0, ge=0, description="exemplar images in all (0: none, the record is the adapter)")
+    replay_ratio: float = Field(default=1.0, gt=0, description="exemplars mixed into each batch, per sample of the batch")
+    herding_pool: float = Field(default=10.0, ge=1, description="herding candidates per exemplar slot")
+    seed: int = 0
 
 
 def normalise(text: str) -> str:
@@ -91,6 +106,19 @@ class GMM(Method):
         self._answers: dict[str, list[int]] = {}
         self._states: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
+        cfg = self.cfg
+        self.exemplars = ExemplarMemory(self.name, cfg.memory_size, width, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed) if cfg.memory_size and self.consumes_data else None
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        if self.exemplars is not None:
+            self.exemplars.begin_task(task)
+
+    def task_buffers(self) -> dict[str, torch.Tensor]:
+        return self.exemplars.buffers() if self.exemplars is not None else {}
+
+    def task_stats(self) -> dict[str, Any]:
+        return dict(self.exemplars.stats) if self.exemplars is not None else {}
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("projection", list(self.proj.parameters()), self.cfg.lr), ParamGroup("lora", self.lora, self.cfg.lr)]
@@ -142,15 +170,29 @@ class GMM(Method):
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None
-        ids, targets = self.sequences(batch["label"], self.task.class_names)
-        hidden = self.captioner.hidden(self.decoder_tokens(batch["image"]), self.text_states(batch["label"], self.task.class_names, ids.shape[1] - 1))
+        tokens, labels = self.captioner.image_tokens(batch["image"]), batch["label"]
+        if self.exemplars is not None:
+            self.exemplars.observe(tokens.mean(dim=1), batch)
+            normalize, image_tokens = self.backbone.normalize, self.captioner.image_tokens
+            mem_tokens, mem_labels = self.exemplars.decoded(batch["image"].shape[-1], lambda images: image_tokens(normalize(images)))
+            if len(mem_labels):
+                take = self.exemplars.draw(batch, self.cfg.replay_ratio, self.task.index, len(mem_labels))
+                tokens, labels = torch.cat([tokens, mem_tokens[take].to(tokens.dtype)]), torch.cat([labels, mem_labels[take]])
+        ids, targets = self.sequences(labels, self.task.class_names)
+        hidden = self.captioner.hidden(tokens + self.proj(tokens), self.text_states(labels, self.task.class_names, ids.shape[1] - 1))
         wanted = targets != IGNORE  # only the answer's positions go through the vocabulary projection
         return F.cross_entropy(self.captioner.project(hidden[wanted]).float(), targets[wanted])
 
     def end_task(self) -> TaskRecord:
-        return TaskRecord({k: v.detach().clone() for k, v in self._state().items()})
+        assert self.task is not None
+        record = TaskRecord({k: v.detach().clone() for k, v in self._state().items()})
+        if self.exemplars is not None:
+            record.tensors.update(self.exemplars.end_task(self.task, self.collective).tensors)
+        return record
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
+        if self.exemplars is not None:
+            self.exemplars.restore(records)
         if records:
             with torch.no_grad():
                 for key, tensor in self._state().items():
