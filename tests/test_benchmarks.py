@@ -51,16 +51,20 @@ def test_every_method_runs_on_the_streams_its_scenarios_fit():
     from pipeline.methods import available_methods
 
     runs = run_quality.plan(list(run_quality.STREAMS), only=[])
-    for stream, method, backbone in runs:
+    for stream, row, backbone in runs:
+        method = run_quality.VARIANTS[row][0] if row in run_quality.VARIANTS else row
         scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
         assert scenario in available_methods()[method].scenarios
         assert (backbone == "clip-offline") == (method in run_quality.CLIP_METHODS)
         assert (backbone == "coca-offline") == (method in run_quality.CAPTION_METHODS)
     planned = {m for _, m, _ in runs}
     library = {name for name, cls in available_methods().items() if cls.__module__.startswith("pipeline.")}
-    assert planned == library and "sample_counter" not in planned
+    assert planned == library | {"gmm+exemplars"} and "sample_counter" not in planned
     assert ("til-mix", "piggyback", "effl0") in runs and ("dcil-5", "diki", "clip-offline") in runs
     assert ("cil-cifar10", "gmm", "coca-offline") in runs and ("cil-cifar10", "gmm_zeroshot", "coca-offline") in runs
+    # a variant row: gmm with replay's 20 images per class (CIFAR-10: 200)
+    assert ("cil-cifar10", "gmm+exemplars", "coca-offline") in runs
+    assert run_quality.VARIANTS["gmm+exemplars"][1]("cil-cifar10") == ["method.memory_size=200"]
 
 
 def test_results_table_is_generated_from_the_run_files(tmp_path):
@@ -73,6 +77,8 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     (tmp_path / "dil-pacs__ncm__hybrid-vit.json").write_text(json.dumps(row))
     starved = row | {"method": "finetune", "steps": [120, 99]}
     (tmp_path / "dil-pacs__finetune__hybrid-vit.json").write_text(json.dumps(starved))
+    variant = row | {"method": "gmm", "row": "gmm+exemplars", "backbone": "coca-offline", "steps": [100, 100]}
+    (tmp_path / "dil-pacs__gmm+exemplars__coca-offline.json").write_text(json.dumps(variant))
     (tmp_path / "sweeps").mkdir()
     sweep = {"objective": "avg_acc", "trials": [{"config": {"method.lr": 1e-4}, "objective_per_task": [0.5, 0.625]},
              {"config": {"method.lr": 5e-4}, "objective_per_task": [0.25]}], "best": {"config": {"method.lr": 1e-4}}}  # fmt: skip
@@ -93,4 +99,5 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     assert "| rkr | 64 → 640 | 1000 → 1100 | 4000 → 4400 | 1.10 |" in text
     assert "| ncm | hybrid-vit | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
     assert "| finetune | hybrid-vit | 99 (< 100: does not count) | 50.0 |" in text
+    assert "| gmm+exemplars | coca-offline | 100 | 50.0 |" in text
     assert (tmp_path / "RESULTS.md").read_text() == text
