@@ -129,7 +129,10 @@ class GMM(Method):
         return tensors
 
     def decoder_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.captioner.image_tokens(images)
+        return self.adapt(self.captioner.image_tokens(images))
+
+    def adapt(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trained projection of the frozen image tokens: tokens + W tokens + b."""
         return tokens + self.proj(tokens)
 
     def sequences(self, labels: torch.Tensor, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +182,7 @@ class GMM(Method):
                 take = self.exemplars.draw(batch, self.cfg.replay_ratio, self.task.index, len(mem_labels))
                 tokens, labels = torch.cat([tokens, mem_tokens[take].to(tokens.dtype)]), torch.cat([labels, mem_labels[take]])
         ids, targets = self.sequences(labels, self.task.class_names)
-        hidden = self.captioner.hidden(tokens + self.proj(tokens), self.text_states(labels, self.task.class_names, ids.shape[1] - 1))
+        hidden = self.captioner.hidden(self.adapt(tokens), self.text_states(labels, self.task.class_names, ids.shape[1] - 1))
         wanted = targets != IGNORE  # only the answer's positions go through the vocabulary projection
         return F.cross_entropy(self.captioner.project(hidden[wanted]).float(), targets[wanted])
 
