@@ -140,8 +140,8 @@ def test_exemplars_are_replayed_with_their_answers_stored_in_the_record_and_rest
             joined = {"image": torch.cat([batch["image"], COCA.normalize(decoded)]), "label": torch.cat([batch["label"], torch.tensor([c for c, _, _ in live])])}
             memoryless = make()
             memoryless.begin_task(gmm.task)
-            with torch.no_grad():
-                torch.testing.assert_close(gmm.training_step(batch), memoryless.training_step(joined), rtol=0, atol=1e-5)
+            with torch.no_grad():  # ~11.4 each, 1 ulp apart here (other batch shapes); a lost exemplar moves it ~0.1
+                torch.testing.assert_close(gmm.training_step(batch), memoryless.training_step(joined), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             for batch in data:
                 gmm.training_step(batch)
