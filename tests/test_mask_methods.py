@@ -12,7 +12,7 @@ from pipeline.methods.meat import drop_control_loss
 from conftest import TINY_VIT
 
 TINY_CNN = {"name": "timm:test_convnext"}
-CASES = [("piggyback", TINY_VIT), ("piggyback", TINY_CNN), ("rkr", TINY_VIT), ("rkr", TINY_CNN), ("mask_rkr", TINY_VIT), ("mask_rkr", TINY_CNN), ("meat", TINY_VIT)]
+CASES = [("probe", TINY_VIT), ("probe", TINY_CNN), ("piggyback", TINY_VIT), ("piggyback", TINY_CNN), ("rkr", TINY_VIT), ("rkr", TINY_CNN), ("mask_rkr", TINY_VIT), ("mask_rkr", TINY_CNN), ("meat", TINY_VIT)]
 IDS = [f"{m}-{'vit' if s is TINY_VIT else 'cnn'}" for m, s in CASES]
 
 
@@ -95,7 +95,9 @@ def test_record_bytes_follow_the_formula(method_name, spec):
     shapes = weight_shapes(backbone)
     bits = [packed_bytes(math.prod(s)) for s in shapes]
     low_rank = [4 * (s[0] * 2 + 2 * math.prod(s[1:]) + s[0]) for s in shapes]
-    if method_name == "piggyback":
+    if method_name == "probe":
+        expected = [head] * 2
+    elif method_name == "piggyback":
         expected = [sum(bits) + head] * 2
     elif method_name == "rkr":
         expected = [sum(low_rank) + head] * 2
@@ -125,6 +127,20 @@ def test_packed_masks_unpack_to_the_trained_masks():
     record = meat.end_task()
     for name, logits in meat.logits.items():
         assert torch.equal(unpack_bits(record.tensors[f"mask.{name}"], logits.shape[:-1]), keep_by_logits(logits))
+
+
+def test_probe_is_its_heads_on_the_frozen_features_exactly():
+    backbone, method, data = two_tasks(TINY_CNN, "probe")
+    records = [train_task(method, t, *data[t]) for t in range(2)]
+    assert [sorted(r.tensors) for r in records] == [["head.bias", "head.weight"]] * 2
+    x = data[1][0]
+    logits = method.score(x, [0, 1, 2, 3], list("abcd"), torch.ones(8, dtype=torch.long))
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(backbone.features(x), records[1].tensors["head.weight"], records[1].tensors["head.bias"])
+    assert torch.equal(logits[:, 2:], expected) and torch.isinf(logits[:, :2]).all()
+    fresh = create_method(method.cfg, backbone)
+    fresh.restore(records)
+    assert torch.equal(fresh.score(x, [0, 1, 2, 3], list("abcd"), torch.ones(8, dtype=torch.long)), logits)
 
 
 def test_task_inference_routes_to_the_right_task_and_head():
@@ -221,6 +237,7 @@ def test_meat_drop_control_covers_the_token_masks_only_by_default():
 
 
 GROUPS = {
+    "probe": {"head": 3e-3},
     "piggyback": {"scores": 1e-4, "head": 3e-3},
     "rkr": {"rectification": 1e-3, "head": 3e-3},
     "meat": {"mask_logits": 0.1, "head": 3e-3},
