@@ -123,6 +123,7 @@ STATE_CASES = {
     "finetune": ({}, "vit"),
     "lwf": ({}, "vit"),
     "l2p": ({"pool_size": 4, "top_n": 2, "prompt_length": 2}, "vit"),
+    "probe": ({"task_inference": True}, "vit"),
     "piggyback": ({"task_inference": True}, "vit"),
     "rkr": ({"task_inference": True}, "vit"),
     "mask_rkr": ({"task_inference": True}, "vit"),

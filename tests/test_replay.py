@@ -128,6 +128,37 @@ def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
     assert torch.isinf(logits[:, 2:]).all()
 
 
+def test_icarl_loss_distils_the_previous_heads_sigmoids_on_earlier_classes_only():
+    stream = plan()
+    method = make(memory_size=8, distill=True)
+    method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
+    first = batches(stream.tasks[0])
+    features = BACKBONE.features(first[0]["image"])
+    # First task: nothing earlier, so the targets are the one-hot labels.
+    expected = F.binary_cross_entropy_with_logits(method.head(features), F.one_hot(first[0]["label"], method.head.num_classes).float())
+    torch.testing.assert_close(method.training_step(first[0]), expected, rtol=0, atol=1e-6)
+    learn(method, first)
+    record = method.end_task()
+    task = phase_task_info(stream, Phase(row=1, tasks=(1,)))
+    method.begin_task(task)
+    batch = batches(stream.tasks[1])[0]
+    mem_features, mem_labels = method.memory_features(16)
+    x = torch.cat([BACKBONE.features(batch["image"]), mem_features])
+    labels = torch.cat([batch["label"], mem_labels])
+    old = record.tensors["head.weight"].shape[0]
+    assert old == 2 and set(task.classes) == {2, 3}
+    targets = F.one_hot(labels, method.head.num_classes).float()
+    targets[:, :old] = torch.sigmoid(F.linear(x, record.tensors["head.weight"], record.tensors["head.bias"]))
+    assert not torch.equal(targets[:, :old], F.one_hot(labels, 4).float()[:, :old])  # the exemplars' own labels are not the targets
+    expected = F.binary_cross_entropy_with_logits(method.head(x), targets)
+    torch.testing.assert_close(method.training_step(batch), expected, rtol=0, atol=1e-6)
+    restarted = make(memory_size=8, distill=True)  # the previous model comes back from the record alone
+    restarted.restore([record])
+    restarted.begin_task(task)
+    expected = F.binary_cross_entropy_with_logits(restarted.head(x), targets)  # its new rows have their own init
+    torch.testing.assert_close(restarted.training_step(batch), expected, rtol=0, atol=1e-6)
+
+
 def test_a_task_resumed_from_its_task_state_selects_the_same_exemplars():
     stream = plan()
     info = phase_task_info(stream, Phase(row=0, tasks=(0,)))
