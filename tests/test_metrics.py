@@ -37,6 +37,8 @@ def test_transfer_needs_future_evaluations():
     assert metrics.transfer(A) is None
     zero_shot = [[0.9, 0.2, 0.1], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
     assert metrics.transfer(zero_shot) == pytest.approx((0.2 + (0.1 + 0.3) / 2) / 2)
+    assert metrics.transfer_per_task(A) is None
+    assert metrics.transfer_per_task(zero_shot) == [None, pytest.approx(0.2), pytest.approx((0.1 + 0.3) / 2)]
 
 
 def test_mtil_average_uses_every_row():

@@ -186,6 +186,7 @@ def test_diki_dcil_end_to_end_fills_transfer_average_last(ray_session, tmp_path)
     assert summary["method"] == "diki" and summary["class_names"] == ["red", "blue", "circle", "square"]
     assert all(v is not None for row in summary["accuracy_matrix"] for v in row)  # future task evaluated zero-shot
     assert summary["transfer"] == summary["accuracy_matrix"][0][1]
+    assert summary["transfer_per_task"] == [None, summary["accuracy_matrix"][0][1]]
     for key in ("transfer", "mtil_average", "last_acc"):
         assert summary[key] is not None and 0.0 <= summary[key] <= 1.0
     assert summary["samples_seen"] == [32, 32]

@@ -62,6 +62,14 @@ def transfer(a: Matrix) -> float | None:
     return fmean(fmean(c) for c in cols if c is not None)
 
 
+def transfer_per_task(a: Matrix) -> list[float | None] | None:
+    """Transfer's terms, per task: entry j is the mean of A[i][j] for i < j (None for the first
+    task, which nothing precedes); None where the upper triangle is not evaluated."""
+    if transfer(a) is None:
+        return None
+    return [None, *(fmean(float(a[i][j]) for i in range(j)) for j in range(1, len(a)))]  # type: ignore[arg-type]
+
+
 def mtil_average(a: Matrix) -> float | None:
     """MTIL "Average": mean over j of the mean over every row i of A[i][j] (needs the full matrix)."""
     cols = [_all([row[j] for row in a]) for j in range(len(a))]

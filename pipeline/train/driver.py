@@ -238,6 +238,7 @@ def _summary(
         "tasks": [t.id for t in plan.tasks],
         "accuracy_matrix": matrix,
         **metrics.summarize(matrix),
+        "transfer_per_task": metrics.transfer_per_task(matrix),
         "samples_seen": progress.samples_seen,
         "memory_bytes": memory_bytes,
         "memory_store": store.uri,
