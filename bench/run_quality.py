@@ -4,11 +4,14 @@
     python bench/run_quality.py             # every (stream, method, backbone) below; regenerates bench/RESULTS.md
     python bench/run_quality.py --only l2p --only ncm      # some methods (or rows: gmm+exemplars); --stream cil-cifar10 for some streams
     python bench/run_quality.py --report                   # only regenerate bench/RESULTS.md from bench/results/
+    python bench/run_quality.py --only l2p --seeds 0 1 2   # one run (and one result file) per seed
 
 Each run is ``strata run configs/benchmarks/STREAM.yaml [configs/methods/METHOD-single-pass.yaml]
 --set ...`` in this process (one local Ray for all of them). Its summary, minus nothing a
-reader needs, goes to ``bench/results/STREAM__METHOD__BACKBONE.json``; RESULTS.md is generated
-from those files only. Every method runs on each stream whose scenario it supports, on the
+reader needs, goes to ``bench/results/STREAM__ROW__BACKBONE__seedS.json`` (``seed=S`` sets the
+run's seed: model init, chunk order, shuffle buffer); RESULTS.md is generated from those files
+only, one row per (stream, row, backbone) with the mean ± sample standard deviation over the
+seeds it has. Every method runs on each stream whose scenario it supports, on the
 backbones it fits: CLIP methods on clip-offline, captioning methods (gmm) on coca-offline,
 ViT-only methods on hybrid-vit, the rest on hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
 with ``every`` to at least ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
@@ -46,11 +49,6 @@ BACKBONES: dict[str, list[str]] = {
 CLIP_METHODS = {"zeroshot", "diki"}
 CAPTION_METHODS = {"gmm", "gmm_zeroshot"}
 VIT_METHODS = {"l2p", "meat"}
-# Per (method, backbone): what the backbone's depth makes necessary (DIKI's default layers 0-7
-# need an 8-block tower; clip-offline has 4 image blocks and 6 text layers).
-EXTRA: dict[tuple[str, str], list[str]] = {
-    ("diki", "clip-offline"): ["method.image_layers=[0, 1, 2, 3]", "method.text_layers=[0, 1, 2, 3, 4, 5]"],
-}
 TIL_TASK_INFERENCE = {"piggyback", "rkr", "mask_rkr", "meat"}
 MIN_STEPS = 100
 EXEMPLARS_PER_CLASS = 20  # replay's budget: iCaRL's 20 per class (K = 2000 on CIFAR-100), sized to each stream
@@ -109,10 +107,15 @@ def replay_memory(stream: str) -> list[str]:
     return [f"method.memory_size={EXEMPLARS_PER_CLASS * len(classes)}"]
 
 
+def icarl(stream: str) -> list[str]:
+    """Replay with iCaRL's loss and its nearest-mean-of-exemplars classifier (replay's memory size)."""
+    return ["method.distill=true", "method.classifier=nme"]
+
+
 # Rows beside each method's own: row -> (method, the overrides it adds for a stream). GMM with an
 # exemplar memory of replay's size is the official code's class-incremental setup (each task's
 # fine-tuning data holds 2,000 exemplars: DoubleClass/GMM's 20_20_order3_2000exp/task{i}.json).
-VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {"gmm+exemplars": ("gmm", replay_memory)}
+VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {"gmm+exemplars": ("gmm", replay_memory), "icarl": ("replay", icarl)}
 
 
 def method_files(method: str) -> list[str]:
@@ -122,14 +125,18 @@ def method_files(method: str) -> list[str]:
     return []
 
 
-def run_one(stream: str, row: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+def result_name(stream: str, row: str, backbone: str, seed: int) -> str:
+    return f"{stream}__{row}__{backbone}__seed{seed}"
+
+
+def run_one(stream: str, row: str, backbone: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cli import main as strata
 
     method, extra = VARIANTS.get(row, (row, None))
-    name = f"{stream}__{row}__{backbone}"
+    name = result_name(stream, row, backbone, seed)
     out = REPO / "bench/cache/runs" / name
     overrides = [
-        f"method.name={method}", *BACKBONES[backbone], *EXTRA.get((method, backbone), []),
+        f"method.name={method}", f"seed={seed}", *BACKBONES[backbone],
         f"output_dir={out}", f"memory.uri={out / 'memory'}", f"tracking.uri=sqlite:///{REPO / 'bench/cache/mlflow.db'}",
         "tracking.experiment=strata-bench", f"train.batch_size={args.batch_size}", f"train.num_workers={args.workers}",
     ]  # fmt: skip
@@ -155,9 +162,9 @@ def run_one(stream: str, row: str, backbone: str, args: argparse.Namespace) -> d
             "cil_last_acc", "cil_avg_acc", "task_inference_acc", "samples_seen", "memory_bytes", "wall_s",
             "backbone_id", "scenario", "method", "steps", "train_loss", "task_stats", "gate_matrix", "gate_learned_mean",
             "gate_unlearned_mean", "exact_match_matrix", "exact_match_learned_mean", "similarity_match_matrix",
-            "similarity_match_learned_mean")  # fmt: skip
+            "similarity_match_learned_mean", "transfer_per_task")  # fmt: skip
     result = {k: summary.get(k) for k in keep} | {
-        "stream": stream, "row": row, "backbone": backbone, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
+        "stream": stream, "row": row, "backbone": backbone, "seed": seed, "command": "strata " + " ".join(command).replace(str(REPO) + "/", ""),
         "profile": {"train_rows": args.train_rows, "test_rows": args.test_rows, "batch_size": args.batch_size, "workers": args.workers},
         "host": {"cpus": os.cpu_count(), "gpu": summary["config"]["train"]["use_gpu"]}, "driver_s": round(time.time() - started, 1),
     }  # fmt: skip
@@ -170,6 +177,16 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _pct_seeds(values: list[float | None]) -> str:
+    """A percentage over seeds: the value for one, mean ± sample standard deviation for several."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "–"
+    if len(known) == 1:
+        return _pct(known[0])
+    return f"{100 * statistics.mean(known):.1f} ± {100 * statistics.stdev(known):.1f}"
+
+
 def _steps(steps: list[int | None] | None) -> str:
     """Fewest optimizer steps of any task ('–' for a method without gradient steps; '?' for a
     result from before steps were recorded); below MIN_STEPS is marked: those numbers do not count."""
@@ -180,6 +197,56 @@ def _steps(steps: list[int | None] | None) -> str:
         return "–"
     low = min(taken)
     return f"{low}" if low >= MIN_STEPS else f"{low} (< {MIN_STEPS}: does not count)"
+
+
+COLUMNS = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "cil_last_acc", "task_inference_acc")
+
+
+def _by_row(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Result files grouped by (backbone, row), sorted, each group's runs by seed."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["backbone"], r.get("row", r["method"])), []).append(r)
+    return {key: sorted(groups[key], key=lambda r: r.get("seed", 0)) for key in sorted(groups)}
+
+
+# task_stats keys shown per task: label, scale, digits.
+DIAGNOSTICS = {
+    "masked_off": ("weights masked off (%)", 100.0, 2),
+    "prompt_selection": ("share of the most selected prompt (%)", 100.0, 1),
+    "key_cosine": ("mean cos(query, selected key)", 1.0, 2),
+}
+
+
+def _per_task(values: list[list[float | None]], scale: float = 100.0, digits: int = 1) -> str:
+    """Per-task values averaged over seeds, as 'a / b / c'."""
+    tasks = zip(*values, strict=True)
+    return " / ".join("–" if None in t else f"{scale * statistics.mean(t):.{digits}f}" for t in tasks)
+
+
+def _diagnostics_section(stream: str, results: list[dict[str, Any]]) -> list[str]:
+    """What the methods report per task (``task_stats``, DIKI's gate and transfer), mean over seeds:
+    the evidence for why a row is what it is."""
+    lines = []
+    for (backbone, row), runs in _by_row(results).items():
+        stats = [r.get("task_stats") or [] for r in runs]
+        for key, (label, scale, digits) in DIAGNOSTICS.items():
+            values = [[(t or {}).get(key) for t in s] for s in stats]
+            if not all(seed and all(v is not None for v in seed) for seed in values):
+                continue
+            if isinstance(values[0][0], list):  # a histogram: the share of its most used bin per task
+                values = [[max(h) / sum(h) if sum(h) else None for h in seed] for seed in values]
+            lines.append(f"| {row} | {backbone} | {label} | {_per_task(values, scale, digits)} |")
+        if all(r.get("transfer_per_task") for r in runs):
+            lines.append(f"| {row} | {backbone} | transfer per task | {_per_task([r['transfer_per_task'] for r in runs])} |")
+        if all(r.get("gate_matrix") for r in runs):
+            learned = _pct_seeds([r.get("gate_learned_mean") for r in runs])
+            unlearned = _pct_seeds([r.get("gate_unlearned_mean") for r in runs])
+            lines.append(f"| {row} | {backbone} | gate on learned / not-yet-learned tasks | {learned} / {unlearned} |")
+    if not lines:
+        return []
+    header = [f"Per-task diagnostics ({stream}; mean over seeds; from each summary's task_stats, gate and transfer):", "", "| method | backbone | what | per task |", "|---|---|---|---|"]
+    return [*header, *lines, ""]
 
 
 def _order_section(path: Path) -> list[str]:
@@ -300,19 +367,25 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             f"## {stream} ({part[0]['scenario']}, {len(part[0]['tasks'])} tasks; ~{profile['train_rows'] or 'all'} train / "
             f"~{profile['test_rows'] or 'all'} test rows per task, batch {profile['batch_size']}, {profile['workers']} workers)",
             "",
-            "| method | backbone | steps/task | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | backbone | seeds | steps/task | avg_acc | last_acc | forgetting | bwt | transfer | mtil avg | cil last | task-inf. | memory/task | wall s | samples/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(part, key=lambda r: (r["backbone"], r.get("row", r["method"]))):
+        for (backbone, row), runs in _by_row(part).items():
+            r = runs[0]
             sizes = [b for b in r["memory_bytes"] if b is not None]
             memory = f"{sum(sizes) / len(sizes) / 1024:,.1f} KiB" if sizes else "–"
-            rate = sum(r["samples_seen"]) / r["wall_s"] if r["wall_s"] else 0.0
+            wall = statistics.mean(x["wall_s"] for x in runs)
+            rate = statistics.mean(sum(x["samples_seen"]) / x["wall_s"] if x["wall_s"] else 0.0 for x in runs)
+            steps = [min((s for s in x["steps"] if s is not None), default=None) if x.get("steps") is not None else None for x in runs]
+            fewest = runs[steps.index(min(steps))] if None not in steps else next(x for x, s in zip(runs, steps, strict=True) if s is None)
+            metric = {k: _pct_seeds([x[k] for x in runs]) for k in COLUMNS}
             lines.append(
-                f"| {r.get('row', r['method'])} | {r['backbone']} | {_steps(r.get('steps'))} | {_pct(r['avg_acc'])} | {_pct(r['last_acc'])} | {_pct(r['forgetting'])} | "
-                f"{_pct(r['bwt'])} | {_pct(r['transfer'])} | {_pct(r['mtil_average'])} | {_pct(r['cil_last_acc'])} | "
-                f"{_pct(r['task_inference_acc'])} | {memory} | {r['wall_s']:.0f} | {rate:.1f} |"
+                f"| {row} | {backbone} | {len(runs)} | {_steps(fewest.get('steps'))} | {metric['avg_acc']} | {metric['last_acc']} | {metric['forgetting']} | "
+                f"{metric['bwt']} | {metric['transfer']} | {metric['mtil_average']} | {metric['cil_last_acc']} | "
+                f"{metric['task_inference_acc']} | {memory} | {wall:.0f} | {rate:.1f} |"
             )
         lines.append("")
+        lines += _diagnostics_section(stream, part)
     lines += _order_section(results / "order.json")
     lines += _sweeps_section(results / "sweeps")
     lines += _overhead_section(results / "overhead.json")
@@ -330,6 +403,7 @@ def main() -> int:
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (the run's seed)")
     parser.add_argument("--report", action="store_true", help="only regenerate bench/RESULTS.md")
     parser.add_argument("--skip-done", action="store_true", help="skip runs that already have a results file")
     parser.add_argument("--dry-run", action="store_true", help="list the runs")
@@ -337,15 +411,16 @@ def main() -> int:
     os.chdir(REPO)  # the stream configs and backbone paths are relative to the repository
     failed = []
     if not args.report:
-        runs = [r for r in plan(list(args.stream or STREAMS), args.only) if not args.backbone or r[2] in args.backbone]
-        for i, (stream, row, backbone) in enumerate(runs):
-            print(f"[{i + 1}/{len(runs)}] {stream} · {row} · {backbone}", flush=True)
-            if args.dry_run or (args.skip_done and (RESULTS / f"{stream}__{row}__{backbone}.json").exists()):
+        planned = [r for r in plan(list(args.stream or STREAMS), args.only) if not args.backbone or r[2] in args.backbone]
+        runs = [(*r, seed) for r in planned for seed in args.seeds]
+        for i, (stream, row, backbone, seed) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {stream} · {row} · {backbone} · seed {seed}", flush=True)
+            if args.dry_run or (args.skip_done and (RESULTS / f"{result_name(stream, row, backbone, seed)}.json").exists()):
                 continue
             try:
-                result = run_one(stream, row, backbone, args)
+                result = run_one(stream, row, backbone, seed, args)
             except (Exception, SystemExit) as exc:  # the CLI exits on a bad input: report it, go on
-                failed.append(f"{stream} · {row} · {backbone}: {exc!r}")
+                failed.append(f"{stream} · {row} · {backbone} · seed {seed}: {exc!r}")
                 print(f"    FAILED: {exc!r}", flush=True)
                 continue
             print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)

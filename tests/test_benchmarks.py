@@ -59,12 +59,15 @@ def test_every_method_runs_on_the_streams_its_scenarios_fit():
         assert (backbone == "coca-offline") == (method in run_quality.CAPTION_METHODS)
     planned = {m for _, m, _ in runs}
     library = {name for name, cls in available_methods().items() if cls.__module__.startswith("pipeline.")}
-    assert planned == library | {"gmm+exemplars"} and "sample_counter" not in planned
+    assert planned == library | {"gmm+exemplars", "icarl"} and "sample_counter" not in planned
+    assert ("cil-cifar10", "icarl", "hybrid-vit") in runs and ("til-mix", "probe", "effl0") in runs
     assert ("til-mix", "piggyback", "effl0") in runs and ("dcil-5", "diki", "clip-offline") in runs
     assert ("cil-cifar10", "gmm", "coca-offline") in runs and ("cil-cifar10", "gmm_zeroshot", "coca-offline") in runs
     # a variant row: gmm with replay's 20 images per class (CIFAR-10: 200)
     assert ("cil-cifar10", "gmm+exemplars", "coca-offline") in runs
     assert run_quality.VARIANTS["gmm+exemplars"][1]("cil-cifar10") == ["method.memory_size=200"]
+    assert run_quality.VARIANTS["icarl"] == ("replay", run_quality.icarl)  # replay's memory size comes with the method
+    assert run_quality.icarl("cil-cifar10") == ["method.distill=true", "method.classifier=nme"]
 
 
 def test_results_table_is_generated_from_the_run_files(tmp_path):
@@ -74,11 +77,16 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
         "cil_last_acc": None, "task_inference_acc": None, "memory_bytes": [1024, 3072], "samples_seen": [100, 100], "wall_s": 50.0,
         "profile": {"train_rows": 500, "test_rows": 250, "batch_size": 32, "workers": 2}, "steps": [None, None],
     }  # fmt: skip
-    (tmp_path / "dil-pacs__ncm__hybrid-vit.json").write_text(json.dumps(row))
+    (tmp_path / "dil-pacs__ncm__hybrid-vit__seed0.json").write_text(json.dumps(row))
     starved = row | {"method": "finetune", "steps": [120, 99]}
-    (tmp_path / "dil-pacs__finetune__hybrid-vit.json").write_text(json.dumps(starved))
+    (tmp_path / "dil-pacs__finetune__hybrid-vit__seed0.json").write_text(json.dumps(starved))
     variant = row | {"method": "gmm", "row": "gmm+exemplars", "backbone": "coca-offline", "steps": [100, 100]}
-    (tmp_path / "dil-pacs__gmm+exemplars__coca-offline.json").write_text(json.dumps(variant))
+    (tmp_path / "dil-pacs__gmm+exemplars__coca-offline__seed0.json").write_text(json.dumps(variant))
+    # three seeds of one row: mean ± sample std; the fewest steps of any seed; per-task diagnostics averaged
+    for seed, (acc, steps, off) in enumerate([(0.5, [110, 105], 0.01), (0.6, [101, 120], 0.02), (0.7, [130, 130], 0.03)]):
+        seeded = row | {"method": "piggyback", "seed": seed, "avg_acc": acc, "steps": steps,
+                        "task_stats": [{"masked_off": off}, {"masked_off": 2 * off}]}  # fmt: skip
+        (tmp_path / f"dil-pacs__piggyback__hybrid-vit__seed{seed}.json").write_text(json.dumps(seeded))
     (tmp_path / "sweeps").mkdir()
     sweep = {"objective": "avg_acc", "trials": [{"config": {"method.lr": 1e-4}, "objective_per_task": [0.5, 0.625]},
              {"config": {"method.lr": 5e-4}, "objective_per_task": [0.25]}], "best": {"config": {"method.lr": 1e-4}}}  # fmt: skip
@@ -97,7 +105,9 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     assert "| piggyback-til-mix | method.lr=0.0005 | avg_acc: 25.0 |  |  |" in text
     assert "| rkr | 1 | 50.0 | 100.0 | 0.50 | 0.25 | 0.40 |" in text and "| rkr | 2 | 100.0 | 80.0 | 1.25 | 0.50 | – |" in text
     assert "| rkr | 64 → 640 | 1000 → 1100 | 4000 → 4400 | 1.10 |" in text
-    assert "| ncm | hybrid-vit | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
-    assert "| finetune | hybrid-vit | 99 (< 100: does not count) | 50.0 |" in text
-    assert "| gmm+exemplars | coca-offline | 100 | 50.0 |" in text
+    assert "| ncm | hybrid-vit | 1 | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
+    assert "| finetune | hybrid-vit | 1 | 99 (< 100: does not count) | 50.0 |" in text
+    assert "| gmm+exemplars | coca-offline | 1 | 100 | 50.0 |" in text
+    assert "| piggyback | hybrid-vit | 3 | 101 | 60.0 ± 10.0 | 25.0 ± 0.0 | 12.5 ± 0.0 |" in text  # the stdev of 0.5, 0.6, 0.7 is 0.1
+    assert "| piggyback | hybrid-vit | weights masked off (%) | 2.00 / 4.00 |" in text
     assert (tmp_path / "RESULTS.md").read_text() == text

@@ -92,12 +92,13 @@ class Progress:
 
 
 def flat_stats(stats: dict[str, Any]) -> dict[str, float]:
-    """A method's task stats as MLflow metrics: scalars as they are, lists as ``name/i``."""
+    """A method's task stats as MLflow metrics: scalars as they are, lists as ``name/i``; None
+    (nothing to report, e.g. a task that saw no rows) is left out."""
     flat: dict[str, float] = {}
     for name, value in stats.items():
         if isinstance(value, list | tuple):
-            flat |= {f"{name}/{i}": float(v) for i, v in enumerate(value)}
-        else:
+            flat |= {f"{name}/{i}": float(v) for i, v in enumerate(value) if v is not None}
+        elif value is not None:
             flat[name] = float(value)
     return flat
 
