@@ -199,3 +199,18 @@ def test_take_eval_stats_sums_the_gates_of_score():
     _, weights = method.infer_tasks(backbone.features(x))
     assert total == pytest.approx(float(weights.double().sum()), rel=1e-6)
     assert method.take_eval_stats() == {}
+
+
+def test_default_layers_are_the_official_prefix_of_each_tower():
+    from pipeline.methods.diki import default_layers
+
+    assert default_layers(12) == list(range(8))  # lloongx/DIKI: prompt_depth 8 on ViT-B/16
+    assert default_layers(4) == [0, 1, 2] and default_layers(6) == [0, 1, 2, 3] and default_layers(1) == [0]
+    backbone = clip_backbone()
+    method = create_method(resolve_method_params(MethodConfig(name="diki", residual_length=2)), backbone)
+    depth = {tower: len(backbone.attention_hooks(tower)) for tower in ("image", "text")}
+    assert method.layers == {tower: default_layers(n) for tower, n in depth.items()}
+    method.begin_task(TaskInfo(0, "t", (0, 1, 2), 3, NAMES))
+    method.training_step({"image": images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
+    record = method.end_task()
+    assert {k.rsplit(".", 1)[0] for k in record.tensors if k.endswith(".k")} == {f"{t}.{i}" for t, n in depth.items() for i in default_layers(n)}

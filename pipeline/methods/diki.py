@@ -36,7 +36,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from pipeline.backbones.open_clip_family import DEFAULT_TEMPLATE
 from pipeline.errors import ConfigError
@@ -45,12 +44,17 @@ from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskI
 from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gate, pack_upper, unpack_upper
 from pipeline.methods.zeroshot import clip_logits, require_clip
 
-TOWERS = ("image", "text")
+OFFICIAL_DEPTH_SHARE = 8 / 12  # lloongx/DIKI's MTIL configs: prompt_depth 8 of ViT-B/16's 12 blocks, both towers
+
+
+def default_layers(blocks: int) -> list[int]:
+    """The official prefix of a tower: its first round(blocks x 8/12) blocks (0-7 of 12)."""
+    return list(range(max(1, round(blocks * OFFICIAL_DEPTH_SHARE))))
 
 
 class DIKIConfig(MethodParams):
-    image_layers: list[int] = Field(default_factory=lambda: list(range(8)))
-    text_layers: list[int] = Field(default_factory=lambda: list(range(8)))
+    image_layers: list[int] | None = None  # None: the official prefix, default_layers(tower depth)
+    text_layers: list[int] | None = None
     residual_length: int = 8  # L_r
     gate_scale: float | None = None  # default: the feature dimension D
     gate_offset: float = 1.0
@@ -78,11 +82,14 @@ class DIKI(Method):
         super().__init__(*args, **kwargs)
         self.clip = require_clip(self.backbone, self.name)
         self.hooks = {}
-        for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers)):
+        self.layers: dict[str, list[int]] = {}
+        for tower, chosen in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers)):
             available = self.clip.attention_hooks(tower)
+            layers = default_layers(len(available)) if chosen is None else chosen
             bad = [layer for layer in layers if not 0 <= layer < len(available)]
             if bad:
                 raise ConfigError(f"method.{tower}_layers: layer {bad[0]} is not in the {len(available)}-block {tower} tower")
+            self.layers[tower] = layers
             self.hooks[tower] = [available[layer] for layer in layers]
         self.gaussians = TaskGaussians()
         self._accumulator: GaussianAccumulator | None = None
@@ -128,7 +135,7 @@ class DIKI(Method):
         slot = len(self.gaussians)
         tensors = {
             f"{tower}.{layer}.{kv}": getattr(hook, f"residual_{kv}")[slot].detach().clone()
-            for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers))
+            for tower, layers in self.layers.items()
             for layer, hook in zip(layers, self.hooks[tower], strict=True)
             for kv in ("k", "v")
         }
@@ -142,7 +149,7 @@ class DIKI(Method):
 
     def _apply(self, record: TaskRecord) -> None:
         t = record.tensors
-        for tower, layers in (("image", self.cfg.image_layers), ("text", self.cfg.text_layers)):
+        for tower, layers in self.layers.items():
             for layer, hook in zip(layers, self.hooks[tower], strict=True):
                 hook.residual_k = [*hook.residual_k, t[f"{tower}.{layer}.k"].to(self.device)]
                 hook.residual_v = [*hook.residual_v, t[f"{tower}.{layer}.v"].to(self.device)]
