@@ -210,3 +210,42 @@ def test_a_coca_of_timm_and_bert_towers_captions_causally_and_trains_gmm(hf_coca
         optimizer.zero_grad(set_to_none=True)
     assert float(gmm.training_step(batch).detach()) < first
     assert gmm.score(x, [0, 1], ["cat", "dog"]).shape == (4, 2)
+
+
+def assert_every_tensor_as_saved(backbone, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved, loaded = load_file(path), backbone.model.state_dict()
+    assert set(saved) == set(loaded)
+    different = [k for k in saved if not torch.equal(saved[k], loaded[k])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("kind", ["clip", "coca"])
+def test_a_local_dir_model_loads_every_tensor_as_saved(hf_clip_dir, hf_coca_dir, kind):
+    """Issue 27: the CoCa's vocabulary projection was re-initialised after open_clip loaded it."""
+    directory = hf_clip_dir if kind == "clip" else hf_coca_dir
+    assert_every_tensor_as_saved(hf_clip(directory), directory / "open_clip_model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["open_clip:strata-tiny-coca", "open_clip:strata-tiny-clip", "timm:vit_tiny_patch16_224"])
+def test_a_backbone_checkpoint_loads_every_tensor_as_saved(tmp_path, name):
+    kwargs = {"img_size": 32, "depth": 2} if name.startswith("timm") else {}
+    built = create_backbone(BackboneConfig(name=name, seed=3, kwargs=kwargs))
+    with torch.no_grad():
+        for tensor in built.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) * 0.01)  # weights no init would give
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in built.model.state_dict().items()}, path)
+    assert_every_tensor_as_saved(create_backbone(BackboneConfig(name=name, checkpoint=str(path), kwargs=kwargs)), path)
+
+
+def test_a_local_dir_model_without_weights_gets_an_initialised_vocabulary_projection(hf_coca_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare-coca"
+    shutil.copytree(hf_coca_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    backbone = create_backbone(BackboneConfig(name=f"open_clip:local-dir:{bare}", kwargs={"pretrained_hf": False}))
+    projection = backbone.model.text_decoder.text_projection
+    assert torch.isfinite(projection).all() and float(projection.std()) == pytest.approx(32**-0.5, rel=0.2)

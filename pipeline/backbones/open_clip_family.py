@@ -111,6 +111,20 @@ class ClipBackbone(Backbone):
         return self.model.visual.positional_embedding[0]
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
+
+
+def loads_weights(model_name: str, pretrained: str | None) -> bool:
+    """Whether ``open_clip.create_model(model_name, pretrained)`` loads a full checkpoint: a
+    pretrained tag, an hf-hub: model (its weights, or an error), a local-dir: folder holding one."""
+    if pretrained or model_name.startswith("hf-hub:"):
+        return True
+    if model_name.startswith("local-dir:"):
+        folder = Path(model_name.removeprefix("local-dir:"))
+        return any(path.suffix in CHECKPOINT_SUFFIXES for path in folder.iterdir()) if folder.is_dir() else False
+    return False
+
+
 @register_family("open_clip")
 def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
     pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) else None
@@ -126,10 +140,11 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
             ) from None
         raise ConfigError(f"backbone: open_clip cannot build {model_name!r}: {str(exc).splitlines()[0]}") from None
     decoder = getattr(model, "text_decoder", None)
-    if decoder is not None and decoder.text_projection is not None and not pretrained:
+    if decoder is not None and decoder.text_projection is not None and not loads_weights(model_name, pretrained):
         # open_clip leaves CoCa's vocabulary projection as torch.empty (MultimodalTransformer's
         # init_parameters names a missing attribute and is never called): without weights to load
-        # it would be whatever the allocator returned, a decoder blind to the image.
+        # it would be whatever the allocator returned, a decoder blind to the image. Only then:
+        # weights open_clip loaded (a tag, hf-hub:, a local-dir: with a checkpoint) stay as loaded.
         nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
     if cfg.checkpoint:
         load_checkpoint(model, cfg)
