@@ -54,3 +54,10 @@ def test_single_task_and_missing_rows():
     assert metrics.last_acc(joint) == pytest.approx(0.7)
     assert metrics.avg_acc(joint) is None
     assert metrics.forgetting(joint) is None
+
+
+def test_task_stats_flatten_to_mlflow_metrics_without_nones():
+    from pipeline.train.progress import flat_stats
+
+    stats = {"prompt_selection": [3, 0, 5], "key_cosine": 0.25, "masked_off": None, "parts": [0.5, None]}
+    assert flat_stats(stats) == {"prompt_selection/0": 3.0, "prompt_selection/1": 0.0, "prompt_selection/2": 5.0, "key_cosine": 0.25, "parts/0": 0.5}
