@@ -7,7 +7,7 @@ from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
 from pipeline.errors import ConfigError
 from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
-from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, oas_intensity, pack_upper, unpack_upper
+from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, oas_intensity, pack_upper, relative_gate, unpack_upper
 
 NAMES = ("cat", "dog", "emu")
 
@@ -89,7 +89,8 @@ def test_training_record_bytes_and_exact_restore():
     assert all(p.grad is None for p in backbone.parameters())
     record = method.end_task()
     # image tower: 2 layers x (K, V) x (2 heads x L_r 2 x 32); text: 2 x 2 x (2 x 2 x 16); Gaussian D = 32
-    assert record.nbytes == 4 * (2 * 2 * (2 * 2 * 32) + 2 * 2 * (2 * 2 * 16) + 32 + 32 * 33 // 2)
+    # + the float64 mean squared distance of the training rows
+    assert record.nbytes == 4 * (2 * 2 * (2 * 2 * 32) + 2 * 2 * (2 * 2 * 16) + 32 + 32 * 33 // 2) + 8
     restored = diki(clip_backbone())
     restored.restore([record])
     assert torch.equal(restored.score(x, [0, 1, 2], NAMES), method.score(x, [0, 1, 2], NAMES))
@@ -214,3 +215,72 @@ def test_default_layers_are_the_official_prefix_of_each_tower():
     method.training_step({"image": images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
     record = method.end_task()
     assert {k.rsplit(".", 1)[0] for k in record.tensors if k.endswith(".k")} == {f"{t}.{i}" for t, n in depth.items() for i in default_layers(n)}
+
+
+def test_train_distance_and_mahalanobis_by_hand():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    acc = GaussianAccumulator(6, torch.device("cpu"))
+    acc.update(x[:150]), acc.update(x[150:])
+    mean, cov = acc.finalize(eps=1e-3, shrinkage=0.2)
+    gaussians = TaskGaussians()
+    gaussians.add(mean, cov)
+    d = x - mean
+    by_hand = (d @ torch.linalg.inv(cov) * d).sum(1)
+    torch.testing.assert_close(gaussians.mahalanobis(x)[:, 0], by_hand, rtol=1e-9, atol=1e-9)
+    assert acc.train_distance(cov) == pytest.approx(float(by_hand.mean()), rel=1e-9)
+    # unshrunk: the training rows' mean squared distance is (n - 1) / n * D exactly
+    plain_mean, plain = acc.finalize(eps=0.0)
+    assert acc.train_distance(plain) == pytest.approx(299 / 300 * 6, rel=1e-9)
+
+
+def test_relative_gate_closes_where_the_official_gate_cannot_on_features_in_a_subspace():
+    """Issue 26: features that fill 8 of 32 dimensions (as clip-offline's 192 of 384), two tasks
+    6 standard deviations apart along one axis. The official sigmoid(s / D - 1) is ~1 for both (the empty
+    dimensions' log-determinant lifts every score); the relative gate keeps the task's own
+    held-out samples open and closes on the other task's."""
+    g = torch.Generator().manual_seed(0)
+    span = torch.linalg.qr(torch.randn(32, 8, generator=g, dtype=torch.float64))[0]  # orthonormal 8-d subspace
+
+    def task(shift: float, n: int) -> torch.Tensor:
+        z = torch.randn(n, 8, generator=g, dtype=torch.float64) * 0.05
+        z[:, 0] += shift
+        return z @ span.T
+
+    acc = GaussianAccumulator(32, torch.device("cpu"))
+    acc.update(task(0.0, 2000))
+    mean, cov = acc.finalize(eps=1e-7)
+    gaussians = TaskGaussians()
+    gaussians.add(mean, cov)
+    train = torch.tensor([acc.train_distance(cov)])
+    assert train.item() == pytest.approx(8, rel=0.01)  # the occupied dimensions, not 32
+    own, other = task(0.0, 500), task(0.05 * 6.0, 500)  # m^2 ~ 8 + 36: 5.5 training distances
+
+    def relative(x):
+        return relative_gate(gaussians.mahalanobis(x)[:, 0], train, threshold=2.0, temperature=4.0)
+
+    def official(x):
+        return gate(gaussians.log_likelihood(x)[:, 0], 32, 1.0)
+
+    assert relative(own).mean() > 0.85 and relative(other).mean() < 0.05
+    assert official(own).mean() > 0.95 and official(other).mean() > 0.95  # what the benchmark measured: 0.97 vs 0.96
+
+
+def test_diki_gate_config_selects_the_formula():
+    backbone = clip_backbone()
+    x = images()
+    weights = {}
+    for mode in ("relative", "official"):
+        method = diki(backbone, gate=mode)
+        method.begin_task(TaskInfo(0, "t", (0, 1, 2), 3, NAMES))
+        method.training_step({"image": x, "label": torch.tensor([0, 1, 2, 0, 1, 2])})
+        method.end_task()
+        frozen = backbone.features(x)
+        weights[mode] = method.infer_tasks(frozen)[1]
+        features = F.normalize(frozen.float(), dim=-1)
+        if mode == "relative":
+            distance = method.gaussians.mahalanobis(features)[:, 0]
+            expected = torch.sigmoid(8.0 * (1.75 - distance / method.train_distances[0]))
+        else:
+            expected = torch.sigmoid(method.gaussians.log_likelihood(features)[:, 0] / backbone.feature_dim - 1.0)
+        torch.testing.assert_close(weights[mode], expected.float(), rtol=0, atol=1e-6)

@@ -16,8 +16,21 @@ samples per task in D = 512 (or 384) dimensions S is singular, so held-out sampl
 task get huge Mahalanobis distances and the gate below falls to ~0.1 where it should be ~1.
 
 Inference: s_t = log N(f(x); mu_t, Sigma_t) for every learned task, t* = argmax_t (per sample;
-batch-wise majority as a switch), w = sigmoid(s_t* / D - 1) (scale D = feature dimension and
-offset 1 are config; the official code hard-codes D = 512). The image uses task t*'s residuals
+batch-wise majority as a switch), then the gate w. ``gate: official`` is the official code's
+w = sigmoid(s_t* / D - 1) (scale D = feature dimension and offset 1 are config; the official code
+hard-codes D = 512). It closes only when an unseen sample's Mahalanobis distance m^2 is tens of
+times D: with s/D = C - m^2 / 2D, C = -(log 2 pi + log|Sigma| / D) / 2 ~ 4-5, the gate halves
+at m^2 / D ~ 2 (C - 1) ~ 7. On CLIP ViT-B/16's 512-d features and MTIL's unrelated datasets that
+holds; on the offline CLIP (whose 384-d features span 192 dimensions, trained toward ConSE
+targets) the datasets sit at m^2 / D ~ 2-5 from each other and the gate stays at 0.96 on tasks
+not yet learned. ``gate: relative`` (strata's default) measures the distance in units of the
+task's own training rows' mean m^2 (``GaussianAccumulator.train_distance``: exact from the same
+sums, and counting only the dimensions the features occupy): w = sigmoid(temperature *
+(threshold - m^2 / mean m^2_train)), threshold 1.75 and temperature 8: for Gaussian features the
+ratio of an in-distribution sample concentrates at 1 +- sqrt(2 / rank) whatever the dimension,
+so 1.75 is far outside; real features have heavier tails (chosen on training rows held out of
+the Gaussians, see configs/methods/diki-single-pass.yaml).
+The image uses task t*'s residuals
 with weight w; the text side uses each sample's t* with the batch-mean weight, as the official
 code does (METHODS.md leaves the text weight open). Before any task is learned, it is zero-shot
 CLIP exactly. The frozen forward serves both the Gaussian scores and the zero-shot path.
@@ -36,12 +49,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from pipeline.backbones.open_clip_family import DEFAULT_TEMPLATE
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
 from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
-from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gate, pack_upper, unpack_upper
+from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gate, pack_upper, relative_gate, unpack_upper
 from pipeline.methods.zeroshot import clip_logits, require_clip
 
 OFFICIAL_DEPTH_SHARE = 8 / 12  # lloongx/DIKI's MTIL configs: prompt_depth 8 of ViT-B/16's 12 blocks, both towers
@@ -56,8 +70,11 @@ class DIKIConfig(MethodParams):
     image_layers: list[int] | None = None  # None: the official prefix, default_layers(tower depth)
     text_layers: list[int] | None = None
     residual_length: int = 8  # L_r
-    gate_scale: float | None = None  # default: the feature dimension D
-    gate_offset: float = 1.0
+    gate: Literal["relative", "official"] = "relative"
+    gate_threshold: float = Field(default=1.75, gt=0)  # relative: the gate halves at this multiple of the training rows' mean m^2
+    gate_temperature: float = Field(default=8.0, gt=0)  # relative: its slope
+    gate_scale: float | None = None  # official: default the feature dimension D
+    gate_offset: float = 1.0  # official
     batchwise_task: bool = False
     eps: float = 1e-7
     shrinkage: ShrinkageParam = "auto"  # toward diag(S); "auto": OAS (gaussian.py)
@@ -92,6 +109,7 @@ class DIKI(Method):
             self.layers[tower] = layers
             self.hooks[tower] = [available[layer] for layer in layers]
         self.gaussians = TaskGaussians()
+        self.train_distances = torch.zeros(0, dtype=torch.float64, device=self.device)  # per task: mean m^2 of its training rows
         self._accumulator: GaussianAccumulator | None = None
         self._trainable: list[torch.nn.Parameter] = []
         self._gate_stats: torch.Tensor | None = None  # float64 (sum of gates, samples) since the last take
@@ -132,6 +150,7 @@ class DIKI(Method):
         assert self._accumulator is not None
         self._accumulator.reduce(self.collective)
         mean, cov = self._accumulator.finalize(self.cfg.eps, self.cfg.shrinkage)
+        train_distance = self._accumulator.train_distance(cov)
         slot = len(self.gaussians)
         tensors = {
             f"{tower}.{layer}.{kv}": getattr(hook, f"residual_{kv}")[slot].detach().clone()
@@ -139,7 +158,8 @@ class DIKI(Method):
             for layer, hook in zip(layers, self.hooks[tower], strict=True)
             for kv in ("k", "v")
         }
-        tensors |= {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float()}
+        tensors |= {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float(),
+                    "gaussian.train_distance": torch.tensor([train_distance], dtype=torch.float64)}  # fmt: skip
         record = TaskRecord(tensors)
         for hooks in self.hooks.values():  # drop the trainable copies; the record is the state
             for hook in hooks:
@@ -155,6 +175,7 @@ class DIKI(Method):
                 hook.residual_v = [*hook.residual_v, t[f"{tower}.{layer}.v"].to(self.device)]
         dim = t["gaussian.mean"].shape[0]
         self.gaussians.add(t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim))
+        self.train_distances = torch.cat([self.train_distances, t["gaussian.train_distance"].to(self.device, torch.float64)])
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
         for record in records:
@@ -162,8 +183,13 @@ class DIKI(Method):
 
     def infer_tasks(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(task per sample, gate per sample) from the Gaussians of the learned tasks."""
-        scores, tasks = self.gaussians.log_likelihood(F.normalize(frozen.float(), dim=-1)).max(dim=1)
-        weight = gate(scores, self.cfg.gate_scale or self.clip.feature_dim, self.cfg.gate_offset).float()
+        features = F.normalize(frozen.float(), dim=-1)
+        scores, tasks = self.gaussians.log_likelihood(features).max(dim=1)
+        if self.cfg.gate == "official":
+            weight = gate(scores, self.cfg.gate_scale or self.clip.feature_dim, self.cfg.gate_offset).float()
+        else:
+            distance = self.gaussians.mahalanobis(features).gather(1, tasks.unsqueeze(1)).squeeze(1)
+            weight = relative_gate(distance, self.train_distances[tasks], self.cfg.gate_threshold, self.cfg.gate_temperature).float()
         if self.cfg.batchwise_task:
             tasks = torch.full_like(tasks, int(torch.mode(tasks).values))
         return tasks, weight

@@ -15,6 +15,12 @@ the correlation matrix R = diag(S)^-1/2 S diag(S)^-1/2 toward I; shrinking R tow
 rescaling is the same as shrinking S toward diag(S). Everything is float64 and derived from
 the all-reduced sums only, so every worker gets the identical Gaussian.
 A record stores the mean and the upper triangle.
+
+``train_distance`` is the mean squared Mahalanobis distance of the task's own training rows
+under the finished Gaussian, exact from the same sums: (n - 1) / n * tr(Sigma^-1 S). It is the
+natural unit of "how far is a sample from this task": ~ the rank of the features for a plain
+estimate (whatever the nominal dimension: features confined to a subspace count only its
+dimensions), less with shrinkage. DIKI's relative gate measures distances in it.
 """
 
 from __future__ import annotations
@@ -65,6 +71,15 @@ class GaussianAccumulator:
             cov = (1.0 - rho) * cov + rho * torch.diag(cov.diagonal())
         return mean, cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
 
+    def train_distance(self, cov: torch.Tensor) -> float:
+        """Mean squared Mahalanobis distance of the accumulated rows under (mean, ``cov``):
+        (n - 1) / n * tr(cov^-1 S), S the unbiased covariance of the rows."""
+        n = float(self.count[0])
+        mean = self.sum / n
+        scatter = self.outer - n * torch.outer(mean, mean)
+        solved = torch.cholesky_solve(scatter, torch.linalg.cholesky(cov.double()))
+        return float(torch.trace(solved)) / n
+
 
 def oas_intensity(cov_biased: torch.Tensor, n: float) -> float:
     """OAS shrinkage intensity of the correlation matrix of ``cov_biased`` (the divide-by-n
@@ -97,12 +112,8 @@ def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
     return cov + cov.T - torch.diag(cov.diagonal())
 
 
-def upper_size(dim: int) -> int:
-    return dim * (dim + 1) // 2
-
-
 class TaskGaussians:
-    """Per-task Gaussians; ``log_likelihood(x)`` is (B, tasks)."""
+    """Per-task Gaussians; ``log_likelihood(x)`` and ``mahalanobis(x)`` are (B, tasks)."""
 
     def __init__(self) -> None:
         self.distributions: list[MultivariateNormal] = []
@@ -117,8 +128,23 @@ class TaskGaussians:
         x = features.double()
         return torch.stack([d.log_prob(x) for d in self.distributions], dim=1)
 
+    def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to every task's mean."""
+        x = features.double()
+        out = []
+        for d in self.distributions:
+            solved = torch.linalg.solve_triangular(d.scale_tril, (x - d.loc).T, upper=False)
+            out.append((solved**2).sum(dim=0))
+        return torch.stack(out, dim=1)
+
 
 def gate(score: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
-    """DIKI's calibration weight: sigmoid(score / scale - offset)."""
+    """DIKI's official calibration weight: sigmoid(score / scale - offset)."""
     return torch.sigmoid(score / scale - offset)
+
+
+def relative_gate(distance: torch.Tensor, train_distance: torch.Tensor, threshold: float, temperature: float) -> torch.Tensor:
+    """sigmoid(temperature * (threshold - distance / train_distance)): 1 for a sample as close as
+    the task's own training rows, 1/2 at ``threshold`` times their mean squared distance."""
+    return torch.sigmoid(temperature * (threshold - distance / train_distance))
 
