@@ -49,7 +49,8 @@ def batch(n: int = 8):
 
 
 def test_gradient_reaches_only_prompts_keys_and_head_and_other_classes_are_masked():
-    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, batchwise_selection=False)
+    # A random head: from the official zero head, the prompts' first gradient is zero.
+    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, batchwise_selection=False, head_init="linear")
     method.training_step(batch()).backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert method.prompts.grad.abs().sum() > 0 and method.keys.grad.abs().sum() > 0
@@ -105,7 +106,7 @@ def test_head_reads_the_prompt_positions(position):
 
 def test_runs_on_an_open_clip_image_tower():
     backbone = create_backbone(BackboneConfig(name="open_clip:strata-tiny-clip"))
-    method = create_method(resolve_method_params(MethodConfig(name="l2p", pool_size=4, top_n=2, prompt_length=2)), backbone)
+    method = create_method(resolve_method_params(MethodConfig(name="l2p", pool_size=4, top_n=2, prompt_length=2, head_init="linear")), backbone)
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
     assert method.prompts.shape == (4, 2, 64) and method.keys.shape == (4, 32)  # token width 64, embedding 32
     x = torch.randn(3, 3, 32, 32)
@@ -117,10 +118,39 @@ def test_runs_on_an_open_clip_image_tower():
 
 
 
-def test_single_pass_config_scales_the_official_rate_to_the_batch_and_spreads_the_keys():
-    """Issue causes: lr 0.015 fixed at any batch (8x the official 0.03 x 16/256 at batch 16),
-    and keys U(0, 0.01) that start at cosine ~0.75 to each other, so one set of prompts serves
-    every task."""
+def test_official_init_zero_head_rows_and_small_keys_and_prompts():
+    """google-research/l2p: head kernel and bias start at zero, prompts and keys U(0, 0.01)."""
+    backbone, method = l2p()
+    assert torch.equal(method.head.weight, torch.zeros(3, 32)) and torch.equal(method.head.bias, torch.zeros(3))
+    for tensor in (method.prompts, method.keys):
+        assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 0.01
+    method.head.weight.data.fill_(1.0)
+    method.begin_task(TaskInfo(1, "u", (3, 4), 5, ("a", "b", "c", "d", "e")))
+    assert torch.equal(method.head.weight[:3], torch.ones(3, 32))  # earlier rows kept
+    assert torch.equal(method.head.weight[3:], torch.zeros(2, 32))
+
+
+def test_zero_init_leaves_a_two_class_task_no_shared_offset():
+    """With the current-task mask, a 2-class task's two rows get opposite gradients: from zero,
+    their sum stays zero (no offset against other tasks' logits); from nn.Linear's init it keeps
+    its random start for good."""
+    for init, expect_zero_sum in (("zeros", True), ("linear", False)):
+        backbone, method = l2p(pool_size=4, top_n=2, prompt_length=2, head_init=init)
+        start = (method.head.weight[0] + method.head.weight[1]).detach().clone()
+        optimizer = torch.optim.Adam(method.trainable_parameters(), lr=0.01)
+        for _ in range(3):
+            optimizer.zero_grad()
+            method.training_step(batch()).backward()
+            optimizer.step()
+        shared = method.head.weight[0] + method.head.weight[1]
+        if expect_zero_sum:
+            torch.testing.assert_close(shared, torch.zeros(32), rtol=0, atol=1e-6)
+        else:
+            torch.testing.assert_close(shared, start, rtol=0, atol=1e-6)  # the random offset never moves
+            assert float(start.abs().max()) > 0.01
+
+
+def test_single_pass_config_scales_the_official_rate_to_the_batch_and_keeps_the_official_init():
     from pipeline.config import read_yaml
 
     shipped = read_yaml(REPO / "configs/methods/l2p-single-pass.yaml")["method"]
@@ -128,14 +158,9 @@ def test_single_pass_config_scales_the_official_rate_to_the_batch_and_spreads_th
     method = create_method(resolve_method_params(MethodConfig(**shipped)), backbone)
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
     optimizer, _ = method.build_optimizer(total_steps=100, global_batch_size=16)
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": 0.03 * 16 / 256, "head": 0.3 * 16 / 256}
-    keys = torch.nn.functional.normalize(method.keys.detach(), dim=-1)
-    cosine = keys @ keys.T
-    off_diagonal = cosine[~torch.eye(len(keys), dtype=torch.bool)]
-    assert off_diagonal.abs().mean() < 0.3
-    narrow = create_method(resolve_method_params(MethodConfig(**(shipped | {"key_init_range": [0.0, 0.01]}))), backbone)
-    narrow_keys = torch.nn.functional.normalize(narrow.keys.detach(), dim=-1)
-    assert (narrow_keys @ narrow_keys.T)[~torch.eye(len(keys), dtype=torch.bool)].mean() > 0.6  # what the old init did
+    head_lr = shipped.get("head_lr") or shipped["lr"]
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": shipped["lr"] * 16 / 256, "head": head_lr * 16 / 256}
+    assert method.cfg.key_init_range == (0.0, 0.01) and method.cfg.init_range == (0.0, 0.01) and method.cfg.head_init == "zeros"
 
 
 def test_task_stats_count_every_selection_of_the_task():
@@ -148,3 +173,17 @@ def test_task_stats_count_every_selection_of_the_task():
     method.begin_task(TaskInfo(1, "u", (2,), 3, ("a", "b", "c")))
     method.end_task()
     assert sum(method.task_stats()["prompt_selection"]) == 0  # a new count per task
+    assert method.task_stats()["key_cosine"] is None
+
+
+def test_task_stats_mean_cosine_of_query_and_selected_keys():
+    backbone, method = l2p(pool_size=6, top_n=2, prompt_length=3, batchwise_selection=False)
+    batches = [batch(8), batch(4)]
+    expected = []
+    for b in batches:
+        query = torch.nn.functional.normalize(method.frozen_features(b["image"]), dim=-1)
+        idx = select_prompts(query, method.keys.detach(), 2, batchwise=False)
+        expected.append((torch.nn.functional.normalize(method.keys.detach()[idx], dim=-1) * query.unsqueeze(1)).sum(-1).flatten())
+        method.training_step(b)  # no optimizer step: the keys stay as they are
+    method.end_task()
+    assert method.task_stats()["key_cosine"] == pytest.approx(float(torch.cat(expected).double().mean()), abs=1e-6)

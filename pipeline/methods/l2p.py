@@ -19,14 +19,23 @@ h_m = (c_m + 1) / (sum_j c_j + M), where c_m counts how often m was selected dur
 the +1 smoothing keeps the similarity meaningful among never-used prompts. Evaluation uses
 plain cosine.
 
+Initialisation follows the official JAX code (google-research/l2p): prompts and keys U(0, 0.01)
+and every new head row at zero (kernel and bias). With the current-task logit mask, the part of a
+task's rows that its classes share gets no gradient, so a random row init would leave each task
+a random logit offset against the others for good (what kept L2P 18 points below NCM on
+cil-cifar10 while its tasks were learned well). Keys this small move fast relative to their norm,
+so the selected keys turn toward the queries within a task.
+
 Stored per task (the whole pool, versioned): prompts (M, L_p, d), keys (M, d), the head over
 all seen classes; the cumulative selection counts travel in the record's JSON metadata.
+``task_stats`` gives, per task, the selection histogram and the mean cos(query, selected key)
+over the task's training samples (both summed over workers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +43,7 @@ from torch import nn
 
 from pipeline.memory import TaskRecord
 from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
-from pipeline.methods.heads import GrowingLinear
+from pipeline.methods.heads import GrowingLinear, HeadInit
 
 
 class L2PConfig(MethodParams):
@@ -45,7 +54,8 @@ class L2PConfig(MethodParams):
     batchwise_selection: bool = True
     diversify: bool = False
     init_range: tuple[float, float] = (0.0, 0.01)  # prompts: JAX official (the PyTorch port uses (-1, 1))
-    key_init_range: tuple[float, float] = (-1.0, 1.0)  # keys: the PyTorch port's; (0, 0.01) starts them at cosine ~0.75
+    key_init_range: tuple[float, float] = (0.0, 0.01)  # keys: JAX official (the PyTorch port uses (-1, 1))
+    head_init: HeadInit = "zeros"  # JAX official: new head rows at zero
     position: Literal["prepend", "after_cls"] = "prepend"
     prompt_pos_embed: bool = False
     lr: float = 0.03  # official, at lr_reference_batch
@@ -94,19 +104,21 @@ class L2P(Method):
         # Prompts live in token space; keys in the query's (the pooled feature's) space.
         self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, width, device=self.device).uniform_(low, high))
         self.keys = nn.Parameter(torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(*cfg.key_init_range))
-        self.head = GrowingLinear(width).to(self.device)
+        self.head = GrowingLinear(width, cfg.head_init).to(self.device)
         self.counts = torch.zeros(cfg.pool_size, dtype=torch.int64, device=self.device)  # earlier tasks
         self._task_counts = torch.zeros_like(self.counts)
-        self.last_selection: list[int] = []
+        self._task_cos = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of cos(q, k_sel), pairs)
+        self.last_stats: dict[str, Any] = {}
         self.backbone.prompt_hook(cfg.position, pos_embed=cfg.prompt_pos_embed)
 
     def begin_task(self, task: TaskInfo) -> None:
         super().begin_task(task)
         self.head.grow(task.num_seen_classes)
         self._task_counts = torch.zeros_like(self.counts)
+        self._task_cos = torch.zeros_like(self._task_cos)
 
     def task_buffers(self) -> dict[str, torch.Tensor]:
-        return {"sum.selection": self._task_counts}
+        return {"sum.selection": self._task_counts, "sum.key_cos": self._task_cos}
 
     def param_groups(self) -> list[ParamGroup]:
         return [
@@ -136,13 +148,15 @@ class L2P(Method):
         outside = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
         outside[list(self.task.classes)] = False
         ce = F.cross_entropy(logits.masked_fill(outside, float("-inf")), batch["label"])
-        pull = (F.normalize(self.keys[idx], dim=-1) * F.normalize(query, dim=-1).unsqueeze(1)).sum(-1).mean()
+        cosine = (F.normalize(self.keys[idx], dim=-1) * F.normalize(query, dim=-1).unsqueeze(1)).sum(-1)
         self._task_counts += torch.bincount(idx.flatten(), minlength=self.cfg.pool_size)
-        return ce - self.cfg.key_loss_weight * pull
+        self._task_cos += torch.tensor([float(cosine.detach().sum()), cosine.numel()], dtype=torch.float64, device=self.device)
+        return ce - self.cfg.key_loss_weight * cosine.mean()
 
     def end_task(self) -> TaskRecord:
         task_counts = self.collective.all_reduce_(self._task_counts.clone())
-        self.last_selection = task_counts.tolist()
+        cos_sum, pairs = self.collective.all_reduce_(self._task_cos.clone()).tolist()
+        self.last_stats = {"prompt_selection": task_counts.tolist(), "key_cosine": cos_sum / pairs if pairs else None}
         counts = self.counts + task_counts
         record = TaskRecord(
             {
@@ -156,9 +170,10 @@ class L2P(Method):
         self.restore([record])
         return record
 
-    def task_stats(self) -> dict[str, list[int]]:
-        """How often each prompt was selected during the task just ended (all workers)."""
-        return {"prompt_selection": self.last_selection}
+    def task_stats(self) -> dict[str, Any]:
+        """The task just ended, over all workers: how often each prompt was selected, and the mean
+        cos(query, selected key) over its training samples (None if it saw none)."""
+        return dict(self.last_stats)
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
         if not records:
