@@ -41,7 +41,7 @@ class ReplayConfig(FinetuneConfig):
 
 @register_method("replay")
 class Replay(Finetune):
-    """Finetune's head trained on each batch plus replayed exemplars, selected by herding."""
+    """Experience replay from a herded exemplar memory; with distill and nme, iCaRL."""
 
     scenarios = frozenset({"cil", "dil", "til"})
     Config = ReplayConfig
