@@ -220,9 +220,17 @@ def _by_row(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[st
 # task_stats keys shown per task: label, scale, digits.
 DIAGNOSTICS = {
     "masked_off": ("weights masked off (%)", 100.0, 2),
-    "prompt_selection": ("share of the most selected prompt (%)", 100.0, 1),
+    "prompt_selection": ("prompts in use (exp of the selection entropy)", 1.0, 1),
     "key_cosine": ("mean cos(query, selected key)", 1.0, 2),
 }
+
+
+def _effective_bins(histogram: list[int]) -> float | None:
+    """exp(entropy) of a histogram: N when N bins share it evenly."""
+    total = sum(histogram)
+    if not total:
+        return None
+    return math.exp(-sum(c / total * math.log(c / total) for c in histogram if c))
 
 
 def _per_task(values: list[list[float | None]], scale: float = 100.0, digits: int = 1) -> str:
@@ -236,13 +244,16 @@ def _diagnostics_section(stream: str, results: list[dict[str, Any]]) -> list[str
     the evidence for why a row is what it is."""
     lines = []
     for (backbone, row), runs in _by_row(results).items():
+        if runs[0]["scenario"] == "cil":  # calibration across tasks: how a task fares the moment it is learned
+            diagonal = [[r["accuracy_matrix"][i][i] for i in range(len(r["accuracy_matrix"]))] for r in runs]
+            lines.append(f"| {row} | {backbone} | accuracy right after learning the task | {_per_task(diagonal)} |")
         stats = [r.get("task_stats") or [] for r in runs]
         for key, (label, scale, digits) in DIAGNOSTICS.items():
             values = [[(t or {}).get(key) for t in s] for s in stats]
             if not all(seed and all(v is not None for v in seed) for seed in values):
                 continue
-            if isinstance(values[0][0], list):  # a histogram: the share of its most used bin per task
-                values = [[max(h) / sum(h) if sum(h) else None for h in seed] for seed in values]
+            if isinstance(values[0][0], list):  # a histogram: its effective number of bins per task
+                values = [[_effective_bins(h) for h in seed] for seed in values]
             lines.append(f"| {row} | {backbone} | {label} | {_per_task(values, scale, digits)} |")
         if all(r.get("transfer_per_task") for r in runs):
             lines.append(f"| {row} | {backbone} | transfer per task | {_per_task([r['transfer_per_task'] for r in runs])} |")

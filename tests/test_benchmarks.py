@@ -110,4 +110,5 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     assert "| gmm+exemplars | coca-offline | 1 | 100 | 50.0 |" in text
     assert "| piggyback | hybrid-vit | 3 | 101 | 60.0 ± 10.0 | 25.0 ± 0.0 | 12.5 ± 0.0 |" in text  # the stdev of 0.5, 0.6, 0.7 is 0.1
     assert "| piggyback | hybrid-vit | weights masked off (%) | 2.00 / 4.00 |" in text
+    assert run_quality._effective_bins([5, 0, 5, 5, 5]) == pytest.approx(4.0) and run_quality._effective_bins([0, 0]) is None
     assert (tmp_path / "RESULTS.md").read_text() == text
