@@ -124,6 +124,8 @@ STATE_CASES = {
     "lwf": ({}, "vit"),
     "l2p": ({"pool_size": 4, "top_n": 2, "prompt_length": 2}, "vit"),
     "probe": ({"task_inference": True}, "vit"),
+    "ranpac": ({"projection_dim": 32, "validation_share": 0.5}, "vit"),
+    "slda": ({}, "vit"),
     "piggyback": ({"task_inference": True}, "vit"),
     "rkr": ({"task_inference": True}, "vit"),
     "mask_rkr": ({"task_inference": True}, "vit"),
@@ -149,8 +151,8 @@ def test_every_methods_task_state_restores_the_task_in_progress(name):
     size = 16 if kind == "vit" else 32
     info = TaskInfo(index=0, id="t", classes=(0, 1, 2), num_seen_classes=3, class_names=("cat", "dog", "emu"))
     g = torch.Generator().manual_seed(1)
-    data = [{"image": torch.randn(4, 3, size, size, generator=g), "label": torch.tensor([0, 1, 2, 0]), "task": torch.zeros(4, dtype=torch.long)}
-            for _ in range(3)]  # fmt: skip
+    data = [{"image": torch.randn(4, 3, size, size, generator=g), "label": torch.tensor([0, 1, 2, 0]), "task": torch.zeros(4, dtype=torch.long),
+             "sample_id": torch.arange(4) + 4 * i} for i in range(3)]  # fmt: skip
 
     def fresh():
         torch.manual_seed(0)

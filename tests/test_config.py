@@ -115,3 +115,14 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path):
     assert out.backbone.name == f"open_clip:local-dir:{tmp_path / 'cache/clip'}"
     assert out.backbone.checkpoint == str(tmp_path / "w.safetensors")
     assert out.output_dir == str(tmp_path / "runs/x") and out.memory_uri == str(tmp_path / "runs/x/memory")
+
+
+def test_every_shipped_method_config_validates_against_its_method():
+    from pipeline.config import MethodConfig, read_yaml
+
+    paths = sorted((REPO / "configs/methods").glob("*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        section = read_yaml(path)["method"]
+        params = resolve_method_params(MethodConfig(**section))
+        assert params.name == section["name"], path
