@@ -49,7 +49,7 @@ BACKBONES: dict[str, list[str]] = {
 CLIP_METHODS = {"zeroshot", "diki"}
 CAPTION_METHODS = {"gmm", "gmm_zeroshot"}
 VIT_METHODS = {"l2p", "meat"}
-TIL_TASK_INFERENCE = {"piggyback", "rkr", "mask_rkr", "meat"}
+TIL_TASK_INFERENCE = {"probe", "piggyback", "rkr", "mask_rkr", "meat"}
 MIN_STEPS = 100
 EXEMPLARS_PER_CLASS = 20  # replay's budget: iCaRL's 20 per class (K = 2000 on CIFAR-100), sized to each stream
 
