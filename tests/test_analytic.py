@@ -17,6 +17,7 @@ from pipeline.data.stream import sample_hash
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.methods.ranpac import RIDGES
 from pipeline.train.collective import TorchCollective
+from pipeline.train.loop import train_phase
 
 from conftest import TINY_VIT
 
@@ -120,3 +121,53 @@ def test_two_workers_give_the_one_worker_model(tmp_path, name):
     assert set(two) == set(one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-12, atol=1e-12)  # float64 sums in another order
+
+
+def test_ssf_at_its_init_reproduces_the_frozen_backbone_exactly():
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    x = stream()[0][0]["image"]
+    frozen = backbone.features(x)
+    hooks = backbone.weight_hooks()
+    for hook in hooks.values():
+        out = hook.inner.weight.shape[0]
+        hook.scale, hook.shift = (torch.ones(out),), (torch.zeros(out),)
+    with backbone.routing(0):
+        assert torch.equal(backbone.features(x), frozen)
+    hook = next(iter(hooks.values()))
+    hook.shift = (torch.full_like(hook.shift[0], 0.5),)
+    with backbone.routing(0):
+        assert not torch.equal(backbone.features(x), frozen)
+
+
+def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it():
+    """Task 1: ``train.passes`` gradient passes on SSF and a head, then one statistics pass through
+    the final adapter (no optimizer step in it); task 2: one statistics pass, nothing trains."""
+    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+    cfg = MethodConfig(name="ranpac", projection_dim=48, validation_share=0.3, first_task_adaptation=True, lr=0.05)
+    method = create_method(resolve_method_params(cfg), backbone)
+    tasks = stream()
+    records = []
+    for t, batches in enumerate(tasks[:2]):
+        method.begin_task(TaskInfo(t, f"t{t}", (2 * t, 2 * t + 1), 2 * t + 2, NAMES[: 2 * t + 2]))
+        stats = train_phase(method, lambda batches=batches: batches, passes=2, num_tasks=2, num_samples=30,
+                            global_batch_size=6, amp=False, log_every=100, label="t")  # fmt: skip
+        if t == 0:
+            assert method.pass_plan(2) == (True, True, False)
+            assert stats.steps == 10 and stats.samples_per_task == [90, 0]  # 2 x 5 optimizer steps; 3 passes read
+            adapted = {name: p.detach().clone() for name, p in method.adapter.items()}
+            assert any(not torch.equal(p, torch.zeros_like(p)) for name, p in adapted.items() if name.startswith("shift."))
+            with backbone.routing(0), torch.no_grad():
+                h = torch.cat([torch.relu(backbone.features(b["image"]).double() @ method.projection) for b in batches])
+            torch.testing.assert_close(method._task["sum.gram"], h.T @ h, rtol=1e-10, atol=1e-8)
+        else:
+            assert method.pass_plan(2) == (False,) and method.trainable_parameters() == []
+            assert stats.samples_per_task == [0, 30]
+        records.append(method.end_task())
+    for name, p in method.adapter.items():
+        assert torch.equal(p, adapted[name])  # frozen after task 1
+        assert torch.equal(records[1].tensors[f"adapter.{name}"], adapted[name])
+    x = tasks[1][0]["image"]
+    fresh = create_method(resolve_method_params(cfg), create_backbone(BackboneConfig(**TINY_VIT)))
+    fresh.restore(records[1:])  # the last record alone rebuilds the model
+    assert torch.equal(fresh.predict(x), method.predict(x))
+    assert not torch.equal(make("ranpac").predict(x), method.predict(x))

@@ -11,7 +11,8 @@ Methods never copy model code; they fill *banks* on hooks installed into the lib
   text tower of open_clip's HF text encoders), whose output projection lives in the next module:
   there only the residual branch is supported, added to the module's own attention output.
 - ``HookedWeight`` wraps a linear or conv layer and uses ``W_s = W * M_s + LM_s @ RM_s``, the
-  output scaled per channel by ``F_s`` (weight masks; low-rank rectification; scaling factors).
+  output scaled per channel by ``F_s`` and shifted by ``B_s`` (weight masks; low-rank
+  rectification; scaling factors; SSF's scale and shift).
 - ``PromptInsertion`` inserts prompt tokens into the token sequence after position embedding.
 
 A bank is a sequence indexed by *slot* (a task, usually). ``Routing`` says which slot each
@@ -199,9 +200,11 @@ class HookedAttention(nn.Module):
 
 
 class HookedWeight(nn.Module):
-    """A linear or conv layer computed with W_s = W * M_s + LM_s @ RM_s, its output scaled by F_s.
+    """A linear or conv layer computed with W_s = W * M_s + LM_s @ RM_s, its output scaled by F_s
+    and shifted by B_s.
 
-    The scale multiplies the layer's whole output (bias included), as RKR scales feature maps.
+    The scale multiplies the layer's whole output (bias included), as RKR scales feature maps and
+    SSF (Lian et al., NeurIPS 2022) scales and shifts them.
     The wrapped module runs with the slot's weight through ``torch.func.functional_call``, so
     any subclass (timm's same-padding convs, say) keeps its own forward.
     """
@@ -214,6 +217,7 @@ class HookedWeight(nn.Module):
         self.lm: Sequence[torch.Tensor] = ()  # per slot: (out, K)
         self.rm: Sequence[torch.Tensor] = ()  # per slot: (K, numel(W) / out)
         self.scale: Sequence[torch.Tensor] = ()  # per slot: (out,)
+        self.shift: Sequence[torch.Tensor] = ()  # per slot: (out,)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -234,22 +238,28 @@ class HookedWeight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        if routing.slots is None or not (self.mask or self.lm or self.scale):
+        if routing.slots is None or not (self.mask or self.lm or self.scale or self.shift):
             return self.inner(x)
-        out = self.inner(x)
         groups = routing.groups(x.shape[0], x.device)
+        if len(groups) == 1 and len(groups[0][1]) == x.shape[0]:  # one slot for the whole batch
+            return self._slot_forward(groups[0][0], x)
+        out = self.inner(x)
         if not groups:
             return out
         out = out.clone()
-        channel_dim = 1 if isinstance(self.inner, nn.Conv2d) else -1
         for slot, idx in groups:
-            y = torch.func.functional_call(self.inner, {"weight": self.slot_weight(slot)}, (x[idx],))
-            if self.scale:
-                shape = [1] * y.dim()
-                shape[channel_dim] = -1
-                y = y * self.scale[slot].view(shape)
-            out[idx] = y.to(out.dtype)
+            out[idx] = self._slot_forward(slot, x[idx]).to(out.dtype)
         return out
+
+    def _slot_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        y = torch.func.functional_call(self.inner, {"weight": self.slot_weight(slot)}, (x,))
+        shape = [1] * y.dim()
+        shape[1 if isinstance(self.inner, nn.Conv2d) else -1] = -1
+        if self.scale:
+            y = y * self.scale[slot].view(shape)
+        if self.shift:
+            y = y + self.shift[slot].view(shape)
+        return y
 
 
 class PromptInsertion:

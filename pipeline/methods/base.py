@@ -143,6 +143,17 @@ class Method(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups() for p in group.params]
 
+    def pass_plan(self, passes: int) -> tuple[bool, ...]:
+        """The current task's passes over its training data, given the run's ``train.passes``:
+        True for a pass that takes gradient steps, False for one that only calls ``training_step``
+        without gradients (statistics of the adapted model, say). The trainer calls
+        ``begin_pass(i)`` before pass i."""
+        return (True,) * passes
+
+    def begin_pass(self, index: int) -> None:
+        """Called before pass ``index`` of ``pass_plan`` over the current task's data."""
+        return None
+
     def task_stats(self) -> dict[str, Any]:
         """Diagnostics of the task just ended (JSON-able), for the summary and MLflow."""
         return {}

@@ -1,5 +1,9 @@
 """One training phase on one worker: a single pass (or ``passes``) over this worker's shard.
 
+The method's ``pass_plan`` may turn passes into statistics passes (no gradient, no optimizer
+step) or add one: RanPAC's first-task adaptation trains its adapter in one pass and reads the
+adapted features in the next.
+
 Data parallelism over the adapter parameters only, with shards of unequal length (every sample
 is seen exactly once, so shards differ by up to a batch). Each step every rank all-reduces its
 batch size; while any rank still has data, all ranks step together. A rank's loss is scaled by
@@ -105,14 +109,16 @@ def train_phase(
     policy = checkpoints if checkpoints is not None and checkpoints.enabled else None
     lockstep = bool(params) or policy is not None  # a checkpoint is a collective: every rank must reach it at the same step
     lead = collective.rank == 0
+    plan = method.pass_plan(passes)
     samples = torch.zeros(num_tasks, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    loss_rows = torch.zeros(1, dtype=torch.int64, device=device)  # rows of the passes that step
     consumed = {task: torch.zeros(rows, dtype=torch.bool) for task, rows in (policy.source_rows if policy else {}).items()}
     steps = 0
     done = 0  # samples trained over all ranks, for on_step
     optimizer = scheduler = None
-    if params:
-        optimizer, scheduler = method.build_optimizer(passes * math.ceil(num_samples / global_batch_size), global_batch_size)
+    if params and any(plan):
+        optimizer, scheduler = method.build_optimizer(sum(plan) * math.ceil(num_samples / global_batch_size), global_batch_size)
     if resume is not None:
         # Partial sums (samples, loss, consumed rows, the method's statistics) continue on rank 0
         # only, so that the closing all-reduces count each row once.
@@ -120,6 +126,7 @@ def train_phase(
         done = sum(resume.samples)
         if lead:
             samples += torch.tensor(resume.samples, dtype=torch.int64, device=device)
+            loss_rows += sum(resume.samples)
             loss_sum += resume.loss_sum
             for task, bits in resume.consumed.items():
                 consumed[task] = bits.clone()
@@ -135,10 +142,12 @@ def train_phase(
     )
 
     def mean_loss() -> float | None:  # a host sync: only when a line or an event wants it
-        return float(loss_sum[0]) / max(int(samples.sum()), 1) if params else None
+        return float(loss_sum[0]) / max(int(loss_rows[0]), 1) if params else None
 
     last_save = time.monotonic()
-    for _ in range(passes):
+    for pass_index, trains in enumerate(plan):
+        method.begin_pass(pass_index)
+        stepping = bool(params) and trains
         iterator = iter(make_batches())
         while True:
             batch = next(iterator, None)
@@ -159,17 +168,18 @@ def train_phase(
                 if policy is not None:
                     for task in torch.unique(batch["task"]).tolist():
                         consumed[task][batch["sample_id"][batch["task"] == task].cpu()] = True
-                if params:
+                if stepping:
                     with autocast:
                         loss = method.training_step(batch)
                     if loss is not None:
                         (loss * (local / global_n)).backward()
                         loss_finite = math.isfinite(float(loss.detach()))
                         loss_sum += float(loss.detach()) * local
+                        loss_rows += local
                 else:
                     with torch.no_grad():
                         method.training_step(batch)
-            if params:
+            if stepping:
                 assert optimizer is not None
                 if not flat_all_reduce_grads(params, collective, loss_finite):
                     raise DivergedError(
@@ -182,8 +192,9 @@ def train_phase(
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
-            steps += 1
-            if lead and params and steps % log_every == 0:
+            if stepping or not params:  # optimizer steps (batches, for a method without parameters)
+                steps += 1
+            if lead and stepping and steps % log_every == 0:
                 log.info("%s | step %d | loss %.4f", label, steps, mean_loss())
             if lead and on_step is not None:
                 on_step(done, mean_loss)
@@ -192,10 +203,11 @@ def train_phase(
                 last_save = time.monotonic()
     collective.all_reduce_(samples)
     collective.all_reduce_(loss_sum)
-    seen = int(samples.sum())
+    collective.all_reduce_(loss_rows)
+    trained = int(loss_rows[0])
     return PhaseStats(
         samples_per_task=[int(s) for s in samples.tolist()],
-        mean_loss=float(loss_sum[0]) / seen if params and seen else None,
+        mean_loss=float(loss_sum[0]) / trained if params and trained else None,
         steps=steps,
     )
 

@@ -182,7 +182,7 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
             method,
             batches,
             phase_index=phase_index,
-            checkpoints=policy if method.consumes_data and cfg.train.passes == 1 else None,
+            checkpoints=policy if method.consumes_data and len(method.pass_plan(cfg.train.passes)) == 1 else None,
             resume=resume,
             passes=cfg.train.passes,
             num_tasks=num_tasks,
