@@ -24,15 +24,19 @@ class SampleCounterConfig(MethodParams):
 
 
 def ray_actor_processes() -> list[str]:
-    """The Ray actors running on this machine, one entry per process, by class (``ray::Class`` or
-    ``ray::Class.method``); pooled idle workers and tasks (``ray::fn(...)``) are left out."""
+    """The Ray actors of this process's raylet (its parent: every worker of a node is the
+    raylet's child, so another Ray on the machine does not count), one entry per process, by
+    class (``ray::Class`` or ``ray::Class.method``); pooled idle workers and tasks
+    (``ray::fn(...)``) are left out."""
+    raylet = os.getppid()
     names = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            argv0 = cmdline.read_bytes().split(b"\0")[0].decode()
-        except (OSError, UnicodeDecodeError):
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            parent = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, UnicodeDecodeError, ValueError, IndexError):
             continue
-        if argv0.startswith("ray::") and argv0 != "ray::IDLE" and "(" not in argv0:
+        if parent == raylet and argv0.startswith("ray::") and argv0 != "ray::IDLE" and "(" not in argv0:
             names.append(argv0.split(".")[0])
     return sorted(names)
 
