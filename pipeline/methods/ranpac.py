@@ -162,7 +162,7 @@ class RanPAC(Method):
         hv, yv = h[held], y[held]
         t["sum.gram_val"] += hv.T @ hv
         t["sum.targets_val"] += hv.T @ yv
-        t["sum.count_val"] += float(held.sum())
+        t["sum.count_val"] += held.sum()
         return None
 
     def end_task(self) -> TaskRecord:

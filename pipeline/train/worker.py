@@ -195,9 +195,10 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
         )
         if split is not None:
             split.close()
+        trained = bool(method.trainable_parameters())  # before end_task, which may drop them (RanPAC's Phase 1 head)
         record = method.end_task()
         progress.task_stats[phase.row] = method.task_stats() or None
-        progress.steps[phase.row] = stats.steps if method.trainable_parameters() else None
+        progress.steps[phase.row] = stats.steps if trained else None
         progress.train_wall_s.append(time.perf_counter() - started)
         if rank == 0:
             store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
