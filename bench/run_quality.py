@@ -40,6 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench/results"
 STREAMS = ("cil-cifar10", "dil-pacs", "dcil-5", "til-mix")
+# Streams run only when named (--stream): cil-cifar10's images in two tasks of five classes, to
+# tell what the task size does to a method (L2P's two-class tasks, say).
+DIAGNOSTIC_STREAMS = ("cil-cifar10-5x2",)
 BACKBONES: dict[str, list[str]] = {
     "hybrid-vit": ["backbone.name=timm:strata_hybrid_vit_effl0", "backbone.checkpoint=bench/cache/hybrid-vit.safetensors"],
     "effl0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.checkpoint=bench/cache/effl0.safetensors", "data.image_size=96"],
@@ -115,7 +118,11 @@ def icarl(stream: str) -> list[str]:
 # Rows beside each method's own: row -> (method, the overrides it adds for a stream). GMM with an
 # exemplar memory of replay's size is the official code's class-incremental setup (each task's
 # fine-tuning data holds 2,000 exemplars: DoubleClass/GMM's 20_20_order3_2000exp/task{i}.json).
-VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {"gmm+exemplars": ("gmm", replay_memory), "icarl": ("replay", icarl)}
+VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {
+    "gmm+exemplars": ("gmm", replay_memory),
+    "icarl": ("replay", icarl),
+    "ranpac+ssf": ("ranpac", lambda stream: ["method.first_task_adaptation=true"]),  # the paper's Phase 1
+}
 
 
 def method_files(method: str) -> list[str]:
@@ -131,6 +138,7 @@ def result_name(stream: str, row: str, backbone: str, seed: int) -> str:
 
 def run_one(stream: str, row: str, backbone: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cli import main as strata
+    from pipeline.methods import available_methods
 
     method, extra = VARIANTS.get(row, (row, None))
     name = result_name(stream, row, backbone, seed)
@@ -140,6 +148,8 @@ def run_one(stream: str, row: str, backbone: str, seed: int, args: argparse.Name
         f"output_dir={out}", f"memory.uri={out / 'memory'}", f"tracking.uri=sqlite:///{REPO / 'bench/cache/mlflow.db'}",
         "tracking.experiment=strata-bench", f"train.batch_size={args.batch_size}", f"train.num_workers={args.workers}",
     ]  # fmt: skip
+    if "seed" in available_methods()[method].Config.model_fields:  # the method's own randomness follows the run's seed
+        overrides.append(f"method.seed={seed}")
     if stream == "til-mix" and method in TIL_TASK_INFERENCE:
         overrides.append("method.task_inference=true")
     if method == "replay":
@@ -377,7 +387,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
         f"any task; a learning-quality number counts only with at least {MIN_STEPS}. Profile of each row: see its JSON.",
         "",
     ]
-    for stream in STREAMS:
+    for stream in STREAMS + DIAGNOSTIC_STREAMS:
         part = [r for r in rows if r["stream"] == stream]
         if not part:
             continue
@@ -415,7 +425,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stream", action="append", choices=STREAMS, help="default: all")
+    parser.add_argument("--stream", action="append", choices=STREAMS + DIAGNOSTIC_STREAMS, help=f"default: {', '.join(STREAMS)}")
     parser.add_argument("--only", action="append", default=[], metavar="METHOD", help="default: every registered method")
     parser.add_argument("--backbone", action="append", choices=list(BACKBONES), help="default: every backbone a method fits")
     parser.add_argument("--train-rows", type=int, default=800, help="at least this many rows per task after subsampling (0: all)")
