@@ -79,6 +79,29 @@ def run_config(tmp_path: Path, tasks: list[dict[str, Any]], **sections: Any) -> 
     }
 
 
+RAY_FIXTURES = {"ray_session", "ray_head"}  # the tests that start or join a Ray cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a Ray cluster carries the ``ray`` marker, however it gets there, so that
+    ``pytest -m "not ray"`` is the fast, Ray-free subset."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_ray_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the ``ray`` marker may not start Ray: the marker stays true as tests change."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray (or take the ray_session fixture)")
+
+        monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every integration test (the pattern of Ray's ray_start_regular_shared)."""

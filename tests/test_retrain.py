@@ -193,6 +193,7 @@ def test_concurrent_retrainers_learn_each_task_once_in_order(tmp_path, monkeypat
     assert [r["task_id"] for r in Ledger(str(tmp_path / "model" / "memory")).learned()] == ["t0", "t1", "t2"]
 
 
+@pytest.mark.ray  # run() starts a local Ray before it reads the store
 def test_resume_checks_the_store_against_the_stream_before_anything_runs(tmp_path):
     cfg = run_config(tmp_path, [blobs_task("a"), blobs_task("b", seed=1)])
     store = MemoryStore(str(tmp_path / "out" / "memory"))
