@@ -277,6 +277,12 @@ def _diagnostics_section(stream: str, results: list[dict[str, Any]]) -> list[str
     return [*header, *lines, ""]
 
 
+def _findings_section(path: Path) -> list[str]:
+    """The hand-written reading of the rows (``bench/results/findings.md``: what each comparison
+    shows and why, with the runs that measured it), verbatim after the tables."""
+    return [*path.read_text().rstrip("\n").splitlines(), ""] if path.exists() else []
+
+
 def _order_section(path: Path) -> list[str]:
     """``bench/run_order.py``'s result: the same rows label-sorted and shuffled."""
     if not path.exists():
@@ -415,6 +421,7 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             )
         lines.append("")
         lines += _diagnostics_section(stream, part)
+    lines += _findings_section(results / "findings.md")
     lines += _order_section(results / "order.json")
     lines += _sweeps_section(results / "sweeps")
     lines += _overhead_section(results / "overhead.json")

@@ -101,7 +101,9 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
         "peak_rss": {"1x": {"rows": 64, "train_worker_peak_mib": 1000.0, "ray_total_peak_mib": 4000.0},
                      "10x": {"rows": 640, "train_worker_peak_mib": 1100.0, "ray_total_peak_mib": 4400.0}}}}}  # fmt: skip
     (tmp_path / "overhead.json").write_text(json.dumps(overhead))
+    (tmp_path / "findings.md").write_text("## What the rows show\n\n- a finding\n")
     text = run_quality.report(tmp_path, tmp_path / "RESULTS.md")
+    assert "\n## What the rows show\n\n- a finding\n" in text
     # piggyback-single-pass.yaml ships lr 1e-4: the sweep's best and the shipped value
     assert "| piggyback-til-mix | method.lr=0.0001 | avg_acc: 50.0 / 62.5 | ✓ | ✓ |" in text
     assert "| piggyback-til-mix | method.lr=0.0005 | avg_acc: 25.0 |  |  |" in text
