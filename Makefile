@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test setup lock clean
+.PHONY: quickstart test lint setup lock clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# ruff's lint rules, and the layers of docs/architecture.md as import-linter contracts (pyproject.toml).
+lint: setup
+	$(BIN)/ruff check pipeline tests bench jobs
+	$(BIN)/lint-imports
 
 # In a throwaway venv (pip-tools' own dependencies must not move the project's); pip's configured
 # constraints file, where a machine has one (this one caps torch at the wheel on its disk), holds.
