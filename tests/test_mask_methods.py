@@ -229,11 +229,14 @@ def test_meat_drop_control_covers_the_token_masks_only_by_default():
     _, method, images, _ = frozen_and_adapted("meat", keep_target=0.5)
     method.before_step(0)
     tokens = [m for name, m in method._sampled.items() if name.startswith("tokens.")]
-    expected = 2.0 * torch.stack([(0.5 - m.mean()) ** 2 for m in tokens]).mean()
-    assert torch.equal(method.extra_loss(), expected)
+    expected = 2.0 * torch.stack([(0.5 - m.mean()) ** 2 for m in tokens]).sum()  # summed over blocks, as MaskKeepLoss
+    assert len(tokens) == 2 and torch.equal(method.extra_loss(), expected)
     _, everything, _, _ = frozen_and_adapted("meat", keep_target=0.5, drop_control="all")
     everything.before_step(0)
-    assert torch.equal(everything.extra_loss(), drop_control_loss(everything._sampled, [0, 1], 2.0, 0.5))
+    masks = everything._sampled
+    by_block = [torch.cat([masks[f"{kind}.{b}"].flatten() for kind in ("tokens", "fc1", "fc2")]) for b in (0, 1)]
+    assert torch.allclose(everything.extra_loss(), 2.0 * sum((0.5 - m.mean()) ** 2 for m in by_block))
+    assert torch.equal(everything.extra_loss(), drop_control_loss(masks, [0, 1], 2.0, 0.5))
 
 
 GROUPS = {
