@@ -36,7 +36,7 @@ from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset, PhaseStat
 from pipeline.train.collective import current_collective
 from pipeline.train.ingest import PhaseSplit, TestSets
 from pipeline.train.live import ProgressPoster
-from pipeline.train.loop import CheckpointPolicy, broadcast_parameters, train_phase
+from pipeline.train.loop import CheckpointPolicy, StepSettings, broadcast_parameters, train_phase
 from pipeline.train.progress import Phase, Progress, phase_metrics
 from pipeline.train.registration import register_finished
 
@@ -178,19 +178,16 @@ def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
         resume = in_phase if in_phase is not None and in_phase.phase_index == phase_index else None
         if resume is not None and rank == 0:
             log.info("%s | resuming at step %d: %d samples are in the checkpoint", label, resume.steps, sum(resume.samples))
+        settings = StepSettings(
+            num_tasks=num_tasks, num_samples=num_samples, global_batch_size=local_batch * max(world, 1), passes=cfg.train.passes,
+            amp=cfg.train.amp, log_every=cfg.train.log_every, label=label, phase_index=phase_index,
+        )  # fmt: skip
         stats = train_phase(
             method,
             batches,
-            phase_index=phase_index,
+            settings,
             checkpoints=policy if method.consumes_data and len(method.pass_plan(cfg.train.passes)) == 1 else None,
             resume=resume,
-            passes=cfg.train.passes,
-            num_tasks=num_tasks,
-            num_samples=num_samples,
-            global_batch_size=local_batch * max(world, 1),
-            amp=cfg.train.amp,
-            log_every=cfg.train.log_every,
-            label=label,
             on_step=poster.step if rank == 0 else None,
         )
         if split is not None:
