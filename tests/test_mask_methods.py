@@ -46,8 +46,9 @@ def test_drop_control_loss_by_hand():
         "tokens.0": torch.tensor([1.0, 0.0, 1.0, 1.0]), "fc1.0": torch.tensor([1.0, 1.0]), "fc2.0": torch.tensor([0.0, 0.0]),
         "tokens.1": torch.tensor([1.0, 1.0]), "fc1.1": torch.tensor([1.0]), "fc2.1": torch.tensor([1.0]),
     }  # fmt: skip
-    # block 0 keeps 5 of 8 -> (0.9 - 0.625)^2 = 0.075625; block 1 keeps all -> 0.01; mean 0.0428125; x alpha 2
-    assert drop_control_loss(masks, [0, 1], alpha=2.0, keep_target=0.9).item() == pytest.approx(0.085625)
+    # block 0 keeps 5 of 8 -> (0.9 - 0.625)^2 = 0.075625; block 1 keeps all -> 0.01; summed over
+    # the blocks as the official MaskKeepLoss: 0.085625; x alpha 2
+    assert drop_control_loss(masks, [0, 1], alpha=2.0, keep_target=0.9).item() == pytest.approx(0.17125)
 
 
 def two_tasks(spec: dict, method_name: str, **params):

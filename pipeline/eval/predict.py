@@ -89,7 +89,7 @@ class Predictor:
         self.card = ModelCard.from_json(card_json, "model card")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if method is None else method.device
         self.method = method if method is not None else load_model(self.card, self.device)
-        self.candidates = candidates_for(self.card, task, getattr(self.method, "infers_tasks", False))
+        self.candidates = candidates_for(self.card, task, self.method.infers_tasks)
         self.names = [self.card.class_names[c] for c in self.candidates.classes]
         self.image_column = image_column
 

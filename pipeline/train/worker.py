@@ -231,7 +231,7 @@ class _WorkerStream:
                 task_index=j, task_aware=plan.scenario == "til", prepare=self.prepare,
             )  # fmt: skip
             progress.record_eval_stats(phase.row, j, reduce_eval_stats(method))
-        if not getattr(method, "infers_tasks", False):
+        if not method.infers_tasks:
             return
         if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
             progress.cil_accuracy_matrix = [[None] * num_tasks for _ in range(num_tasks)]
