@@ -33,7 +33,7 @@ from pipeline.config import BackboneConfig, MethodConfig, load_config  # noqa: E
 from pipeline.data.ray_data import decode_image  # noqa: E402
 from pipeline.eval.evaluate import candidate_classes, evaluate_task, reduce_eval_stats  # noqa: E402
 from pipeline.methods import TaskInfo, create_method, method_class, resolve_method_params  # noqa: E402
-from pipeline.train.loop import train_phase  # noqa: E402
+from pipeline.train.loop import StepSettings, train_phase  # noqa: E402
 
 
 def backbone_config(name: str) -> BackboneConfig:
@@ -90,8 +90,8 @@ def main() -> int:
                 ix = order[s : s + args.batch]
                 yield {"image": backbone.normalize(x[ix]), "label": y[ix], "task": torch.full((len(ix),), t), "sample_id": ix}
 
-        stats = train_phase(method, batches, passes=1, num_tasks=args.tasks, num_samples=len(x), global_batch_size=args.batch,
-                            amp=False, log_every=10**9, label=task.id)  # fmt: skip
+        settings = StepSettings(num_tasks=args.tasks, num_samples=len(x), global_batch_size=args.batch, log_every=10**9, label=task.id)
+        stats = train_phase(method, batches, settings)
         method.end_task()
         tests.append((xt, yt))
         row = []

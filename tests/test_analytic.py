@@ -17,7 +17,7 @@ from pipeline.data.stream import sample_hash
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.methods.ranpac import RIDGES
 from pipeline.train.collective import TorchCollective
-from pipeline.train.loop import train_phase
+from pipeline.train.loop import StepSettings, train_phase
 
 from conftest import TINY_VIT
 
@@ -149,8 +149,7 @@ def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it(
     records = []
     for t, batches in enumerate(tasks[:2]):
         method.begin_task(TaskInfo(t, f"t{t}", (2 * t, 2 * t + 1), 2 * t + 2, NAMES[: 2 * t + 2]))
-        stats = train_phase(method, lambda batches=batches: batches, passes=2, num_tasks=2, num_samples=30,
-                            global_batch_size=6, amp=False, log_every=100, label="t")  # fmt: skip
+        stats = train_phase(method, lambda batches=batches: batches, StepSettings(num_tasks=2, num_samples=30, global_batch_size=6, passes=2))
         if t == 0:
             assert method.pass_plan(2) == (True, True, False)
             assert stats.steps == 10 and stats.samples_per_task == [90, 0]  # 2 x 5 optimizer steps; 3 passes read

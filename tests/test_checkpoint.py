@@ -15,7 +15,7 @@ from pipeline.config import MethodConfig
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.train.checkpoint import PhaseState
 from pipeline.train.collective import TorchCollective
-from pipeline.train.loop import CheckpointPolicy, train_phase
+from pipeline.train.loop import CheckpointPolicy, StepSettings, train_phase
 
 from test_methods import flat_backbone
 
@@ -43,10 +43,8 @@ def make_method(name: str, collective=None, **params):
 
 def run_phase(method, data, *, saved: list[PhaseState] | None = None, resume: PhaseState | None = None, every: int = 0):
     policy = CheckpointPolicy(lambda state: saved.append(state), every_steps=every, source_rows={0: ROWS}) if saved is not None else None
-    return train_phase(
-        method, lambda: data, passes=1, num_tasks=1, num_samples=sum(len(b["label"]) for b in data) + (sum(resume.samples) if resume else 0),
-        global_batch_size=4, amp=False, log_every=100, label="t", checkpoints=policy, resume=resume,
-    )  # fmt: skip
+    settings = StepSettings(num_tasks=1, num_samples=sum(len(b["label"]) for b in data) + (sum(resume.samples) if resume else 0), global_batch_size=4)
+    return train_phase(method, lambda: data, settings, checkpoints=policy, resume=resume)
 
 
 def roundtrip(state: PhaseState, tmp_path: Path) -> PhaseState:
@@ -161,7 +159,7 @@ def test_every_methods_task_state_restores_the_task_in_progress(name):
         return m
 
     first = fresh()
-    train_phase(first, lambda: data[:2], passes=1, num_tasks=1, num_samples=12, global_batch_size=4, amp=False, log_every=100, label="t")
+    train_phase(first, lambda: data[:2], StepSettings(num_tasks=1, num_samples=12, global_batch_size=4))
     state = first.task_state()
     second = fresh()
     second.load_task_state(state)

@@ -23,8 +23,18 @@ CARD = {
     "image_size": 16,
     "tasks": [],
     "class_names": [],
+    "records_sha256": ["ab" * 32],
     "format": "strata-model/1",
 }
+
+
+def test_a_card_pins_exactly_one_record_per_memory_version():
+    for pinned in ([], ["ab" * 32, "cd" * 32]):
+        with pytest.raises(ConfigError, match=rf"m/1: pins {len(pinned)} records for memory_version 1"):
+            ModelCard.from_json(json.dumps(CARD | {"records_sha256": pinned}), "m/1")
+    unpinned = {k: v for k, v in CARD.items() if k != "records_sha256"}
+    with pytest.raises(ConfigError, match="m/1: not a strata model card"):
+        ModelCard.from_json(json.dumps(unpinned), "m/1")
 
 
 @pytest.mark.parametrize(

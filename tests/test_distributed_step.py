@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import MethodConfig
 from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
 from pipeline.train.collective import TorchCollective
-from pipeline.train.loop import train_phase
+from pipeline.train.loop import StepSettings, train_phase
 
 from test_methods import flat_backbone
 
@@ -35,7 +35,7 @@ def make_method(collective):
 def worker(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     m = make_method(TorchCollective())
-    stats = train_phase(m, lambda: SHARDS[rank], passes=1, num_tasks=1, num_samples=7, global_batch_size=4, amp=False, log_every=100, label="t")
+    stats = train_phase(m, lambda: SHARDS[rank], StepSettings(num_tasks=1, num_samples=7, global_batch_size=4))
     save_file({"w": m.head.weight.detach(), "b": m.head.bias.detach(), "n": torch.tensor(stats.samples_per_task)}, f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
 
@@ -49,7 +49,7 @@ def test_uneven_shards_match_single_process(tmp_path):
     r0, r1 = SHARDS[0], SHARDS[1]
     merged = [{k: torch.cat([r0[0][k], r1[0][k]]) for k in r0[0]}, r0[1], r0[2]]
     single = make_method(LocalCollective())
-    train_phase(single, lambda: merged, passes=1, num_tasks=1, num_samples=7, global_batch_size=4, amp=False, log_every=100, label="t")
+    train_phase(single, lambda: merged, StepSettings(num_tasks=1, num_samples=7, global_batch_size=4))
     torch.testing.assert_close(ranks[0]["w"], single.head.weight.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(ranks[0]["b"], single.head.bias.detach(), rtol=0, atol=1e-6)
 

@@ -46,8 +46,9 @@ def test_drop_control_loss_by_hand():
         "tokens.0": torch.tensor([1.0, 0.0, 1.0, 1.0]), "fc1.0": torch.tensor([1.0, 1.0]), "fc2.0": torch.tensor([0.0, 0.0]),
         "tokens.1": torch.tensor([1.0, 1.0]), "fc1.1": torch.tensor([1.0]), "fc2.1": torch.tensor([1.0]),
     }  # fmt: skip
-    # block 0 keeps 5 of 8 -> (0.9 - 0.625)^2 = 0.075625; block 1 keeps all -> 0.01; mean 0.0428125; x alpha 2
-    assert drop_control_loss(masks, [0, 1], alpha=2.0, keep_target=0.9).item() == pytest.approx(0.085625)
+    # block 0 keeps 5 of 8 -> (0.9 - 0.625)^2 = 0.075625; block 1 keeps all -> 0.01; summed over
+    # the blocks as the official MaskKeepLoss: 0.085625; x alpha 2
+    assert drop_control_loss(masks, [0, 1], alpha=2.0, keep_target=0.9).item() == pytest.approx(0.17125)
 
 
 def two_tasks(spec: dict, method_name: str, **params):
@@ -229,11 +230,14 @@ def test_meat_drop_control_covers_the_token_masks_only_by_default():
     _, method, images, _ = frozen_and_adapted("meat", keep_target=0.5)
     method.before_step(0)
     tokens = [m for name, m in method._sampled.items() if name.startswith("tokens.")]
-    expected = 2.0 * torch.stack([(0.5 - m.mean()) ** 2 for m in tokens]).mean()
-    assert torch.equal(method.extra_loss(), expected)
+    expected = 2.0 * torch.stack([(0.5 - m.mean()) ** 2 for m in tokens]).sum()  # summed over blocks, as MaskKeepLoss
+    assert len(tokens) == 2 and torch.equal(method.extra_loss(), expected)
     _, everything, _, _ = frozen_and_adapted("meat", keep_target=0.5, drop_control="all")
     everything.before_step(0)
-    assert torch.equal(everything.extra_loss(), drop_control_loss(everything._sampled, [0, 1], 2.0, 0.5))
+    masks = everything._sampled
+    by_block = [torch.cat([masks[f"{kind}.{b}"].flatten() for kind in ("tokens", "fc1", "fc2")]) for b in (0, 1)]
+    assert torch.allclose(everything.extra_loss(), 2.0 * sum((0.5 - m.mean()) ** 2 for m in by_block))
+    assert torch.equal(everything.extra_loss(), drop_control_loss(masks, [0, 1], 2.0, 0.5))
 
 
 GROUPS = {

@@ -6,7 +6,7 @@ from pipeline.backbones.factory import Backbone, InputSpec
 from pipeline.config import BackboneConfig
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.config import MethodConfig
-from pipeline.train.loop import train_phase
+from pipeline.train.loop import StepSettings, train_phase
 
 from conftest import TINY_VIT
 
@@ -66,7 +66,7 @@ def test_only_the_adapter_learns_and_the_backbone_is_untouched():
     head_before = ft.head.weight.detach().clone()
     torch.manual_seed(0)
     batch = {"image": torch.randn(6, 3, 16, 16), "label": torch.tensor([0, 1, 2, 0, 1, 2]), "task": torch.zeros(6, dtype=torch.long)}
-    stats = train_phase(ft, lambda: [batch], passes=1, num_tasks=1, num_samples=6, global_batch_size=6, amp=False, log_every=10, label="t")
+    stats = train_phase(ft, lambda: [batch], StepSettings(num_tasks=1, num_samples=6, global_batch_size=6))
     assert stats.samples_per_task == [6] and stats.steps == 1
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
     after = backbone.state_dict()

@@ -316,7 +316,7 @@ def test_predict_candidates_follow_the_model_scenario():
 
     tasks = [{"id": "a", "classes": [0, 1], "domain": None}, {"id": "b", "classes": [2, 3], "domain": None}]
     card = ModelCard(config={}, backbone_id="x", memory_store="m", memory_version=2, scenario="til", label_space="task",
-                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"])  # fmt: skip
+                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"], records_sha256=["a" * 64, "b" * 64])  # fmt: skip
     assert candidates_for(card, "b", infers_tasks=False) == (c := candidates_for(card, "b", infers_tasks=True))
     assert c.classes == (2, 3) and c.task_index == 1 and not c.infer_tasks
     inferred = candidates_for(card, None, infers_tasks=True)
@@ -384,7 +384,7 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     def version(n: int, accuracy: dict[str, float]) -> str:
         card = ModelCard(config={"backbone": {"key_remap": None}}, backbone_id="b", memory_store=str(tmp_path / "m"), memory_version=n,
                          scenario="cil", label_space="seen", image_size=16, tasks=[{"id": t, "classes": [], "domain": None} for t in accuracy],
-                         class_names=[], records_sha256=[f"{n}"])  # fmt: skip
+                         class_names=[], records_sha256=[f"{i}" for i in range(1, n + 1)])  # fmt: skip
         tags = {"strata.memory_store": card.memory_store, "strata.memory_version": str(n), "strata.record_sha256": f"{n}",
                 ACCURACY_TAG: json.dumps(accuracy)}  # fmt: skip
         v = register_version(uri, run.run_id, "m", card, tags, MODEL_CODE)

@@ -54,6 +54,10 @@ class Backbone(nn.Module):
         super().train(False)
         self.backbone_id = f"{name}@{weights_sha256(model)[:16]}"
 
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
     def train(self, mode: bool = True) -> Backbone:
         """Frozen: stays in eval mode (dropout off, norm statistics fixed) whatever is asked."""
         return super().train(False)

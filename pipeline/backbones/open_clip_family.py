@@ -66,7 +66,7 @@ class ClipBackbone(Backbone):
         return self.model.logit_scale.exp()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self._mean.device))
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
     def class_embeddings(self, class_names: list[str] | tuple[str, ...], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
         """L2-normalised text embeddings of ``template`` filled with each class name.

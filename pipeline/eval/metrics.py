@@ -1,4 +1,4 @@
-"""Continual-learning metrics over an accuracy matrix (DESIGN.md's definitions).
+"""Continual-learning metrics over an accuracy matrix (defined in docs/architecture.md, "Evaluation").
 
 ``A[i][j]`` is the accuracy on task j's test set after training task i; ``None`` where not
 evaluated. A metric whose inputs are missing is ``None`` rather than a guess.

@@ -40,7 +40,7 @@ def load_model(card: ModelCard, device: torch.device | str = "cpu") -> Method:
     store = MemoryStore(card.memory_store)
     if store.version < card.memory_version:
         raise StoreError(f"{card.memory_store}: holds {store.version} records, the model version needs {card.memory_version}")
-    for entry, pinned in zip(store.entries(), card.records_sha256, strict=False):
+    for entry, pinned in zip(store.entries()[: card.memory_version], card.records_sha256, strict=True):
         if entry.sha256 != pinned:  # the store was rolled back and trained again (e.g. --fresh) since this version
             raise StoreError(
                 f"{card.memory_store}/{entry.file}: sha256 {entry.sha256[:12]}…, but the model version was made with "
@@ -89,7 +89,7 @@ class Predictor:
         self.card = ModelCard.from_json(card_json, "model card")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if method is None else method.device
         self.method = method if method is not None else load_model(self.card, self.device)
-        self.candidates = candidates_for(self.card, task, getattr(self.method, "infers_tasks", False))
+        self.candidates = candidates_for(self.card, task, self.method.infers_tasks)
         self.names = [self.card.class_names[c] for c in self.candidates.classes]
         self.image_column = image_column
 

@@ -126,8 +126,14 @@ class Method(ABC):
         self.task: TaskInfo | None = None
 
     @property
+    def infers_tasks(self) -> bool:
+        """Whether it tells a test sample's task itself (task-incremental methods with task
+        inference): evaluation then also scores without task ids."""
+        return False
+
+    @property
     def device(self) -> torch.device:
-        return self.backbone._mean.device
+        return self.backbone.device
 
     @torch.no_grad()
     def frozen_features(self, images: torch.Tensor) -> torch.Tensor:

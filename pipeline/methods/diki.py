@@ -32,7 +32,7 @@ so 1.75 is far outside; real features have heavier tails (chosen on training row
 the Gaussians, see configs/methods/diki-single-pass.yaml).
 The image uses task t*'s residuals
 with weight w; the text side uses each sample's t* with the batch-mean weight, as the official
-code does (METHODS.md leaves the text weight open). Before any task is learned, it is zero-shot
+code does (the paper leaves the text weight open). Before any task is learned, it is zero-shot
 CLIP exactly. The frozen forward serves both the Gaussian scores and the zero-shot path.
 ``score`` sums the gates it applies; ``take_eval_stats`` hands them over as "gate" (sum, count)
 so the evaluator can report the mean gate per test set.

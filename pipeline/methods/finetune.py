@@ -2,7 +2,9 @@
 
 Plain cross-entropy over every seen class on the current task's data, with nothing to protect
 earlier classes, so in class-incremental streams it forgets: the reference floor. ``joint``
-is the same model trained once on every task's data (the reference ceiling).
+is the same model trained once on every task's data at once: the gradient reference without
+forgetting (in one pass not a ceiling on the features: a closed-form fit such as RanPAC's can
+pass it).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Per step:
    hook; the head reads the mean of the outputs at the prompt positions;
 4. loss = CE (logits of classes outside the current task masked) - lambda * mean cos(q, k_sel).
    The official code sums the cosine over the N selected keys and averages over the batch
-   (lambda * N in effect); strata follows the paper and METHODS.md: the mean over both.
+   (lambda * N in effect); strata follows the paper (Eq. 5): the mean over both.
 
 Diversified selection (paper Eq. 4; never shipped by the official code), option ``diversify``:
 while training task t > 0, prompt m's distance 1 - cos(q, k_m) is multiplied by

@@ -1,12 +1,12 @@
 """Mask-RKR: RKR's rectifications shared across tasks, with per-task Piggyback masks over them.
 
-The composition implemented (the paper's exact one is not available; METHODS.md's reading):
+The composition implemented (the paper's exact one is not available; this is the reading of its text):
     W_t = W + (M_LM,t * LM) (M_RM,t * RM),   output scaled by F_t,
 with M_*,t = 1[score > 5e-3] learned per task by the Piggyback rule (straight-through, scores
 init 1e-2). ``mask_mode`` says what a mask bit switches for the scale:
 - ``rectification`` (default): F_t = 1 + M_F,t * (F - 1), so a bit that is off leaves the
   channel as the frozen model has it -- "off" means the frozen weight, for LM RM and F alike;
-- ``scale``: F_t = M_F,t * F, METHODS.md's literal reading, where an off bit zeroes the whole
+- ``scale``: F_t = M_F,t * F, the text's literal reading, where an off bit zeroes the whole
   output channel (measured worse: see docs/architecture.md).
 The shared LM, RM, F (RKR's init) train at ``lr`` together with task 0's masks and are frozen
 from then on, so later tasks learn only masks (``mask_lr``) and heads (``head_lr``) and nothing

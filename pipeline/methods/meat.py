@@ -8,9 +8,10 @@ Gumbel-softmax (tau = 1); inference keeps an entry when logit_keep > logit_drop.
 at the constant (gamma, -gamma), gamma = 4, as the official code does, so a task starts from
 the frozen model (``init: uniform`` samples U(-gamma, gamma), one reading of the paper's text:
 it drops ~half of all entries at step 0 and leaves features at cosine ~0.5 to the frozen ones).
-Loss = CE + alpha * mean over token-masked blocks l of (lambda - mean(m_l))^2, m_l block l's
-token keep-mask, alpha = 2, lambda = 0.9: the official code regularises the attention masks
-only (``drop_control: all`` adds the FFN masks of each block, a reading of the paper).
+Loss = CE + alpha * sum over token-masked blocks l of (lambda - mean(m_l))^2, m_l block l's
+token keep-mask, alpha = 2, lambda = 0.9: the official code (``MaskKeepLoss``) sums over the
+blocks and regularises the attention masks only (``drop_control: all`` adds the FFN masks of
+each block, a reading of the paper).
 Mask logits train at ``lr`` = 0.1 (official), the head at ``head_lr``.
 Stored per task: every mask bit-packed, plus the head.
 """
@@ -92,7 +93,7 @@ class MEAT(TaskwiseMethod):
         self._set(slot, self._sampled)
 
     def extra_loss(self) -> torch.Tensor:
-        """alpha * mean_l (lambda - mean(m_l))^2 over the masks sampled for this step."""
+        """alpha * sum_l (lambda - mean(m_l))^2 over the masks sampled for this step."""
         if self.cfg.drop_control == "all":
             return drop_control_loss(self._sampled, list(self.ffn), self.cfg.alpha, self.cfg.keep_target)
         if not self.token_layers:
@@ -118,4 +119,4 @@ def drop_control_loss(masks: dict[str, torch.Tensor], blocks: list[int], alpha: 
     for b in blocks:
         entries = [m.flatten() for name, m in masks.items() if name.endswith(f".{b}")]
         terms.append((keep_target - torch.cat(entries).mean()) ** 2)
-    return alpha * torch.stack(terms).mean()
+    return alpha * torch.stack(terms).sum()

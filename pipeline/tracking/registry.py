@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, requires
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class ModelCard:
     image_size: int
     tasks: list[dict[str, Any]]  # learned so far, in order: {"id", "classes" (stream ids), "domain"}
     class_names: list[str]  # seen classes by stream id
-    records_sha256: list[str] = field(default_factory=list)  # the store records it is made of (absent in older cards)
+    records_sha256: list[str]  # the store records it is made of, one per memory version
     format: str = CARD_FORMAT
 
     def to_json(self) -> str:
@@ -71,9 +71,12 @@ class ModelCard:
             if data.get("format") != CARD_FORMAT:
                 raise ConfigError(f"{origin}: format {data.get('format')!r}, expected {CARD_FORMAT!r}")
             refuse_code(data.get("config"), origin)
-            return cls(**data)
+            card = cls(**data)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{origin}: not a strata model card ({exc})") from None
+        if len(card.records_sha256) != card.memory_version:
+            raise ConfigError(f"{origin}: pins {len(card.records_sha256)} records for memory_version {card.memory_version}")
+        return card
 
 
 @dataclass(frozen=True)

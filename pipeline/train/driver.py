@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
 from pipeline.eval import metrics
 from pipeline.eval.report import write_heatmap, write_matrix_csv
 from pipeline.memory import MemoryStore
-from pipeline.methods import method_class, resolve_method_params
+from pipeline.methods import Method, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
 from pipeline.train.live import Listener, ProgressBoard, drain
@@ -315,34 +315,13 @@ def run(
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
-    method_cls = method_class(cfg.method.name)
-    if cfg.stream.scenario not in method_cls.scenarios:
-        raise ConfigError(
-            f"method.name: {cfg.method.name} supports {sorted(method_cls.scenarios)}, not stream.scenario {cfg.stream.scenario!r}"
-        )
-    check_writable(cfg.output_dir, "output_dir")
-    check_writable(cfg.memory_uri, "memory.uri")
-    if cfg.train.storage_path:
-        check_writable(cfg.train.storage_path, "train.storage_path")
-    if cfg.tracking.enabled:
-        check_tracking(resolve_tracking_uri(cfg.tracking))
-    plan = resolve_stream(
-        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
-    )
+    method_cls, plan = _check_inputs(cfg)
     backbone = create_backbone(cfg.backbone)
-    size = cfg.data.image_size or backbone.input_spec.size
     store = MemoryStore(cfg.memory_uri)
     own_ray = init_ray(log_to_driver=log_to_driver)
     try:  # a refusal here leaves no Ray of ours running behind it
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-        check_resources(cfg, use_gpu)
-        storage = cfg.train.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"  # absolute or a URI (with_absolute_paths)
-        check_shared_storage(
-            {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": storage},
-            resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else None,
-            alive_nodes(),
-            shared_dirs(),
-        )
+        storage = _check_cluster(cfg, use_gpu)
         out = OutputDir(cfg.output_dir)
         state, continuing = _open_run(cfg, out, store, fresh)
         learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
@@ -350,41 +329,20 @@ def run(
         if own_ray:
             ray.shutdown()
         raise
+    size = cfg.data.image_size or backbone.input_spec.size
     del backbone
     start = Progress.resumed(len(plan.tasks), learned, prior_accuracy)
     out.write_text("config.yaml", dump_config(cfg))
-
-    tags = {"strata.method": cfg.method.name, **(tracking_tags or {})}
-    run_ = None
-    if cfg.tracking.enabled:
-        run_ = TrackedRun.reopen(cfg.tracking, state.mlflow_run_id, learned) if continuing and state.mlflow_run_id else None
-        if run_ is None:
-            run_ = TrackedRun.start(cfg.tracking, tags=tags)
-            run_.log_params(cfg.model_dump(mode="json"))
-            run_.log_artifact(out.local / "config.yaml")
+    run_ = _tracked_run(cfg, state, continuing, learned, out, tracking_tags)
     state = state.with_status("running", mlflow_run_id=run_.run_id if run_ else None, tasks_done=learned).save(out)
     if continuing:
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
-    phases = make_phases(len(plan.tasks), method_cls.trains_jointly)
     board = ProgressBoard.remote() if on_progress is not None else None
     job = WorkerJob(
-        cfg, resolve_method_params(cfg.method), plan, phases, start, size, CheckpointLocator(storage, state.train_run_name),
-        run_.tracking_uri if run_ else None, run_.run_id if run_ else None, board,
+        cfg, resolve_method_params(cfg.method), plan, make_phases(len(plan.tasks), method_cls.trains_jointly), start, size,
+        CheckpointLocator(storage, state.train_run_name), run_.tracking_uri if run_ else None, run_.run_id if run_ else None, board,
     )  # fmt: skip
-    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=state.train_run_name,  # the same on a re-run: Train restores the last checkpoint
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=max_failures(cfg)),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=list(callbacks),
-        ),
-    )
+    trainer = _trainer(cfg, job, use_gpu, storage, state.train_run_name, callbacks)
     try:
         result = _fit(trainer, board, on_progress)
     except RunInterrupted as exc:
@@ -403,6 +361,79 @@ def run(
         raise
     progress = Progress.from_checkpoint(result.checkpoint, start)
     summary = _summary(cfg, plan, progress, store, run_, time.time() - started)
+    _write_outputs(cfg, plan, summary, store, out, run_)
+    _close(run_, state, out, "finished", store)
+    return summary
+
+
+def _check_inputs(cfg: StrataConfig) -> tuple[type[Method], StreamPlan]:
+    """What can be refused before Ray starts: the method's scenarios, writable outputs, the
+    tracking server; then the stream's plan."""
+    method_cls = method_class(cfg.method.name)
+    if cfg.stream.scenario not in method_cls.scenarios:
+        raise ConfigError(
+            f"method.name: {cfg.method.name} supports {sorted(method_cls.scenarios)}, not stream.scenario {cfg.stream.scenario!r}"
+        )
+    check_writable(cfg.output_dir, "output_dir")
+    check_writable(cfg.memory_uri, "memory.uri")
+    if cfg.train.storage_path:
+        check_writable(cfg.train.storage_path, "train.storage_path")
+    if cfg.tracking.enabled:
+        check_tracking(resolve_tracking_uri(cfg.tracking))
+    plan = resolve_stream(
+        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
+    )
+    return method_cls, plan
+
+
+def _check_cluster(cfg: StrataConfig, use_gpu: bool) -> str:
+    """The workers fit the cluster and every node sees the run's paths; Train's storage path."""
+    check_resources(cfg, use_gpu)
+    storage = cfg.train.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"  # absolute or a URI (with_absolute_paths)
+    check_shared_storage(
+        {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": storage},
+        resolve_tracking_uri(cfg.tracking) if cfg.tracking.enabled else None,
+        alive_nodes(),
+        shared_dirs(),
+    )
+    return storage
+
+
+def _tracked_run(
+    cfg: StrataConfig, state: RunState, continuing: bool, learned: int, out: OutputDir, tracking_tags: Mapping[str, str] | None
+) -> TrackedRun | None:
+    """The MLflow run: the unfinished run's own when this continues it, else a new one with the
+    config as parameters and artifact."""
+    if not cfg.tracking.enabled:
+        return None
+    run_ = TrackedRun.reopen(cfg.tracking, state.mlflow_run_id, learned) if continuing and state.mlflow_run_id else None
+    if run_ is None:
+        run_ = TrackedRun.start(cfg.tracking, tags={"strata.method": cfg.method.name, **(tracking_tags or {})})
+        run_.log_params(cfg.model_dump(mode="json"))
+        run_.log_artifact(out.local / "config.yaml")
+    return run_
+
+
+def _trainer(cfg: StrataConfig, job: WorkerJob, use_gpu: bool, storage: str, name: str, callbacks: Sequence[Any]) -> TorchTrainer:
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,  # the same on a re-run: Train restores the last checkpoint
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures(cfg)),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def _write_outputs(cfg: StrataConfig, plan: StreamPlan, summary: dict[str, Any], store: MemoryStore, out: OutputDir, run_: TrackedRun | None) -> None:
+    """summary.json, the memory manifest and the accuracy matrix (CSV, heatmap) in OUTPUT_DIR and,
+    with tracking, in the MLflow run with the final metrics."""
     out.write_text("summary.json", jsonout.dumps(summary, indent=2))
     out.write_text("memory_manifest.json", json.dumps([e.to_dict() for e in store.entries()], indent=1))
     write_matrix_csv(out.local / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
@@ -416,8 +447,6 @@ def run(
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
             run_.log_artifact(out.local / name)
         run_.log_artifact(out.local / "memory_manifest.json")
-    _close(run_, state, out, "finished", store)
-    return summary
 
 
 def _close(run_: TrackedRun | None, state: RunState, out: OutputDir, status: Literal["finished", "failed", "killed"], store: MemoryStore) -> None:

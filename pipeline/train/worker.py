@@ -28,7 +28,7 @@ from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
-from pipeline.memory import MemoryStore
+from pipeline.memory import MemoryStore, TaskRecord
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import TrackedRun
 from pipeline.data.ray_data import source_rows
@@ -36,7 +36,7 @@ from pipeline.train.checkpoint import CheckpointLocator, PhaseDataset, PhaseStat
 from pipeline.train.collective import current_collective
 from pipeline.train.ingest import PhaseSplit, TestSets
 from pipeline.train.live import ProgressPoster
-from pipeline.train.loop import CheckpointPolicy, broadcast_parameters, train_phase
+from pipeline.train.loop import CheckpointPolicy, PhaseStats, StepSettings, broadcast_parameters, train_phase
 from pipeline.train.progress import Phase, Progress, phase_metrics
 from pipeline.train.registration import register_finished
 
@@ -106,157 +106,164 @@ def _setup_logging() -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     job: WorkerJob = config["job"]
-    with tempfile.TemporaryDirectory(prefix="strata-eval-") as cache_dir:
-        _train_stream(job, Path(cache_dir))
-
-
-def _train_stream(job: WorkerJob, cache_dir: Path) -> None:
-    cfg, plan = job.cfg, job.plan
-    num_tasks = len(plan.tasks)
     _setup_logging()
     ray.data.DataContext.get_current().use_ray_tqdm = False  # Ray Data's progress goes to its log, not the console
-    collective = current_collective()
-    rank, world = collective.rank, collective.world_size
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.backbone).to(device)
-    method = create_method(job.method, backbone, collective)
-    store = MemoryStore(cfg.memory_uri)
-    progress, in_phase = read_checkpoint(ray.train.get_checkpoint(), job.start)
-    if rank == 0:
-        store.truncate(progress.records)
-    collective.all_reduce_(torch.zeros(1, device=device))  # nobody reads the store before the rollback
-    method.restore(store.load_all(backbone_id=backbone.backbone_id, upto=progress.records))
-    run = TrackedRun(job.tracking_uri, job.run_id) if rank == 0 and job.run_id and job.tracking_uri else None
-    label_space = cfg.eval.label_space
-    if label_space == "auto":
-        label_space = "task" if plan.scenario in ("til", "dcil") else "seen"
-    if run is not None and cfg.tracking.model_name:  # tasks finished before a restart whose version was not registered
-        register_finished(run, cfg, plan, job.phases, progress, store, backbone, label_space)
-    poster = ProgressPoster(job.board if rank == 0 else None)
-    local_batch = max(1, cfg.train.batch_size // max(world, 1))
-    eval_batch = max(1, cfg.eval.batch_size // max(world, 1))
+    with tempfile.TemporaryDirectory(prefix="strata-eval-") as cache_dir:
+        stream = _WorkerStream(job, Path(cache_dir))
+        for phase_index in range(stream.progress.phases_done, len(job.phases)):
+            stream.phase(phase_index)
+        if job.cfg.tracking.model_name:  # the last version was registered after the last report: one closing report carries it
+            report(stream.progress, {"task_index": job.phases[-1].row}, stream.rank)
 
-    test_sets = TestSets(
-        plan, use_validation=cfg.eval.split == "validation", size=job.size, decode_cpus=cfg.data.decode_cpus,
-        decode_tasks=cfg.data.decode_tasks, rank=rank, world=world,
-        batch_size=eval_batch, device=device, cache_dir=cache_dir, cache_bytes=cfg.eval.cache_mb * 2**20,
-    )  # fmt: skip
 
-    def prepare(batch: Batch) -> Batch:
-        return {**batch, "image": backbone.normalize(batch["image"])}
+class _WorkerStream:
+    """One worker's side of the stream: the method restored from the store and the checkpoint,
+    then each phase trained, recorded, evaluated and reported."""
 
-    for phase_index in range(progress.phases_done, len(job.phases)):
+    def __init__(self, job: WorkerJob, cache_dir: Path) -> None:
+        cfg, plan = job.cfg, job.plan
+        self.job, self.cfg, self.plan = job, cfg, plan
+        self.collective = current_collective()
+        self.rank, self.world = self.collective.rank, self.collective.world_size
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.seed)
+        self.backbone = create_backbone(cfg.backbone).to(self.device)
+        self.method = create_method(job.method, self.backbone, self.collective)
+        self.store = MemoryStore(cfg.memory_uri)
+        self.progress, self.in_phase = read_checkpoint(ray.train.get_checkpoint(), job.start)
+        if self.rank == 0:
+            self.store.truncate(self.progress.records)
+        self.collective.all_reduce_(torch.zeros(1, device=self.device))  # nobody reads the store before the rollback
+        self.method.restore(self.store.load_all(backbone_id=self.backbone.backbone_id, upto=self.progress.records))
+        self.run = TrackedRun(job.tracking_uri, job.run_id) if self.rank == 0 and job.run_id and job.tracking_uri else None
+        label_space = cfg.eval.label_space
+        self.label_space = ("task" if plan.scenario in ("til", "dcil") else "seen") if label_space == "auto" else label_space
+        self.register()  # tasks finished before a restart whose version was not registered
+        self.poster = ProgressPoster(job.board if self.rank == 0 else None)
+        self.local_batch = max(1, cfg.train.batch_size // max(self.world, 1))
+        self.test_sets = TestSets(
+            plan, use_validation=cfg.eval.split == "validation", size=job.size, decode_cpus=cfg.data.decode_cpus,
+            decode_tasks=cfg.data.decode_tasks, rank=self.rank, world=self.world,
+            batch_size=max(1, cfg.eval.batch_size // max(self.world, 1)), device=self.device, cache_dir=cache_dir,
+            cache_bytes=cfg.eval.cache_mb * 2**20,
+        )  # fmt: skip
+
+    def prepare(self, batch: Batch) -> Batch:
+        return {**batch, "image": self.backbone.normalize(batch["image"])}
+
+    def register(self) -> None:
+        if self.run is not None and self.cfg.tracking.model_name:
+            register_finished(self.run, self.cfg, self.plan, self.job.phases, self.progress, self.store, self.backbone, self.label_space)
+
+    def phase(self, phase_index: int) -> None:
         started = time.perf_counter()
-        phase = job.phases[phase_index]
-        info = phase_task_info(plan, phase)
-        label = f"task {phase.row + 1}/{num_tasks} '{info.id}'"
-        num_samples = sum(plan.tasks[i].train.num_samples for i in phase.tasks)
-        if rank == 0:
-            log.info("%s | training on %d samples, %d classes seen", label, num_samples, info.num_seen_classes)
-            poster.task_started(row=phase.row, num_tasks=num_tasks, task_id=info.id, samples=num_samples if method.consumes_data else 0)
-        method.begin_task(info)
-        broadcast_parameters(method.trainable_parameters(), collective)
-        # A method with nothing to learn does not read its data.
-        split = PhaseSplit.open(phase_dataset(job, phase_index), f"train_{phase_index}", rank, world) if method.consumes_data else None
-        shard = split.shard if split is not None else None
-
-        def batches(shard=shard, phase_index=phase_index):
-            if shard is None:
-                return iter(())
-            return (prepare(b) for b in train_batches(shard, local_batch, cfg.data.shuffle_buffer, cfg.seed * 1000 + phase_index * 16 + rank, device))
-
-        def save(state: PhaseState, phase: Phase = phase) -> None:
-            report(progress, {"task_index": phase.row, "step": float(state.steps)}, rank, state)
-
-        policy = CheckpointPolicy(
-            save,
-            every_steps=cfg.train.checkpoint_every,
-            every_s=cfg.train.checkpoint_every_s,
-            source_rows={i: source_rows(plan.tasks[i].train) for i in phase.tasks},
-        )
-        resume = in_phase if in_phase is not None and in_phase.phase_index == phase_index else None
-        if resume is not None and rank == 0:
-            log.info("%s | resuming at step %d: %d samples are in the checkpoint", label, resume.steps, sum(resume.samples))
-        stats = train_phase(
-            method,
-            batches,
-            phase_index=phase_index,
-            checkpoints=policy if method.consumes_data and len(method.pass_plan(cfg.train.passes)) == 1 else None,
-            resume=resume,
-            passes=cfg.train.passes,
-            num_tasks=num_tasks,
-            num_samples=num_samples,
-            global_batch_size=local_batch * max(world, 1),
-            amp=cfg.train.amp,
-            log_every=cfg.train.log_every,
-            label=label,
-            on_step=poster.step if rank == 0 else None,
-        )
-        if split is not None:
-            split.close()
-        trained = bool(method.trainable_parameters())  # before end_task, which may drop them (RanPAC's Phase 1 head)
-        record = method.end_task()
-        progress.task_stats[phase.row] = method.task_stats() or None
-        progress.steps[phase.row] = stats.steps if trained else None
-        progress.train_wall_s.append(time.perf_counter() - started)
-        if rank == 0:
-            store.append(record, task_index=phase.row, task_id=info.id, method=method.name, backbone_id=backbone.backbone_id)
-        row = progress.accuracy_matrix[phase.row]
-        evaluated = range(num_tasks if method.zero_shot else phase.row + 1)  # zero-shot: future tasks too
-        for j in evaluated:
-            candidates = candidate_classes(label_space, plan.tasks[j].classes, info.num_seen_classes)
-            row[j] = evaluate_task(
-                method,
-                test_sets.batches(j),
-                candidates=candidates,
-                candidate_names=[plan.class_names[c] for c in candidates],
-                task_index=j,
-                task_aware=plan.scenario == "til",
-                prepare=prepare,
-            )
-            progress.record_eval_stats(phase.row, j, reduce_eval_stats(method))
-        if getattr(method, "infers_tasks", False):
-            if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
-                progress.cil_accuracy_matrix = [[None] * num_tasks for _ in range(num_tasks)]
-                progress.task_inference_matrix = [[None] * num_tasks for _ in range(num_tasks)]
-            seen = list(range(info.num_seen_classes))
-            for j in range(phase.row + 1):
-                cil, inferred = evaluate_inferred(
-                    method,
-                    test_sets.batches(j),
-                    candidates=seen,
-                    candidate_names=list(info.class_names),
-                    task_index=j,
-                    prepare=prepare,
-                )
-                progress.cil_accuracy_matrix[phase.row][j] = cil
-                progress.task_inference_matrix[phase.row][j] = inferred
+        phase = self.job.phases[phase_index]
+        info = phase_task_info(self.plan, phase)
+        label = f"task {phase.row + 1}/{len(self.plan.tasks)} '{info.id}'"
+        stats, record = self.train(phase_index, phase, info, label)
+        self.progress.train_wall_s.append(time.perf_counter() - started)
+        if self.rank == 0:
+            self.store.append(record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id)
+        self.evaluate(phase, info)
+        progress = self.progress
         for i in phase.tasks:
             progress.samples_seen[i] = stats.samples_per_task[i]
         progress.train_loss[phase.row] = stats.mean_loss
         progress.phases_done = phase_index + 1
         progress.records += 1
         progress.phase_wall_s.append(time.perf_counter() - started)
-        metrics = phase_metrics(progress, phase)
+        self.finish(phase, info, label, stats)
+
+    def train(self, phase_index: int, phase: Phase, info: TaskInfo, label: str) -> tuple[PhaseStats, TaskRecord]:
+        """The phase's training pass(es), then the method's record."""
+        cfg, plan, method, rank = self.cfg, self.plan, self.method, self.rank
+        num_samples = sum(plan.tasks[i].train.num_samples for i in phase.tasks)
         if rank == 0:
+            log.info("%s | training on %d samples, %d classes seen", label, num_samples, info.num_seen_classes)
+            self.poster.task_started(
+                row=phase.row, num_tasks=len(plan.tasks), task_id=info.id, samples=num_samples if method.consumes_data else 0
+            )
+        method.begin_task(info)
+        broadcast_parameters(method.trainable_parameters(), self.collective)
+        # A method with nothing to learn does not read its data.
+        split = PhaseSplit.open(phase_dataset(self.job, phase_index), f"train_{phase_index}", rank, self.world) if method.consumes_data else None
+        seed = cfg.seed * 1000 + phase_index * 16 + rank
+
+        def batches() -> Iterator[Batch]:
+            if split is None:
+                return iter(())
+            return (self.prepare(b) for b in train_batches(split.shard, self.local_batch, cfg.data.shuffle_buffer, seed, self.device))
+
+        def save(state: PhaseState) -> None:
+            report(self.progress, {"task_index": phase.row, "step": float(state.steps)}, rank, state)
+
+        policy = CheckpointPolicy(
+            save, every_steps=cfg.train.checkpoint_every, every_s=cfg.train.checkpoint_every_s,
+            source_rows={i: source_rows(plan.tasks[i].train) for i in phase.tasks},
+        )  # fmt: skip
+        resume = self.in_phase if self.in_phase is not None and self.in_phase.phase_index == phase_index else None
+        if resume is not None and rank == 0:
+            log.info("%s | resuming at step %d: %d samples are in the checkpoint", label, resume.steps, sum(resume.samples))
+        settings = StepSettings(
+            num_tasks=len(plan.tasks), num_samples=num_samples, global_batch_size=self.local_batch * max(self.world, 1),
+            passes=cfg.train.passes, amp=cfg.train.amp, log_every=cfg.train.log_every, label=label, phase_index=phase_index,
+        )  # fmt: skip
+        checkpoints = policy if method.consumes_data and len(method.pass_plan(cfg.train.passes)) == 1 else None
+        stats = train_phase(method, batches, settings, checkpoints=checkpoints, resume=resume, on_step=self.poster.step if rank == 0 else None)
+        if split is not None:
+            split.close()
+        trained = bool(method.trainable_parameters())  # before end_task, which may drop them (RanPAC's Phase 1 head)
+        record = method.end_task()
+        self.progress.task_stats[phase.row] = method.task_stats() or None
+        self.progress.steps[phase.row] = stats.steps if trained else None
+        return stats, record
+
+    def evaluate(self, phase: Phase, info: TaskInfo) -> None:
+        """Every seen task's test set (every task's, for a zero-shot method); with task
+        inference, also without task ids."""
+        method, plan, progress = self.method, self.plan, self.progress
+        num_tasks = len(plan.tasks)
+        row = progress.accuracy_matrix[phase.row]
+        for j in range(num_tasks if method.zero_shot else phase.row + 1):
+            candidates = candidate_classes(self.label_space, plan.tasks[j].classes, info.num_seen_classes)
+            row[j] = evaluate_task(
+                method, self.test_sets.batches(j), candidates=candidates, candidate_names=[plan.class_names[c] for c in candidates],
+                task_index=j, task_aware=plan.scenario == "til", prepare=self.prepare,
+            )  # fmt: skip
+            progress.record_eval_stats(phase.row, j, reduce_eval_stats(method))
+        if not method.infers_tasks:
+            return
+        if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
+            progress.cil_accuracy_matrix = [[None] * num_tasks for _ in range(num_tasks)]
+            progress.task_inference_matrix = [[None] * num_tasks for _ in range(num_tasks)]
+        for j in range(phase.row + 1):
+            cil, inferred = evaluate_inferred(
+                method, self.test_sets.batches(j), candidates=list(range(info.num_seen_classes)),
+                candidate_names=list(info.class_names), task_index=j, prepare=self.prepare,
+            )  # fmt: skip
+            progress.cil_accuracy_matrix[phase.row][j] = cil
+            progress.task_inference_matrix[phase.row][j] = inferred
+
+    def finish(self, phase: Phase, info: TaskInfo, label: str, stats: PhaseStats) -> None:
+        """The task's line, live progress and MLflow metrics from rank 0; the report every rank
+        makes; the task's registry version."""
+        progress, row = self.progress, self.progress.accuracy_matrix[phase.row]
+        metrics = phase_metrics(progress, phase)
+        if self.rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
             log.info(
                 "%s | %d samples | loss %s | accuracy on seen tasks %.4f [%s] | %.1fs",
                 label, sum(stats.samples_per_task), loss, metrics["avg_seen_acc"],
                 " ".join(f"{v:.3f}" for v in row[: phase.row + 1]), progress.phase_wall_s[-1],
             )  # fmt: skip
-            poster.task_finished(
-                row=phase.row, num_tasks=num_tasks, task_id=info.id, accuracy=row, avg_seen_acc=metrics["avg_seen_acc"],
+            self.poster.task_finished(
+                row=phase.row, num_tasks=len(self.plan.tasks), task_id=info.id, accuracy=row, avg_seen_acc=metrics["avg_seen_acc"],
                 loss=stats.mean_loss, wall_s=progress.phase_wall_s[-1],
             )  # fmt: skip
-            if run is not None:
-                run.log_metrics(metrics, step=phase.row)
-        report(progress, {"task_index": phase.row, **metrics}, rank)
-        if run is not None and cfg.tracking.model_name:
-            register_finished(run, cfg, plan, job.phases, progress, store, backbone, label_space)
-    if cfg.tracking.model_name:  # the last version was registered after the last report: one closing report carries it
-        report(progress, {"task_index": job.phases[-1].row}, rank)
+            if self.run is not None:
+                self.run.log_metrics(metrics, step=phase.row)
+        report(progress, {"task_index": phase.row, **metrics}, self.rank)
+        self.register()
 
 
 def report(progress: Progress, metrics: dict[str, Any], rank: int, in_phase: PhaseState | None = None) -> None:

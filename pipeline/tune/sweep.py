@@ -241,9 +241,6 @@ def _run_trial(
 
 def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     """Run the sweep, pick the best finished trial on validation, re-run it on test; return the report."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from pipeline.train import init_ray, run
 
     base = base_config(sweep_cfg)
@@ -268,55 +265,16 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
         parent.log_params({"sweep": sweep_cfg.model_dump(mode="json")})
         parent.log_artifact(sweep_file)
     metric = OBJECTIVES[sweep_cfg.search.objective]
-    search = sweep_cfg.search
-    # max_t one past the last task: ASHA stops a trial that reaches max_t, which would kill a
-    # finished trial before its run is closed and its summary written.
-    scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=num_tasks + 1, grace_period=search.grace_period, reduction_factor=search.reduction_factor)
-        if search.scheduler == "asha"
-        else FIFOScheduler()
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _run_trial, sweep=sweep_cfg, base=base, root=root.uri, storage=storage,
-            parent=(parent.tracking_uri, parent.run_id) if parent else None,
-        ),
-        {"CPU": sweep_cfg.trial.driver_cpus},
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=_tune_space(sweep_cfg.space),
-        tune_config=tune.TuneConfig(
-            metric=metric,
-            mode="max",
-            scheduler=scheduler,
-            search_alg=_search_algorithm(sweep_cfg),
-            num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(name="tune", storage_path=root.uri, verbose=0),
-    )
     try:
-        grid = tuner.fit()
+        trials = _trials(_tuner(sweep_cfg, base, root, storage, parent, num_tasks).fit(), metric)
+        finished = [t for t in trials if t["tasks_run"] == num_tasks and t["error"] is None]
+        if not finished:
+            failed = sum(t["error"] is not None for t in trials)
+            raise ConfigError(f"sweep {root.name}: no trial finished all {num_tasks} tasks ({failed} failed)")
     except Exception:
         if parent:
             parent.finish("FAILED")
         raise
-    trials = []
-    for result in grid:
-        history = result.metrics_dataframe
-        trials.append({
-            "trial_id": (result.metrics or {}).get("trial_id"),
-            "config": dict(result.config),
-            "tasks_run": int(len(history)) if history is not None else 0,
-            "objective_per_task": [float(v) for v in history[metric]] if history is not None and metric in history else [],
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        })  # fmt: skip
-    finished = [t for t in trials if t["tasks_run"] == num_tasks and t["error"] is None]
-    if not finished:
-        if parent:
-            parent.finish("FAILED")
-        raise ConfigError(f"sweep {root.name}: no trial finished all {num_tasks} tasks ({sum(t['error'] is not None for t in trials)} failed)")
     best = max(finished, key=lambda t: t["objective_per_task"][-1])
     report: dict[str, Any] = {
         "objective": sweep_cfg.search.objective,
@@ -337,16 +295,74 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
         report["final"] = {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}
     root.write_text("sweep_summary.json", json.dumps(report, indent=1))
     if parent:
-        _mark_stopped_trials(parent, trials, num_tasks)
-        parent.log_metrics({f"best_validation_{sweep_cfg.search.objective}": report["best"]["validation_objective"],
-                            "trials_stopped_early": float(report["stopped_early"])})  # fmt: skip
-        if "final" in report:
-            parent.log_metrics({f"test_{k}": report["final"][k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")})
-            parent.client.set_tag(parent.run_id, "strata.final_run_id", report["final"]["mlflow_run_id"] or "")
-        for name in ("best_config.yaml", "sweep_objective.png", "sweep_summary.json"):
-            parent.log_artifact(root.local / name)
-        parent.finish()
+        _close_parent(parent, report, trials, sweep_cfg, root, num_tasks)
     return report
+
+
+def _tuner(sweep_cfg: SweepConfig, base: dict[str, Any], root: OutputDir, storage: str, parent: TrackedRun | None, num_tasks: int) -> Any:
+    """The Tuner: a trial per point of the space, each a full run on validation rows; ASHA (or
+    FIFO) over the per-task reports."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search = sweep_cfg.search
+    # max_t one past the last task: ASHA stops a trial that reaches max_t, which would kill a
+    # finished trial before its run is closed and its summary written.
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", max_t=num_tasks + 1, grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+        if search.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _run_trial, sweep=sweep_cfg, base=base, root=root.uri, storage=storage,
+            parent=(parent.tracking_uri, parent.run_id) if parent else None,
+        ),
+        {"CPU": sweep_cfg.trial.driver_cpus},
+    )  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space=_tune_space(sweep_cfg.space),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVES[search.objective],
+            mode="max",
+            scheduler=scheduler,
+            search_alg=_search_algorithm(sweep_cfg),
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=root.uri, verbose=0),
+    )
+
+
+def _trials(grid: Any, metric: str) -> list[dict[str, Any]]:
+    """Each trial of a finished Tune grid: its config, how many tasks it ran, the objective after each, its error."""
+    trials = []
+    for result in grid:
+        history = result.metrics_dataframe
+        trials.append({
+            "trial_id": (result.metrics or {}).get("trial_id"),
+            "config": dict(result.config),
+            "tasks_run": int(len(history)) if history is not None else 0,
+            "objective_per_task": [float(v) for v in history[metric]] if history is not None and metric in history else [],
+            "error": str(result.error).splitlines()[0] if result.error else None,
+        })  # fmt: skip
+    return trials
+
+
+def _close_parent(
+    parent: TrackedRun, report: dict[str, Any], trials: list[dict[str, Any]], sweep_cfg: SweepConfig, root: OutputDir, num_tasks: int
+) -> None:
+    """The sweep's MLflow run: stopped trials marked, the best validation and final test metrics, the artifacts."""
+    _mark_stopped_trials(parent, trials, num_tasks)
+    parent.log_metrics({f"best_validation_{sweep_cfg.search.objective}": report["best"]["validation_objective"],
+                        "trials_stopped_early": float(report["stopped_early"])})  # fmt: skip
+    if "final" in report:
+        parent.log_metrics({f"test_{k}": report["final"][k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")})
+        parent.client.set_tag(parent.run_id, "strata.final_run_id", report["final"]["mlflow_run_id"] or "")
+    for name in ("best_config.yaml", "sweep_objective.png", "sweep_summary.json"):
+        parent.log_artifact(root.local / name)
+    parent.finish()
 
 
 def _mark_stopped_trials(parent: TrackedRun, trials: list[dict[str, Any]], num_tasks: int) -> None:
