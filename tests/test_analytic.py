@@ -139,7 +139,7 @@ def test_ssf_at_its_init_reproduces_the_frozen_backbone_exactly():
         assert not torch.equal(backbone.features(x), frozen)
 
 
-def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it():
+def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it(tmp_path):
     """Task 1: ``train.passes`` gradient passes on SSF and a head, then one statistics pass through
     the final adapter (no optimizer step in it); task 2: one statistics pass, nothing trains."""
     backbone = create_backbone(BackboneConfig(**TINY_VIT))
@@ -169,4 +169,7 @@ def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it(
     fresh = create_method(resolve_method_params(cfg), create_backbone(BackboneConfig(**TINY_VIT)))
     fresh.restore(records[1:])  # the last record alone rebuilds the model
     assert torch.equal(fresh.predict(x), method.predict(x))
+    save_file(records[1].tensors, tmp_path / "record.safetensors")  # and comes back from disk tensor for tensor
+    loaded = load_file(tmp_path / "record.safetensors")
+    assert set(loaded) == set(records[1].tensors) and all(torch.equal(loaded[k], v) for k, v in records[1].tensors.items())
     assert not torch.equal(make("ranpac").predict(x), method.predict(x))
