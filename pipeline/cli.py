@@ -373,7 +373,7 @@ _tracking_uri = click.option(
 def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
     """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
     a folder of images) with a registered version of a continual model; write --out. The same
-    version loads with mlflow.pyfunc.load_model("models:/NAME@champion") and predicts the same."""
+    version loads with pipeline.eval.pyfunc.load("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
     from pipeline.eval.predict import predict
     from pipeline.tracking import champion_lag, load_version, resolve_tracking_uri

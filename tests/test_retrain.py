@@ -306,19 +306,20 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
 
-    # The same version through MLflow's own API: a pyfunc written from code, nothing pickled.
+    # The same version as an MLflow pyfunc that holds data only, loaded after strata's check of it.
     import mlflow.artifacts
-    import mlflow.pyfunc
     import pandas as pd
 
+    from pipeline.eval.pyfunc import load
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    pyfunc = mlflow.pyfunc.load_model("models:/digits/2")
+    pyfunc = load("models:/digits/2")
     images = pq.read_table(landing / SECOND / "test.parquet").column("image").to_pylist()
     frame = pyfunc.predict(pd.DataFrame({"image": images}))
     assert frame["pred_class"].tolist() == preds["pred_class"] and frame["pred"].tolist() == preds["pred"]
     assert frame["score"].tolist() == pytest.approx(preds["score"], abs=1e-6)
     model_files = Path(mlflow.artifacts.download_artifacts(f"{versions[-1].source}", dst_path=str(tmp_path / "v2")))
-    assert not [p for p in model_files.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    assert not [p for p in model_files.rglob("*") if p.suffix in (".py", ".pkl", ".pickle", ".cloudpickle")]
     gate = versions[-1].tags.get("strata.champion_gate") or client.get_model_version("digits", "2").tags["strata.champion_gate"]
     champion = str(client.get_model_version_by_alias("digits", "champion").version)
     assert champion == ("2" if gate.startswith("passed") else "1") and str(client.get_model_version_by_alias("digits", "latest-task").version) == "2"
@@ -361,7 +362,7 @@ def test_predict_candidates_follow_the_model_scenario():
 
     tasks = [{"id": "a", "classes": [0, 1], "domain": None}, {"id": "b", "classes": [2, 3], "domain": None}]
     card = ModelCard(config={}, backbone_id="x", memory_store="m", memory_version=2, scenario="til", label_space="task",
-                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"], records_sha256=["a" * 64, "b" * 64])  # fmt: skip
+                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"], records_sha256=["a" * 64, "b" * 64], weights_sha256={})  # fmt: skip
     assert candidates_for(card, "b", infers_tasks=False) == (c := candidates_for(card, "b", infers_tasks=True))
     assert c.classes == (2, 3) and c.task_index == 1 and not c.infer_tasks
     inferred = candidates_for(card, None, infers_tasks=True)
@@ -420,7 +421,7 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     from pipeline.config import TrackingConfig
     from pipeline.tracking import ModelCard, TrackedRun, champion_lag, load_version, promote, register_version
     from pipeline.tracking.registry import ACCURACY_TAG, gate
-    from pipeline.train.registration import MODEL_CODE
+    from pipeline.eval.pyfunc import LOADER_MODULE
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrackedRun.start(TrackingConfig(uri=uri, experiment="tests"))
@@ -429,10 +430,10 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     def version(n: int, accuracy: dict[str, float]) -> str:
         card = ModelCard(config={"backbone": {"key_remap": None}}, backbone_id="b", memory_store=str(tmp_path / "m"), memory_version=n,
                          scenario="cil", label_space="seen", image_size=16, tasks=[{"id": t, "classes": [], "domain": None} for t in accuracy],
-                         class_names=[], records_sha256=[f"{i}" for i in range(1, n + 1)])  # fmt: skip
+                         class_names=[], records_sha256=[f"{i}" for i in range(1, n + 1)], weights_sha256={})  # fmt: skip
         tags = {"strata.memory_store": card.memory_store, "strata.memory_version": str(n), "strata.record_sha256": f"{n}",
                 ACCURACY_TAG: json.dumps(accuracy)}  # fmt: skip
-        v = register_version(uri, run.run_id, "m", card, tags, MODEL_CODE)
+        v = register_version(uri, run.run_id, "m", card, tags, LOADER_MODULE)
         promote(uri, "m", v, accuracy, tolerance=2.0)
         return v
 
