@@ -14,7 +14,10 @@ import kubernetes_validate
 import pytest
 import ray
 import yaml
+from click.testing import CliRunner
 from referencing import Registry, Resource
+
+from pipeline.cli import main
 
 from conftest import REPO
 
@@ -210,3 +213,26 @@ def test_this_environment_has_the_locked_versions_and_the_lock_pins_the_images_r
     moved = {name: (pins[name], installed[name]) for name in pins if name in installed and installed[name] != pins[name]}
     assert not moved, f"installed versions differ from requirements.lock (locked, installed): {moved}"
     assert {"torch", "mlflow", "pytest", "kubernetes-validate"} <= set(pins) & set(installed)
+
+
+def test_every_job_asks_for_workers_that_fit_the_largest_cluster_it_may_grow_to(tmp_path):
+    from pipeline.deploy import Demand, check_manifests, largest_nodes
+
+    paths = sorted(KUBERAY.glob("*.yaml"))
+    results = {name: (demands, problem) for name, demands, problem in check_manifests(paths, REPO)}
+    assert set(results) == {name for name, _ in rayjobs()}
+    assert {name: problem for name, (_, problem) in results.items() if problem} == {}
+    cron = "cronjob-retrain.yaml#3:rayjob.yaml"
+    assert results[cron][0] == [Demand("the run's workers", 2, 0.5, 1.0)]  # configs/retrain.yaml, use_gpu=true
+    cluster = next(doc for _, doc in DOCS if doc["kind"] == "RayCluster")["spec"]
+    assert largest_nodes(cluster) == [{"CPU": 0.0, "GPU": 0.0}] + [{"CPU": 8.0, "GPU": 1.0}] * 4  # head runs no tasks
+
+    # The CronJob as it first shipped: two one-GPU workers, a worker group of at most one GPU pod.
+    text = (KUBERAY / "cronjob-retrain.yaml").read_text().replace("maxReplicas: 2", "maxReplicas: 1")
+    (tmp_path / "cronjob-retrain.yaml").write_text(text)
+    [(name, _, problem)] = check_manifests([tmp_path / "cronjob-retrain.yaml"], REPO)
+    assert name == cron and problem == (
+        "the run's workers: 2 x (0.5 CPU + 1 GPU) do not fit the largest cluster it may grow to (2 nodes, 8 CPUs, 1 GPUs, one worker per node slot)"
+    )
+    result = CliRunner().invoke(main, ["check-manifests", str(tmp_path / "cronjob-retrain.yaml"), "--repo", str(REPO)])
+    assert result.exit_code == 1 and result.output == f"{cron}: {problem}\n"
