@@ -236,3 +236,68 @@ def test_every_job_asks_for_workers_that_fit_the_largest_cluster_it_may_grow_to(
     )
     result = CliRunner().invoke(main, ["check-manifests", str(tmp_path / "cronjob-retrain.yaml"), "--repo", str(REPO)])
     assert result.exit_code == 1 and result.output == f"{cron}: {problem}\n"
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """Every pod template the manifests create: Ray heads and workers, submitters, the CronJob's, MLflow's."""
+    pods = []
+    for name, doc in DOCS:
+        spec = doc.get("spec") or {}
+        if doc["kind"] == "Deployment":
+            pods.append((name, spec["template"]["spec"]))
+        if doc["kind"] == "CronJob":
+            pods.append((name, spec["jobTemplate"]["spec"]["template"]["spec"]))
+        if doc["kind"] == "RayJob":
+            pods.append((f"{name} submitter", spec["submitterPodTemplate"]["spec"]))
+    for name, cluster in clusters():
+        pods += [(f"{name} {group.get('groupName', 'head')}", group["template"]["spec"]) for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    return pods
+
+
+def test_every_pod_runs_unprivileged_and_only_ray_keeps_a_writable_root():
+    pods = pod_specs()
+    assert len(pods) == 11  # 3 clusters x (head + GPU group), 3 submitters, the CronJob's pod, MLflow
+    for name, pod in pods:
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0 and context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, name
+            ray_image = "/strata:" in container["image"]  # Ray writes its session, logs and spills across the image
+            assert sc.get("readOnlyRootFilesystem", False) is not ray_image, f"{name}: {container['name']}"
+
+
+def test_mlflow_requires_a_login_that_only_a_secret_gives_and_admits_only_strata_ray_pods():
+    server = next(doc for _, doc in DOCS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "strata-mlflow")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"] and "--serve-artifacts" in container["args"]  # artifacts behind the login too
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "strata-mlflow-server"
+    config = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-mlflow-auth")
+    assert "default_permission = NO_PERMISSIONS" in config["data"]["basic_auth.ini"] and "admin_password" not in config["data"]["basic_auth.ini"]
+    tracking = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-env")["data"]["MLFLOW_TRACKING_URI"]
+    service = next(doc for _, doc in DOCS if doc["kind"] == "Service" and doc["metadata"]["name"] == "strata-mlflow")
+    assert tracking == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    policy = next(doc for _, doc in DOCS if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "strata-mlflow")["spec"]
+    assert policy["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    assert [peer["podSelector"]["matchLabels"] for rule in policy["ingress"] for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "ray"}
+    ]
+    for name, cluster in clusters():  # every Ray pod logs to MLflow: the driver on the head, Tune trials on workers
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            ray_env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+            for key, field in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+                assert ray_env[key]["valueFrom"]["secretKeyRef"] == {"name": "strata-mlflow-credentials", "key": field}, name
+    for name, pod in pod_specs():  # no credential is written into a manifest
+        for container in pod["containers"]:
+            literal = [e["name"] for e in container.get("env", []) if "value" in e and re.search(r"PASSWORD|TOKEN|SECRET|KEY", e["name"])]
+            assert not literal, f"{name}: {literal}"
+
+
+def test_the_mlflow_image_is_pinned_and_runs_the_locked_mlflow_as_a_non_root_user():
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile.mlflow").read_text()
+    assert re.search(r"^FROM \S+@\$\{PYTHON_BASE_DIGEST\}$", dockerfile, re.M)
+    assert re.search(r"^ARG MLFLOW_VERSION=(\S+)$", dockerfile, re.M).group(1) == locked_versions()["mlflow"]
+    assert re.search(r"^USER (\d+)$", dockerfile, re.M) and "USER root" not in dockerfile
+    server = next(doc for _, doc in DOCS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "strata-mlflow")
+    assert server["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":{locked_versions()['mlflow']}")
