@@ -182,22 +182,38 @@ def test_the_image_installs_locked_dependencies_before_the_code_on_a_pinned_base
     lines = [line for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
     base = next(line for line in lines if line.startswith("FROM "))
     assert "@${RAY_BASE_DIGEST}" in base or "@sha256:" in base, base
-    install = next(i for i, line in enumerate(lines) if "requirements.lock" in line and "pip install" in line)
+    install = next(i for i, line in enumerate(lines) if "--require-hashes -r requirements.lock" in line and "pip install" in line)
     first_code = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "pipeline" in line)
     assert install < first_code, "a code change must not reinstall the dependencies"
     assert not any(line.startswith("USER root") for line in lines)
     assert all("--chown=ray:users" in line for line in lines if line.startswith("COPY"))
 
 
-def locked_versions() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
+def locked_requirements() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {normalised name: (version, sha256 hashes)}."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = (REPO / "requirements.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            name, sep, version = line.partition("==")
+            requirement, *options = line.split()
+            name, sep, version = requirement.partition("==")
             assert sep, f"requirements.lock: {line!r} is not pinned"
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+            hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = (version, hashes)
     return pins
+
+
+def locked_versions() -> dict[str, str]:
+    return {name: version for name, (version, _) in locked_requirements().items()}
+
+
+def test_every_locked_requirement_carries_the_hashes_pip_checks():
+    locked = locked_requirements()
+    assert {"torch", "setuptools", "mlflow"} <= set(locked)  # setuptools: torch needs it, and strata's own build uses it
+    assert not [name for name, (_, hashes) in locked.items() if not hashes or any(len(h) != 64 for h in hashes)]
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements.lock" in makefile and "-c requirements.lock" not in makefile
 
 
 def test_this_environment_has_the_locked_versions_and_the_lock_pins_the_images_ray():
