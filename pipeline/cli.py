@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import replace
 from functools import wraps
@@ -170,6 +171,25 @@ def methods_cmd(as_json: bool) -> None:
     for row in rows:
         table.add_row(row["name"], ", ".join(row["scenarios"]), row["summary"])
     console.print(table)
+
+
+@main.command("check-manifests")
+@click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--repo", type=click.Path(exists=True, file_okay=False), default=".", show_default=True,
+              help="the project the image was built from: entrypoint paths under the image root map onto it")  # fmt: skip
+@_one_line_errors
+def check_manifests_cmd(manifests: tuple[str, ...], repo: str) -> None:
+    """Check that every RayJob in MANIFESTS (the RayJob templates a CronJob's ConfigMap holds
+    included) asks for workers that fit the largest cluster it may grow to; exit 1 if one does not.
+    A RayJob with a clusterSelector is checked against the RayCluster of that name among MANIFESTS."""
+    from pipeline.deploy import check_manifests
+
+    failed = False
+    for name, demands, problem in check_manifests([Path(m) for m in manifests], Path(repo)):
+        failed |= problem is not None
+        click.echo(f"{name}: {problem}" if problem else f"{name}: fits ({'; '.join(str(d) for d in demands)})")
+    if failed:
+        raise SystemExit(1)
 
 
 @main.group("memory")
@@ -373,7 +393,7 @@ _tracking_uri = click.option(
 def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
     """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
     a folder of images) with a registered version of a continual model; write --out. The same
-    version loads with mlflow.pyfunc.load_model("models:/NAME@champion") and predicts the same."""
+    version loads with pipeline.eval.pyfunc.load("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
     from pipeline.eval.predict import predict
     from pipeline.tracking import champion_lag, load_version, resolve_tracking_uri

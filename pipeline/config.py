@@ -247,16 +247,40 @@ class StrataConfig(StrictModel):
         return self.memory.uri or f"{self.output_dir.rstrip('/')}/memory"  # a string join: output_dir may be a URI
 
 
+# Model-constructor arguments a config that arrives as data may pass to timm / open_clip: shapes,
+# regularisation, switches. Others name files, URLs or modules to load from (timm's
+# checkpoint_path and pretrained_cfg_overlay, open_clip's cache_dir, ...).
+DATA_BACKBONE_KWARGS = frozenset(
+    {
+        "img_size", "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias", "in_chans", "class_token",
+        "global_pool", "drop_rate", "drop_path_rate", "init_values", "reg_tokens", "no_embed_class", "dynamic_img_size",
+        "force_quick_gelu", "force_image_size", "force_patch_dropout", "pretrained_hf",
+    }
+)  # fmt: skip
+
+
 def refuse_code(data: Any, origin: str) -> None:
     """A config that arrives as data -- a registry card ``strata predict`` loads, a landed
-    ``task.yaml`` -- may not name code to import: whoever can write it could run code otherwise."""
+    ``task.yaml`` -- may not name code to import, nor pass the backbone library an argument that
+    says where to load from: whoever can write it could run code or swap weights otherwise."""
     backbone = data.get("backbone") if isinstance(data, dict) else None
-    remap = backbone.get("key_remap") if isinstance(backbone, dict) else None
+    if not isinstance(backbone, dict):
+        return
+    remap = backbone.get("key_remap")
     if remap is not None and remap not in BUILTIN_KEY_REMAPS:
         raise ConfigError(
             f"{origin}: backbone.key_remap {remap!r} names code to import, which only a config file you run may do; "
             f"from here only {', '.join(BUILTIN_KEY_REMAPS)} is accepted"
         )
+    kwargs = backbone.get("kwargs") or {}
+    for key, value in kwargs.items() if isinstance(kwargs, dict) else []:
+        plain = isinstance(value, bool | int | float) or (isinstance(value, str) and value.isidentifier())
+        sizes = isinstance(value, list) and all(isinstance(v, int | float) for v in value)
+        if key not in DATA_BACKBONE_KWARGS or not (plain or sizes):
+            raise ConfigError(
+                f"{origin}: backbone.kwargs.{key} = {value!r} is not accepted from here (only numbers, flags and names for "
+                f"{', '.join(sorted(DATA_BACKBONE_KWARGS))}); only a config file you run may pass other arguments"
+            )
 
 
 def format_validation_error(origin: str, err: ValidationError) -> str:

@@ -238,9 +238,9 @@ def test_json_outputs_write_null_for_non_finite_numbers():
 
 
 def test_worker_slots_count_whole_workers_per_node():
-    from pipeline.train.preflight import _worker_slots
+    from pipeline.train.preflight import worker_slots
 
-    assert _worker_slots([{"CPU": 8.0}], 0.5, 0.0) == 16
-    assert _worker_slots([{"CPU": 1.5}, {"CPU": 1.5}], 1.0, 0.0) == 2  # 3 CPUs in all, but no node holds two workers
-    assert _worker_slots([{"CPU": 16.0, "GPU": 1.0}, {"CPU": 2.0}], 1.0, 1.0) == 1
-    assert _worker_slots([{"CPU": 16.0, "GPU": 1.0}], 1.0, 0.25) == 4  # fractional GPUs share one
+    assert worker_slots([{"CPU": 8.0}], 0.5, 0.0) == 16
+    assert worker_slots([{"CPU": 1.5}, {"CPU": 1.5}], 1.0, 0.0) == 2  # 3 CPUs in all, but no node holds two workers
+    assert worker_slots([{"CPU": 16.0, "GPU": 1.0}, {"CPU": 2.0}], 1.0, 1.0) == 1
+    assert worker_slots([{"CPU": 16.0, "GPU": 1.0}], 1.0, 0.25) == 4  # fractional GPUs share one

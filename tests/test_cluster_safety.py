@@ -24,7 +24,8 @@ CARD = {
     "tasks": [],
     "class_names": [],
     "records_sha256": ["ab" * 32],
-    "format": "strata-model/1",
+    "weights_sha256": {},
+    "format": "strata-model/2",
 }
 
 

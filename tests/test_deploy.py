@@ -14,7 +14,10 @@ import kubernetes_validate
 import pytest
 import ray
 import yaml
+from click.testing import CliRunner
 from referencing import Registry, Resource
+
+from pipeline.cli import main
 
 from conftest import REPO
 
@@ -179,22 +182,38 @@ def test_the_image_installs_locked_dependencies_before_the_code_on_a_pinned_base
     lines = [line for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
     base = next(line for line in lines if line.startswith("FROM "))
     assert "@${RAY_BASE_DIGEST}" in base or "@sha256:" in base, base
-    install = next(i for i, line in enumerate(lines) if "requirements.lock" in line and "pip install" in line)
+    install = next(i for i, line in enumerate(lines) if "--require-hashes -r requirements.lock" in line and "pip install" in line)
     first_code = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "pipeline" in line)
     assert install < first_code, "a code change must not reinstall the dependencies"
     assert not any(line.startswith("USER root") for line in lines)
     assert all("--chown=ray:users" in line for line in lines if line.startswith("COPY"))
 
 
-def locked_versions() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
+def locked_requirements() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {normalised name: (version, sha256 hashes)}."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = (REPO / "requirements.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            name, sep, version = line.partition("==")
+            requirement, *options = line.split()
+            name, sep, version = requirement.partition("==")
             assert sep, f"requirements.lock: {line!r} is not pinned"
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+            hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = (version, hashes)
     return pins
+
+
+def locked_versions() -> dict[str, str]:
+    return {name: version for name, (version, _) in locked_requirements().items()}
+
+
+def test_every_locked_requirement_carries_the_hashes_pip_checks():
+    locked = locked_requirements()
+    assert {"torch", "setuptools", "mlflow"} <= set(locked)  # setuptools: torch needs it, and strata's own build uses it
+    assert not [name for name, (_, hashes) in locked.items() if not hashes or any(len(h) != 64 for h in hashes)]
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements.lock" in makefile and "-c requirements.lock" not in makefile
 
 
 def test_this_environment_has_the_locked_versions_and_the_lock_pins_the_images_ray():
@@ -210,3 +229,91 @@ def test_this_environment_has_the_locked_versions_and_the_lock_pins_the_images_r
     moved = {name: (pins[name], installed[name]) for name in pins if name in installed and installed[name] != pins[name]}
     assert not moved, f"installed versions differ from requirements.lock (locked, installed): {moved}"
     assert {"torch", "mlflow", "pytest", "kubernetes-validate"} <= set(pins) & set(installed)
+
+
+def test_every_job_asks_for_workers_that_fit_the_largest_cluster_it_may_grow_to(tmp_path):
+    from pipeline.deploy import Demand, check_manifests, largest_nodes
+
+    paths = sorted(KUBERAY.glob("*.yaml"))
+    results = {name: (demands, problem) for name, demands, problem in check_manifests(paths, REPO)}
+    assert set(results) == {name for name, _ in rayjobs()}
+    assert {name: problem for name, (_, problem) in results.items() if problem} == {}
+    cron = "cronjob-retrain.yaml#3:rayjob.yaml"
+    assert results[cron][0] == [Demand("the run's workers", 2, 0.5, 1.0)]  # configs/retrain.yaml, use_gpu=true
+    cluster = next(doc for _, doc in DOCS if doc["kind"] == "RayCluster")["spec"]
+    assert largest_nodes(cluster) == [{"CPU": 0.0, "GPU": 0.0}] + [{"CPU": 8.0, "GPU": 1.0}] * 4  # head runs no tasks
+
+    # The CronJob as it first shipped: two one-GPU workers, a worker group of at most one GPU pod.
+    text = (KUBERAY / "cronjob-retrain.yaml").read_text().replace("maxReplicas: 2", "maxReplicas: 1")
+    (tmp_path / "cronjob-retrain.yaml").write_text(text)
+    [(name, _, problem)] = check_manifests([tmp_path / "cronjob-retrain.yaml"], REPO)
+    assert name == cron and problem == (
+        "the run's workers: 2 x (0.5 CPU + 1 GPU) do not fit the largest cluster it may grow to (2 nodes, 8 CPUs, 1 GPUs, one worker per node slot)"
+    )
+    result = CliRunner().invoke(main, ["check-manifests", str(tmp_path / "cronjob-retrain.yaml"), "--repo", str(REPO)])
+    assert result.exit_code == 1 and result.output == f"{cron}: {problem}\n"
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """Every pod template the manifests create: Ray heads and workers, submitters, the CronJob's, MLflow's."""
+    pods = []
+    for name, doc in DOCS:
+        spec = doc.get("spec") or {}
+        if doc["kind"] == "Deployment":
+            pods.append((name, spec["template"]["spec"]))
+        if doc["kind"] == "CronJob":
+            pods.append((name, spec["jobTemplate"]["spec"]["template"]["spec"]))
+        if doc["kind"] == "RayJob":
+            pods.append((f"{name} submitter", spec["submitterPodTemplate"]["spec"]))
+    for name, cluster in clusters():
+        pods += [(f"{name} {group.get('groupName', 'head')}", group["template"]["spec"]) for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    return pods
+
+
+def test_every_pod_runs_unprivileged_and_only_ray_keeps_a_writable_root():
+    pods = pod_specs()
+    assert len(pods) == 11  # 3 clusters x (head + GPU group), 3 submitters, the CronJob's pod, MLflow
+    for name, pod in pods:
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0 and context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, name
+            ray_image = "/strata:" in container["image"]  # Ray writes its session, logs and spills across the image
+            assert sc.get("readOnlyRootFilesystem", False) is not ray_image, f"{name}: {container['name']}"
+
+
+def test_mlflow_requires_a_login_that_only_a_secret_gives_and_admits_only_strata_ray_pods():
+    server = next(doc for _, doc in DOCS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "strata-mlflow")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"] and "--serve-artifacts" in container["args"]  # artifacts behind the login too
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "strata-mlflow-server"
+    config = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-mlflow-auth")
+    assert "default_permission = NO_PERMISSIONS" in config["data"]["basic_auth.ini"] and "admin_password" not in config["data"]["basic_auth.ini"]
+    tracking = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-env")["data"]["MLFLOW_TRACKING_URI"]
+    service = next(doc for _, doc in DOCS if doc["kind"] == "Service" and doc["metadata"]["name"] == "strata-mlflow")
+    assert tracking == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    policy = next(doc for _, doc in DOCS if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "strata-mlflow")["spec"]
+    assert policy["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    assert [peer["podSelector"]["matchLabels"] for rule in policy["ingress"] for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "strata", "app.kubernetes.io/component": "ray"}
+    ]
+    for name, cluster in clusters():  # every Ray pod logs to MLflow: the driver on the head, Tune trials on workers
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            ray_env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+            for key, field in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+                assert ray_env[key]["valueFrom"]["secretKeyRef"] == {"name": "strata-mlflow-credentials", "key": field}, name
+    for name, pod in pod_specs():  # no credential is written into a manifest
+        for container in pod["containers"]:
+            literal = [e["name"] for e in container.get("env", []) if "value" in e and re.search(r"PASSWORD|TOKEN|SECRET|KEY", e["name"])]
+            assert not literal, f"{name}: {literal}"
+
+
+def test_the_mlflow_image_is_pinned_and_runs_the_locked_mlflow_as_a_non_root_user():
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile.mlflow").read_text()
+    assert re.search(r"^FROM \S+@\$\{PYTHON_BASE_DIGEST\}$", dockerfile, re.M)
+    assert re.search(r"^ARG MLFLOW_VERSION=(\S+)$", dockerfile, re.M).group(1) == locked_versions()["mlflow"]
+    assert re.search(r"^USER (\d+)$", dockerfile, re.M) and "USER root" not in dockerfile
+    server = next(doc for _, doc in DOCS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "strata-mlflow")
+    assert server["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":{locked_versions()['mlflow']}")

@@ -1,11 +1,12 @@
-"""The import rule: cli, jobs > tune, ops > train > eval > methods > backbones, data, memory, tracking > config."""
+"""The import rule: cli, jobs > deploy > tune, ops > train > eval > methods > backbones, data, memory, tracking > config."""
 
 import ast
 from pathlib import Path
 
 PIPELINE = Path(__file__).parent.parent / "pipeline"
 RANK = {
-    "cli": 5, "jobs": 5,
+    "cli": 6, "jobs": 6,
+    "deploy": 5,
     "tune": 4, "ops": 4,
     "train": 3,
     "eval": 2,

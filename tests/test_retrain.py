@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from pipeline.cli import main
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import Ledger, MemoryStore, TaskRecord
+from pipeline.memory import ledger as ledger_module
 from pipeline.memory.ledger import LeaseLost
+from pipeline.memory.store import safe_name
 from pipeline.ops import retraining as retrain_module
 from pipeline.ops import scan
 from pipeline.train import run
@@ -43,6 +46,12 @@ land_digits = _load_land_digits()  # the walk-through's uploader (deploy/README.
 
 def land(landing: Path, folder: str, digits: list[int], *, ready: bool) -> Path:
     return Path(land_digits(str(landing), folder, digits, ready=ready))
+
+
+# Landed ids that share their first 60 characters (an uploader's long prefix): the ledger and the
+# store name files after task ids, and two such ids must never share a file.
+PREFIX = "scanner-07-of-the-north-building-digits-batches-landed-daily-"
+FIRST, SECOND, THIRD = (PREFIX + day for day in ("2026-11-01", "2026-11-08", "2026-11-15"))
 
 
 def model_config(tmp_path: Path) -> Path:
@@ -89,6 +98,42 @@ def test_ledger_claim_is_won_by_exactly_one_process(tmp_path):
     ledger.complete("task-a", {"position": 0})
     with pytest.raises(StoreError, match="is learned; its claim stays"):
         ledger.release("task-a")
+
+
+def test_task_ids_that_share_60_characters_keep_files_of_their_own(tmp_path):
+    assert safe_name("2026-11-01") == "2026-11-01"  # a short plain id is its own name
+    ids = [FIRST, SECOND, THIRD, "a b", "a_b", "a/b", "x" * 128, "x" * 127]
+    assert len({safe_name(i) for i in ids}) == len(ids)
+    assert all(len(safe_name(i)) <= 60 for i in ids)
+    ledger = Ledger(str(tmp_path / "store"))
+    assert ledger.claim(FIRST, "p") and ledger.claim(SECOND, "p")  # the second is not taken for the first's
+    ledger.complete(FIRST, {"position": 0})
+    assert ledger.done(SECOND) is None
+    ledger.complete(SECOND, {"position": 1})
+    assert [r["task_id"] for r in ledger.learned()] == [FIRST, SECOND]
+    assert ledger.done(FIRST)["position"] == 0 and ledger.done(SECOND)["position"] == 1
+    store = MemoryStore(str(tmp_path / "store"))
+    for k, task_id in enumerate((FIRST, SECOND)):
+        store.append(TaskRecord({"x": torch.full((1,), float(k))}), task_index=k, task_id=task_id, method="ncm", backbone_id="b")
+    assert [r.tensors["x"].item() for r in store.load_all(backbone_id="b")] == [0.0, 1.0]
+
+
+def test_claims_are_exclusive_creates_on_an_object_store_filesystem(monkeypatch):
+    uri = f"memory://ledger-{uuid.uuid4().hex}/store"
+    first, second = Ledger(uri), Ledger(uri)
+    assert first.claim("t", "a")
+    assert not second.claim("t", "b")  # a live claim
+    monkeypatch.setattr(second, "claim_of", lambda task_id: None)  # b read the ledger before a published: a race
+    assert not second.claim("t", "b")  # the exclusive create of generation 0 fails on the object store
+    assert first.claim_of("t")["owner"] == "a"
+
+    class OldS3(type(first.fs)):
+        __module__ = "s3fs.core"
+
+    monkeypatch.setattr(ledger_module, "version", lambda package: "2025.5.1")
+    monkeypatch.setattr(first, "fs", OldS3())
+    with pytest.raises(StoreError, match=r"s3fs 2025.5.1 overwrites on open\(mode='xb'\); claims need s3fs>=2025.7.0"):
+        first.claim("u", "a")
 
 
 def test_a_claim_lives_while_renewed_and_is_taken_over_once_its_lease_expires(tmp_path, caplog):
@@ -222,65 +267,66 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
                     "--set", f"tracking.uri={tracking}", "--set", "tracking.experiment=tests",
                     "--set", "train.num_workers=1"]  # fmt: skip  (one worker: the suite has enough two-worker fits)
 
-    land(landing, "2026-11-01", [0, 1], ready=True)
+    land(landing, FIRST, [0, 1], ready=True)
     first = runner.invoke(main, retrain_args)
     assert first.exit_code == 0, first.output
-    assert "learned 2026-11-01: version 1" in first.output
+    assert f"learned {FIRST}: version 1" in " ".join(first.output.split())  # the console wraps a long id
 
-    land(landing, "2026-11-08", [2, 3], ready=True)
-    land(landing, "2026-11-15", [4, 5], ready=False)  # still uploading
+    land(landing, SECOND, [2, 3], ready=True)
+    land(landing, THIRD, [4, 5], ready=False)  # still uploading
     second = runner.invoke(main, retrain_args)
     third = runner.invoke(main, retrain_args)
     assert second.exit_code == 0 and third.exit_code == 0, second.output + third.output
-    assert "learned 2026-11-08: version 2" in second.output and "waiting for _READY" in second.output
-    assert "nothing new to learn" in third.output and "learned 2026" not in third.output
+    assert f"learned {SECOND}: version 2" in " ".join(second.output.split()) and "waiting for _READY" in second.output
+    assert "nothing new to learn" in third.output and f"learned {PREFIX}" not in third.output
 
     client = MlflowClient(tracking)
     versions = sorted(client.search_model_versions("name = 'digits'"), key=lambda v: int(v.version))
     assert [str(v.version) for v in versions] == ["1", "2"]
     latest = versions[-1]
-    assert latest.tags["strata.task_id"] == "2026-11-08" and latest.tags["strata.stream_position"] == "2"
+    assert latest.tags["strata.task_id"] == SECOND and latest.tags["strata.stream_position"] == "2"
     assert latest.tags["strata.memory_version"] == "2"
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert sorted(r.data.tags["strata.retrain.task"] for r in runs) == ["2026-11-01", "2026-11-08"]  # each trained once
+    assert sorted(r.data.tags["strata.retrain.task"] for r in runs) == [FIRST, SECOND]  # each trained once
     store = MemoryStore(str(tmp_path / "model" / "memory"))
-    assert [e.task_id for e in store.entries()] == ["2026-11-01", "2026-11-08"]
+    assert [e.task_id for e in store.entries()] == [FIRST, SECOND]
 
-    summary = json.loads((tmp_path / "model" / "0001-2026-11-08" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "model" / f"0001-{SECOND}" / "summary.json").read_text())
     assert summary["samples_seen"][0] == 0  # the first task was restored from the store, not trained again
-    assert summary["accuracy_matrix"][0][0] == Ledger(store.uri).done("2026-11-01")["accuracy_row"][0]
+    assert summary["accuracy_matrix"][0][0] == Ledger(store.uri).done(FIRST)["accuracy_row"][0]
     out = tmp_path / "preds.parquet"
     predicted = runner.invoke(
-        main, ["predict", "--model", "digits/2", str(landing / "2026-11-08" / "test.parquet"), "--out", str(out), "--tracking-uri", tracking]
+        main, ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking]
     )
     assert predicted.exit_code == 0, predicted.output
     preds = pq.read_table(out).to_pydict()
     assert preds["row"] == list(range(len(preds["row"])))
-    assert preds["label"] == pq.read_table(landing / "2026-11-08" / "test.parquet").column("label").to_pylist()  # input order
+    assert preds["label"] == pq.read_table(landing / SECOND / "test.parquet").column("label").to_pylist()  # input order
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
 
-    # The same version through MLflow's own API: a pyfunc written from code, nothing pickled.
+    # The same version as an MLflow pyfunc that holds data only, loaded after strata's check of it.
     import mlflow.artifacts
-    import mlflow.pyfunc
     import pandas as pd
 
+    from pipeline.eval.pyfunc import load
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    pyfunc = mlflow.pyfunc.load_model("models:/digits/2")
-    images = pq.read_table(landing / "2026-11-08" / "test.parquet").column("image").to_pylist()
+    pyfunc = load("models:/digits/2")
+    images = pq.read_table(landing / SECOND / "test.parquet").column("image").to_pylist()
     frame = pyfunc.predict(pd.DataFrame({"image": images}))
     assert frame["pred_class"].tolist() == preds["pred_class"] and frame["pred"].tolist() == preds["pred"]
     assert frame["score"].tolist() == pytest.approx(preds["score"], abs=1e-6)
     model_files = Path(mlflow.artifacts.download_artifacts(f"{versions[-1].source}", dst_path=str(tmp_path / "v2")))
-    assert not [p for p in model_files.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    assert not [p for p in model_files.rglob("*") if p.suffix in (".py", ".pkl", ".pickle", ".cloudpickle")]
     gate = versions[-1].tags.get("strata.champion_gate") or client.get_model_version("digits", "2").tags["strata.champion_gate"]
     champion = str(client.get_model_version_by_alias("digits", "champion").version)
     assert champion == ("2" if gate.startswith("passed") else "1") and str(client.get_model_version_by_alias("digits", "latest-task").version) == "2"
 
     folder = tmp_path / "new-images"  # a plain folder of images, no labels
     folder.mkdir()
-    for i, image in enumerate(pq.read_table(landing / "2026-11-08" / "test.parquet").column("image").to_pylist()[:3]):
+    for i, image in enumerate(pq.read_table(landing / SECOND / "test.parquet").column("image").to_pylist()[:3]):
         (folder / f"img{i}.png").write_bytes(image)
     predicted = runner.invoke(main, ["predict", "--model", "digits@latest-task", str(folder), "--out", str(out), "--tracking-uri", tracking])
     assert predicted.exit_code == 0, predicted.output
@@ -316,7 +362,7 @@ def test_predict_candidates_follow_the_model_scenario():
 
     tasks = [{"id": "a", "classes": [0, 1], "domain": None}, {"id": "b", "classes": [2, 3], "domain": None}]
     card = ModelCard(config={}, backbone_id="x", memory_store="m", memory_version=2, scenario="til", label_space="task",
-                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"], records_sha256=["a" * 64, "b" * 64])  # fmt: skip
+                     image_size=16, tasks=tasks, class_names=["0", "1", "2", "3"], records_sha256=["a" * 64, "b" * 64], weights_sha256={})  # fmt: skip
     assert candidates_for(card, "b", infers_tasks=False) == (c := candidates_for(card, "b", infers_tasks=True))
     assert c.classes == (2, 3) and c.task_index == 1 and not c.infer_tasks
     inferred = candidates_for(card, None, infers_tasks=True)
@@ -375,7 +421,7 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     from pipeline.config import TrackingConfig
     from pipeline.tracking import ModelCard, TrackedRun, champion_lag, load_version, promote, register_version
     from pipeline.tracking.registry import ACCURACY_TAG, gate
-    from pipeline.train.registration import MODEL_CODE
+    from pipeline.eval.pyfunc import LOADER_MODULE
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrackedRun.start(TrackingConfig(uri=uri, experiment="tests"))
@@ -384,10 +430,10 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     def version(n: int, accuracy: dict[str, float]) -> str:
         card = ModelCard(config={"backbone": {"key_remap": None}}, backbone_id="b", memory_store=str(tmp_path / "m"), memory_version=n,
                          scenario="cil", label_space="seen", image_size=16, tasks=[{"id": t, "classes": [], "domain": None} for t in accuracy],
-                         class_names=[], records_sha256=[f"{i}" for i in range(1, n + 1)])  # fmt: skip
+                         class_names=[], records_sha256=[f"{i}" for i in range(1, n + 1)], weights_sha256={})  # fmt: skip
         tags = {"strata.memory_store": card.memory_store, "strata.memory_version": str(n), "strata.record_sha256": f"{n}",
                 ACCURACY_TAG: json.dumps(accuracy)}  # fmt: skip
-        v = register_version(uri, run.run_id, "m", card, tags, MODEL_CODE)
+        v = register_version(uri, run.run_id, "m", card, tags, LOADER_MODULE)
         promote(uri, "m", v, accuracy, tolerance=2.0)
         return v
 

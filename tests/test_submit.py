@@ -158,6 +158,13 @@ def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, mon
     assert env["working_dir"] == str(REPO) and {".venv", "runs", "data"} <= set(env["excludes"])
     assert env["pip"] == ["timm>=1.0"]
     assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "B": "2"}
+    for name, value in [("MLFLOW_TRACKING_PASSWORD", "x"), ("MLFLOW_TRACKING_TOKEN", "x"), ("AWS_SECRET_ACCESS_KEY", "x"),
+                        ("MLFLOW_TRACKING_USERNAME", "strata"), ("MLFLOW_TRACKING_URI", "https://strata:hunter2@mlflow:5000")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"env var {name}: holds a credential, and a job's runtime env is stored in the job's metadata"):
+            submit.runtime_env(REPO, env_vars={name: value})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://strata:hunter2@mlflow:5000")  # the shell's URI is passed on: not this one
+    with pytest.raises(ConfigError, match="env var MLFLOW_TRACKING_URI: holds a credential"):
+        submit.runtime_env(REPO)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     result = CliRunner().invoke(main, ["jobs", "status", "x"])
     assert result.exit_code == 2 and "error: --address: no cluster given" in result.output

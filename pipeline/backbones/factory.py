@@ -8,9 +8,9 @@ memory-store record carries.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-import importlib
 from pathlib import Path
 from typing import Literal
 
@@ -217,15 +217,48 @@ def load_checkpoint(model: nn.Module, cfg: BackboneConfig) -> None:
 
 
 Family = Callable[[str, BackboneConfig], Backbone]
+LocalFiles = Callable[[str], list[Path]]  # model name -> the local files a family reads to build it
 _FAMILIES: dict[str, Family] = {}
+_LOCAL_FILES: dict[str, LocalFiles] = {}
 
 
-def register_family(prefix: str) -> Callable[[Family], Family]:
+def register_family(prefix: str, local_files: LocalFiles | None = None) -> Callable[[Family], Family]:
     def deco(fn: Family) -> Family:
         _FAMILIES[prefix] = fn
+        if local_files is not None:
+            _LOCAL_FILES[prefix] = local_files
         return fn
 
     return deco
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_files(cfg: BackboneConfig) -> dict[str, str]:
+    """sha256 by path of every local file that building ``cfg`` reads: the checkpoint, and a
+    family's own (an open_clip ``local-dir:`` folder's config and weights)."""
+    family, _, model_name = cfg.name.partition(":")
+    paths = _LOCAL_FILES[family](model_name) if family in _LOCAL_FILES else []
+    if cfg.checkpoint:
+        paths = [*paths, Path(cfg.checkpoint)]
+    return {str(path): file_sha256(path) for path in paths if path.is_file()}
+
+
+def verify_weight_files(cfg: BackboneConfig, pinned: dict[str, str], origin: str) -> None:
+    """Refuse, before anything is read as weights, a local file that is not the one ``pinned``
+    (by a registry card) names: changed since, absent, or one the card does not pin."""
+    found = weight_files(cfg)
+    for path in sorted(set(found) | set(pinned)):
+        if found.get(path) != pinned.get(path):
+            now = found.get(path, "no file")[:12]
+            then = pinned.get(path, "nothing")[:12]
+            raise ConfigError(f"{origin}: {path}: sha256 {now}, but the model version pins {then}; its weights are not the ones it was made with")
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:

@@ -125,7 +125,15 @@ def loads_weights(model_name: str, pretrained: str | None) -> bool:
     return False
 
 
-@register_family("open_clip")
+def local_dir_files(model_name: str) -> list[Path]:
+    """A ``local-dir:`` model's files (its config and weights), which open_clip reads to build it."""
+    if not model_name.startswith("local-dir:"):
+        return []
+    folder = Path(model_name.removeprefix("local-dir:"))
+    return sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+
+
+@register_family("open_clip", local_files=local_dir_files)
 def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
     pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) else None
     if cfg.pretrained is True:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from pipeline.backbones import create_backbone
+from pipeline.backbones import create_backbone, verify_weight_files
 from pipeline.config import MethodConfig, validate_config
 from pipeline.data.ray_data import decode_image
 from pipeline.data.sources import IMAGE_SUFFIXES
@@ -34,6 +34,7 @@ from pipeline.tracking import ModelCard
 def load_model(card: ModelCard, device: torch.device | str = "cpu") -> Method:
     """Backbone + the card's memory-store version -> the method, in the state it was evaluated in."""
     cfg = validate_config(card.config, "model card config")
+    verify_weight_files(cfg.backbone, card.weights_sha256, "model card")
     backbone = create_backbone(cfg.backbone).to(device)
     if backbone.backbone_id != card.backbone_id:
         raise StoreError(f"model card: made with backbone {card.backbone_id}, but {cfg.backbone.name} builds {backbone.backbone_id}")

@@ -10,7 +10,10 @@ owner renews it (``renew``, from a heartbeat thread while it trains) well before
   published whole or not at all, and only if it does not exist yet -- on a local filesystem it
   is written to a temporary file and hard-linked to its name (``link`` fails if the name
   exists); elsewhere it is an exclusive create (``open(mode="xb")``) of a body small enough to
-  be written in one request. No reader ever sees a half-written claim.
+  be written in one request. No reader ever sees a half-written claim. Object stores honour
+  ``"xb"`` only from some release of their fsspec driver on (a conditional PUT: s3fs sends
+  ``If-None-Match`` for small files from 2025.7.0, gcsfs ``ifGenerationMatch=0`` from
+  2024.12.0; older ones silently overwrite), so a claim on an older driver is refused.
 - Renewing rewrites the owner's own generation atomically (temporary file, then rename). An
   owner that finds a higher generation has lost its lease (it stalled past ``expires``) and
   must not record the task as learned: ``renew`` raises.
@@ -30,18 +33,30 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from packaging.version import Version
 
 from pipeline.errors import StoreError
 from pipeline.memory.store import safe_name
 
 LEDGER_DIR = "ledger"
 DEFAULT_LEASE_S = 600.0
+# The first release of each object-store driver whose open(mode="xb") fails on an existing key.
+EXCLUSIVE_CREATE_SINCE = {"s3fs": "2025.7.0", "gcsfs": "2024.12.0"}
 log = logging.getLogger("strata")
+
+
+def _check_exclusive_create(fs: fsspec.AbstractFileSystem, uri: str) -> None:
+    """Refuse a filesystem driver known to ignore ``"xb"`` (claims would silently overwrite)."""
+    package = type(fs).__module__.split(".", 1)[0]
+    since = EXCLUSIVE_CREATE_SINCE.get(package)
+    if since is not None and Version(version(package)) < Version(since):
+        raise StoreError(f"{uri}: {package} {version(package)} overwrites on open(mode='xb'); claims need {package}>={since}")
 
 
 class LeaseLost(StoreError):
@@ -83,6 +98,7 @@ class Ledger:
                 finally:
                     os.unlink(tmp)
             else:
+                _check_exclusive_create(self.fs, self.uri)
                 with self.fs.open(target, "xb") as fh:
                     fh.write(body)
         except FileExistsError:

@@ -62,9 +62,17 @@ class RecordEntry:
         return dict(self.__dict__)
 
 
+NAME_CHARS = 60
+
+
 def safe_name(name: str) -> str:
-    """A task id as a file-name part."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+    """A task id as a file-name part, distinct for distinct ids: an id that is not already a
+    short, plain name keeps a readable prefix and gains ``~`` and a hash of the whole id (``~``
+    never occurs in a plain name, so no id's name can equal another's)."""
+    plain = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if plain == name and len(name) <= NAME_CHARS:
+        return name
+    return f"{plain[: NAME_CHARS - 13]}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 class MemoryStore:

@@ -12,6 +12,7 @@ does not retry jobs: a caller that must not submit twice passes a deterministic 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pathspec
 import yaml
@@ -94,9 +96,25 @@ def runtime_env(
     if os.environ.get("MLFLOW_TRACKING_URI"):
         variables.setdefault("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
     variables |= dict(env_vars or {})
+    for name, value in variables.items():
+        _refuse_credential(name, str(value))
     if variables:
         env["env_vars"] = variables
     return env
+
+
+# A job's runtime env is stored with the job and shown to whoever can list jobs (the dashboard,
+# `ray job list`): credentials reach the job's pods from a Secret instead (deploy/README.md).
+CREDENTIAL_NAME = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
+
+
+def _refuse_credential(name: str, value: str) -> None:
+    userinfo = urlsplit(value).password if "://" in value else None
+    if CREDENTIAL_NAME.search(name) or name == "MLFLOW_TRACKING_USERNAME" or userinfo:
+        raise ConfigError(
+            f"env var {name}: holds a credential, and a job's runtime env is stored in the job's metadata, readable by "
+            "anyone who can list jobs; give it to the cluster's pods from a Kubernetes Secret (deploy/README.md)"
+        )
 
 
 def entrypoint(kind: str, configs: Sequence[str], overrides: Sequence[str], working_dir: Path, extra: Sequence[str] = ()) -> str:

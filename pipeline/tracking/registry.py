@@ -4,9 +4,11 @@ A registered version is not a copy of any weights: it is a small JSON card that 
 backbone (its config and the id every record was made with) and the memory store (URI and
 version). Backbone + the first ``memory_version`` records of the store is the whole model, so a
 version costs a few kilobytes however large the backbone is. The card is packaged as an MLflow
-pyfunc model written from code (``pipeline/eval/mlflow_model.py`` is stored as a file, nothing is
-pickled), so ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it. Versions carry the
-stream position, the task's metrics and the accuracy on every task learned so far as tags.
+pyfunc model that holds data only: its ``MLmodel`` names an installed strata module as the
+``loader_module`` and the card is its data (no code file, nothing pickled). ``verify_model_dir``
+refuses a downloaded version that holds anything else, so a registry writer cannot make a
+consumer that loads through strata import code. Versions carry the stream position, the task's
+metrics and the accuracy on every task learned so far as tags.
 
 Aliases: ``@latest-task`` follows every new version; ``@champion`` moves to a new version only
 when it passes the regression gate -- its mean accuracy on the tasks the current champion knows
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.artifacts
+import yaml
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -37,8 +40,9 @@ from pipeline.config import refuse_code
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("strata")
-CARD_FORMAT = "strata-model/1"
+CARD_FORMAT = "strata-model/2"
 CARD_FILE = "continual_model.json"
+CARD_DATA = f"data/{CARD_FILE}"  # where mlflow.pyfunc.save_model(data_path=card) puts it
 LATEST_ALIAS = "latest-task"
 CHAMPION_ALIAS = "champion"
 ACCURACY_TAG = "strata.accuracy"  # {task id: accuracy} of the version, on every task it has learned
@@ -59,6 +63,7 @@ class ModelCard:
     tasks: list[dict[str, Any]]  # learned so far, in order: {"id", "classes" (stream ids), "domain"}
     class_names: list[str]  # seen classes by stream id
     records_sha256: list[str]  # the store records it is made of, one per memory version
+    weights_sha256: dict[str, str]  # every local file the backbone is built from (path -> sha256), checked before it is read
     format: str = CARD_FORMAT
 
     def to_json(self) -> str:
@@ -120,8 +125,8 @@ def _requirements() -> list[str]:
         return []
 
 
-def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard, tags: dict[str, str], model_code: Path) -> str:
-    """Log ``card`` to the run as a pyfunc model (``model_code`` is its models-from-code file) and
+def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard, tags: dict[str, str], loader_module: str) -> str:
+    """Log ``card`` to the run as a pyfunc model loaded by the installed ``loader_module`` and
     register it as the next version of model ``name``; returns the version. Idempotent: a version
     this run registered for the same record is returned as it is."""
     import mlflow.pyfunc
@@ -139,8 +144,8 @@ def register_version(tracking_uri: str, run_id: str, name: str, card: ModelCard,
             warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
             mlflow.pyfunc.save_model(
                 path=str(model_dir),
-                python_model=str(model_code),
-                artifacts={"card": str(path)},
+                loader_module=loader_module,
+                data_path=str(path),
                 signature=_pyfunc_signature(),
                 pip_requirements=_requirements(),
             )
@@ -237,7 +242,7 @@ def load_version(tracking_uri: str, spec: str) -> RegisteredVersion:
             mv = _champion_or_newest(client, name, spec, tracking_uri)
     except MlflowException as exc:
         raise ConfigError(f"--model {spec}: {exc.message.splitlines()[0]} ({tracking_uri})") from None
-    card = ModelCard.from_json(_card_text(mv.source, tracking_uri), f"{name}/{mv.version} {CARD_FILE}")
+    card = ModelCard.from_json(_card_text(mv.source, tracking_uri), f"{name}/{mv.version} {CARD_DATA}")
     return RegisteredVersion(name, str(mv.version), mv.run_id, dict(mv.tags), card)
 
 
@@ -252,16 +257,54 @@ def _champion_or_newest(client: MlflowClient, name: str, spec: str, tracking_uri
 
 
 def _card_text(source: str, tracking_uri: str) -> str:
-    """The card of a version: an artifact of its pyfunc model (or, registered by strata before
-    the pyfunc, the version's only file)."""
+    """The card of a version: its pyfunc model's data file (read as data, never run)."""
     with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
-        for relative in (f"artifacts/{CARD_FILE}", CARD_FILE):
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{relative}", dst_path=tmp, tracking_uri=tracking_uri)
-            except (MlflowException, OSError):
-                continue
-            return Path(local).read_text()
-    raise ConfigError(f"{source}: holds no {CARD_FILE}")
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{CARD_DATA}", dst_path=tmp, tracking_uri=tracking_uri)
+        except (MlflowException, OSError):
+            raise ConfigError(f"{source}: holds no {CARD_DATA}") from None
+        return Path(local).read_text()
+
+
+# What a registered version's directory holds: the pyfunc's metadata, its environment files, the
+# card, and the name and version MLflow writes beside a model it downloads from the registry.
+MODEL_FILES = frozenset({"MLmodel", CARD_DATA, "conda.yaml", "python_env.yaml", "requirements.txt", "registered_model_meta"})
+PYFUNC_KEYS = frozenset({"loader_module", "data", "env", "python_version", "streamable"})
+
+
+def download_model(model_uri: str, dst: str, tracking_uri: str | None = None) -> Path:
+    """A registered version's model directory (``models:/NAME@ALIAS``, ``runs:/``, a path), copied into ``dst``."""
+    with _no_progress_bar():
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst, tracking_uri=tracking_uri))
+        except MlflowException as exc:
+            raise ConfigError(f"{model_uri}: {exc.message.splitlines()[0]}") from None
+
+
+def verify_model_dir(path: Path, loader_module: str, origin: str) -> None:
+    """Refuse a model directory that is not exactly what ``register_version`` writes: the pyfunc
+    flavor alone, loaded by ``loader_module`` from the installed package, its data the card, and
+    no other file (no code directory, no pickled model, no other flavor to load it through)."""
+    try:
+        mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{origin}: no readable MLmodel ({exc.__class__.__name__})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    if not isinstance(pyfunc, dict) or set(flavors) != {"python_function"}:
+        raise ConfigError(f"{origin}: MLmodel has flavors {sorted(flavors or {})}; a strata version has python_function only")
+    if pyfunc.get("loader_module") != loader_module or pyfunc.get("data") != CARD_DATA:
+        raise ConfigError(
+            f"{origin}: MLmodel loads {pyfunc.get('loader_module')!r} with {pyfunc.get('data')!r}; "
+            f"a strata version loads {loader_module!r} with {CARD_DATA!r}"
+        )
+    extra = sorted(k for k, v in pyfunc.items() if k not in PYFUNC_KEYS and v is not None)
+    if extra:
+        raise ConfigError(f"{origin}: MLmodel's python_function has {', '.join(extra)}, which a strata version never has")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+    unknown = [f for f in files if f not in MODEL_FILES]
+    if unknown:
+        raise ConfigError(f"{origin}: holds {', '.join(unknown[:5])}, which a strata version never holds")
 
 
 def champion_lag(tracking_uri: str, champion: RegisteredVersion) -> str | None:

@@ -58,7 +58,7 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         check_writable(parsed.path if parsed.scheme else uri, "tracking.uri")
 
 
-def _worker_slots(nodes: list[Mapping[str, float]], cpus: float, gpus: float) -> int:
+def worker_slots(nodes: list[Mapping[str, float]], cpus: float, gpus: float) -> int:
     """How many workers of (cpus, gpus) the nodes can place, each worker on one node."""
     slots = 0
     for node in nodes:
@@ -79,7 +79,7 @@ def check_resources(cfg: StrataConfig, use_gpu: bool) -> None:
     waited = False
     while True:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        if _worker_slots(nodes, train.cpus_per_worker, gpus) >= train.num_workers:
+        if worker_slots(nodes, train.cpus_per_worker, gpus) >= train.num_workers:
             return
         if time.monotonic() >= deadline:
             break

@@ -11,25 +11,22 @@ current champion on the accuracy it was evaluated with, ``@champion`` (both idem
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from pipeline import eval as eval_package
-from pipeline.backbones import Backbone
+from pipeline.backbones import Backbone, weight_files
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
+from pipeline.eval.pyfunc import LOADER_MODULE
 from pipeline.memory import MemoryStore
 from pipeline.tracking import ModelCard, TrackedRun, promote, register_version
 from pipeline.tracking.registry import ACCURACY_TAG
 from pipeline.train.progress import Phase, Progress, phase_metrics
 
 
-# The pyfunc's models-from-code file, by path: importing it would register a model as a side effect.
-MODEL_CODE = Path(eval_package.__file__).parent / "mlflow_model.py"
-
-
-def model_card(cfg: StrataConfig, plan: StreamPlan, row: int, records_sha256: list[str], backbone: Backbone, label_space: str) -> ModelCard:
+def model_card(
+    cfg: StrataConfig, plan: StreamPlan, row: int, records_sha256: list[str], backbone: Backbone, label_space: str, weights: dict[str, str]
+) -> ModelCard:
     """The registry card of the model after the task that fills accuracy row ``row``; it pins the
-    checksums of the store records it is made of."""
+    checksums of the store records and of the backbone's local ``weights`` files it is made of."""
     num_seen = plan.num_seen(row)
     return ModelCard(
         config=cfg.model_dump(mode="json"),
@@ -42,6 +39,7 @@ def model_card(cfg: StrataConfig, plan: StreamPlan, row: int, records_sha256: li
         tasks=[{"id": t.id, "classes": list(t.classes), "domain": t.domain} for t in plan.tasks[: row + 1]],
         class_names=list(plan.class_names[:num_seen]),
         records_sha256=records_sha256,
+        weights_sha256=weights,
     )
 
 
@@ -72,15 +70,16 @@ def register_finished(
     name = cfg.tracking.model_name
     assert name
     shas = [entry.sha256 for entry in store.entries()]
+    weights = weight_files(cfg.backbone)
     for p in range(progress.started_at, progress.phases_done):
         phase = phases[p]
         if progress.model_versions[phase.row] is not None:
             continue
-        card = model_card(cfg, plan, phase.row, shas[: p + 1], backbone, label_space)
+        card = model_card(cfg, plan, phase.row, shas[: p + 1], backbone, label_space, weights)
         row = progress.accuracy_matrix[phase.row]
         accuracy = {plan.tasks[j].id: float(v) for j, v in enumerate(row[: phase.row + 1]) if v is not None}
         tags = card_tags(card) | {f"metric.{k}": f"{v:.6g}" for k, v in phase_metrics(progress, phase).items()}
         tags[ACCURACY_TAG] = json.dumps(accuracy)
-        version = register_version(run.tracking_uri, run.run_id, name, card, tags, MODEL_CODE)
+        version = register_version(run.tracking_uri, run.run_id, name, card, tags, LOADER_MODULE)
         promote(run.tracking_uri, name, version, accuracy, cfg.tracking.champion_tolerance)
         progress.model_versions[phase.row] = version
