@@ -7,8 +7,9 @@ The quick loop used to choose the ``configs/methods/*-single-pass.yaml`` values 
 ``run_quality.py`` rows: the same method code, ``train.loop.train_phase`` and ``eval.evaluate`` as
 a ``strata run``, on ``--rows`` randomly drawn training rows (``--batch`` each step: 800 / 8 =
 100 steps) and ``--test-rows`` test rows per task, one worker, hybrid-vit (or clip-offline for
-CLIP methods). Prints the accuracy row after each task and a JSON line, which it also appends
-to bench/cache/probe.jsonl.
+CLIP methods). Prints the accuracy row after each task (on dil and dcil streams every task's
+test rows, so the final JSON line carries the summary's ``transfer_per_task`` too) and that JSON
+line, which it also appends to bench/cache/probe.jsonl.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pipeline.backbones import create_backbone  # noqa: E402
 from pipeline.config import BackboneConfig, MethodConfig, load_config  # noqa: E402
 from pipeline.data.ray_data import decode_image  # noqa: E402
 from pipeline.eval.evaluate import candidate_classes, evaluate_task, reduce_eval_stats  # noqa: E402
+from pipeline.eval.metrics import transfer_per_task  # noqa: E402
 from pipeline.methods import TaskInfo, create_method, method_class, resolve_method_params  # noqa: E402
 from pipeline.train.loop import StepSettings, train_phase  # noqa: E402
 
@@ -75,12 +77,17 @@ def main() -> int:
     tests: list[tuple[torch.Tensor, torch.Tensor]] = []
     matrix: list[list[float]] = []
     started = time.time()
-    for t, (task, task_cfg) in enumerate(zip(plan.tasks[: args.tasks], cfg.stream.tasks, strict=False)):
+    tasks = list(zip(plan.tasks[: args.tasks], cfg.stream.tasks, strict=False))
+    for t, (task, task_cfg) in enumerate(tasks):
+        lookup = np.asarray(task.label_map)
+        subset = [i for i, s in enumerate(lookup) if s >= 0] if task_cfg.class_subset else None
+        xt, yt = sample(task_cfg.test.path, subset, args.test_rows, 100 + t, size)
+        tests.append((xt, torch.from_numpy(lookup[yt])))
+    for t, (task, task_cfg) in enumerate(tasks):
         lookup = np.asarray(task.label_map)
         subset = [i for i, s in enumerate(lookup) if s >= 0] if task_cfg.class_subset else None
         x, y = sample(task_cfg.train.path, subset, args.rows, t, size)
-        xt, yt = sample(task_cfg.test.path, subset, args.test_rows, 100 + t, size)
-        y, yt = torch.from_numpy(lookup[y]), torch.from_numpy(lookup[yt])
+        y = torch.from_numpy(lookup[y])
         info = TaskInfo(t, task.id, task.classes, plan.num_seen(t), plan.class_names[: plan.num_seen(t)], task.domain)
         method.begin_task(info)
         order = torch.randperm(len(x))
@@ -93,10 +100,10 @@ def main() -> int:
         settings = StepSettings(num_tasks=args.tasks, num_samples=len(x), global_batch_size=args.batch, log_every=10**9, label=task.id)
         stats = train_phase(method, batches, settings)
         method.end_task()
-        tests.append((xt, yt))
         row = []
-        for j, (xj, yj) in enumerate(tests):
-            candidates = candidate_classes(label_space, plan.tasks[j].classes, info.num_seen_classes)
+        for j, (xj, yj) in enumerate(tests if plan.scenario in ("dil", "dcil") else tests[: t + 1]):
+            seen = info.num_seen_classes if j <= t else plan.num_seen(j)
+            candidates = candidate_classes(label_space, plan.tasks[j].classes, seen)
             accuracy = evaluate_task(
                 method, [{"image": backbone.normalize(xj[s : s + 100]), "label": yj[s : s + 100]} for s in range(0, len(xj), 100)],
                 candidates=candidates, candidate_names=[plan.class_names[c] for c in candidates], task_index=j,
@@ -110,7 +117,8 @@ def main() -> int:
         print(f"task {t} '{task.id}': {stats.steps} steps, loss {stats.mean_loss}, accuracy {[round(a, 3) for a in row]}, {method.task_stats()}")
     result = {
         "method": args.method, "stream": args.stream, "tasks": args.tasks, "params": params, "rows": args.rows, "batch": args.batch,
-        "avg_acc": float(np.mean([np.mean(r) for r in matrix])), "last_acc": float(np.mean(matrix[-1])), "wall_s": round(time.time() - started),
+        "avg_acc": float(np.mean([np.mean(r[: t + 1]) for t, r in enumerate(matrix)])), "last_acc": float(np.mean(matrix[-1][: len(matrix)])),
+        "transfer_per_task": transfer_per_task([r + [None] * (len(matrix) - len(r)) for r in matrix]), "wall_s": round(time.time() - started),
     }  # fmt: skip
     print(json.dumps(result))
     out = REPO / "bench/cache/probe.jsonl"

@@ -280,7 +280,7 @@ def test_diki_gate_config_selects_the_formula():
         features = F.normalize(frozen.float(), dim=-1)
         if mode == "relative":
             distance = method.gaussians.mahalanobis(features)[:, 0]
-            expected = torch.sigmoid(8.0 * (1.75 - distance / method.train_distances[0]))
+            expected = torch.sigmoid(8.0 * (1.5 - distance / method.train_distances[0]))  # the defaults, by hand
         else:
             expected = torch.sigmoid(method.gaussians.log_likelihood(features)[:, 0] / backbone.feature_dim - 1.0)
         torch.testing.assert_close(weights[mode], expected.float(), rtol=0, atol=1e-6)
