@@ -151,15 +151,21 @@ class TrainConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    rows_per_chunk: int = Field(default=128, ge=1, description="rows per read unit (a row-group slice, files, ...)")
-    decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
+    rows_per_chunk: int = Field(
+        default=128, ge=1, description="rows per chunk, the unit of planning and resume (a row-group slice, files, ...)"
+    )
+    decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data read or decode task")
     decode_tasks: int | None = Field(
         default=None,
         ge=1,
-        description="most decode tasks one dataset runs at once; default: the CPU cores of the node that builds it "
+        description="most decode tasks one dataset runs at once; default: the CPUs of the whole cluster "
         "(more only start more Python workers that wait for the same cores)",
     )
-    shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
+    shuffle_chunks: bool = Field(
+        default=True,
+        description="shuffle the order of read units per task (seeded); a unit is a Parquet row group, read in one "
+        "pass in file order, so a label-sorted source mixes across row groups and within the shuffle buffer",
+    )
     shuffle_buffer: int = Field(
         default=2048,
         ge=0,

@@ -1,15 +1,20 @@
-"""Source readers: list a source's deterministic chunks, read one chunk, stream its labels.
+"""Source readers: list a source's deterministic chunks, read runs of chunks, stream its labels.
 
-A chunk is the unit of reading and of recovery: a slice of a Parquet row group, a run of
+A chunk is the unit of planning and of recovery: a slice of a Parquet row group, a run of
 image files, a row range of a generator. Chunks are JSON-serialisable, ordered, and carry the
 id of their first row, so every sample has a stable ``sample_id`` (its row index in the source).
+
+A *read unit* is what one read task reads in one pass: the chunks of one Parquet row group
+(``unit_key``). ``read_many`` opens a unit's file once and streams the row group a buffer at a
+time, so each byte of the columns read is read once, however the row group is sliced into
+chunks; reading chunks one by one would read a row group's leading pages again for each.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +29,8 @@ from pipeline.data import generators
 from pipeline.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PARQUET_COLUMNS = ["image", "label"]
+READ_BUFFER_BYTES = 1 << 20  # Parquet column chunks are streamed through a buffer this size, never read whole
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,18 @@ class Chunk:
 
 @dataclass
 class ChunkRows:
-    images: list[bytes]
+    """A chunk's rows as read: encoded images (Arrow binary, not copied into Python objects),
+    source labels, sample ids, and where each row lives (``location``)."""
+
+    images: pa.Array
     labels: np.ndarray
     sample_ids: np.ndarray
-    locations: list[str]
+    where: pa.Array  # string per row: a file, or "file row group g" with the row in ``rows``
+    rows: np.ndarray  # the row's index within ``where``; -1 where ``where`` names the row itself
+
+    def location(self, i: int) -> str:
+        where, row = str(self.where[i]), int(self.rows[i])
+        return where if row < 0 else f"{where} row {row}"
 
 
 @dataclass
@@ -64,7 +79,8 @@ class SourceReader(Protocol):
     def class_names(self, spec: Any) -> list[str] | None: ...
     def chunks(self, spec: Any, rows_per_chunk: int) -> list[Chunk]: ...
     def labels(self, spec: Any) -> Iterator[LabelBlock]: ...
-    def read(self, chunk: Chunk) -> ChunkRows: ...
+    def unit_key(self, chunk: Chunk) -> Hashable: ...
+    def read_many(self, chunks: Sequence[Chunk]) -> Iterator[ChunkRows]: ...
 
 
 _READERS: dict[str, SourceReader] = {}
@@ -80,6 +96,31 @@ def register_source(type_name: str) -> Callable[[type], type]:
 
 def reader_for(type_name: str) -> SourceReader:
     return _READERS[type_name]
+
+
+def read_units(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
+    """``chunks`` (in plan order) grouped into read units: runs of consecutive chunks that share
+    their reader's ``unit_key``."""
+    units: list[list[Chunk]] = []
+    last: Hashable = None
+    for chunk in chunks:
+        key = (chunk.type, reader_for(chunk.type).unit_key(chunk))
+        if units and key == last:
+            units[-1].append(chunk)
+        else:
+            units.append([chunk])
+        last = key
+    return units
+
+
+def read_chunks(chunks: Sequence[Chunk]) -> Iterator[ChunkRows]:
+    """The rows of each of ``chunks``, in order, reading each read unit once."""
+    for unit in read_units(chunks):
+        yield from reader_for(unit[0].type).read_many(unit)
+
+
+def _one_per_row(text: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(text), n)
 
 
 def _split(first_id: int, num_rows: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
@@ -108,7 +149,7 @@ class ParquetReader:
 
     def _open(self, path: str) -> pq.ParquetFile:
         try:
-            pf = pq.ParquetFile(fsspec.open(path, "rb").open())
+            pf = pq.ParquetFile(fsspec.open(path, "rb").open(), buffer_size=READ_BUFFER_BYTES)
         except Exception as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc.__class__.__name__}: {exc})") from None
         missing = {"image", "label"} - set(pf.schema_arrow.names)
@@ -156,17 +197,43 @@ class ParquetReader:
                 yield LabelBlock(path, first_row, labels.astype(np.int64))
                 first_row += len(labels)
 
-    def read(self, chunk: Chunk) -> ChunkRows:
-        ref = chunk.ref
-        table = self._open(ref["path"]).read_row_group(ref["row_group"], columns=["image", "label"])
-        table = table.slice(ref["start"], chunk.num_rows)
-        rows = range(ref["start"], ref["start"] + chunk.num_rows)
-        return ChunkRows(
-            images=table.column("image").to_pylist(),
-            labels=table.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
-            sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
-            locations=[f"{ref['path']} row group {ref['row_group']} row {r}" for r in rows],
-        )
+    def unit_key(self, chunk: Chunk) -> Hashable:
+        return chunk.ref["path"], chunk.ref["row_group"]
+
+    def read_many(self, chunks: Sequence[Chunk]) -> Iterator[ChunkRows]:
+        files: dict[str, pq.ParquetFile] = {}
+        groups: dict[tuple[str, int], list[Chunk]] = {}
+        for chunk in chunks:
+            groups.setdefault((chunk.ref["path"], chunk.ref["row_group"]), []).append(chunk)
+        for (path, rg), wanted in groups.items():
+            if path not in files:
+                files[path] = self._open(path)
+            yield from self._row_group(files[path], path, rg, sorted(wanted, key=lambda c: c.ref["start"]))
+
+    def _row_group(self, pf: pq.ParquetFile, path: str, rg: int, wanted: list[Chunk]) -> Iterator[ChunkRows]:
+        """Stream row group ``rg`` once, cutting out the ``wanted`` chunks (sorted by start); reading
+        stops after the last one."""
+        batches = pf.iter_batches(batch_size=max(c.num_rows for c in wanted), row_groups=[rg], columns=PARQUET_COLUMNS)
+        held: pa.Table | None = None  # rows [held_from, held_from + len) of the row group
+        held_from = 0
+        where = f"{path} row group {rg}"
+        for chunk in wanted:
+            start, stop = chunk.ref["start"], chunk.ref["start"] + chunk.num_rows
+            while held is None or held_from + held.num_rows < stop:
+                batch = next(batches, None)
+                if batch is None:
+                    raise DataError(f"{where}: ends before row {stop}; the file changed after it was planned")
+                fresh = pa.Table.from_batches([batch])
+                held = fresh if held is None else pa.concat_tables([held, fresh])
+            table = held.slice(start - held_from, chunk.num_rows)
+            held, held_from = held.slice(stop - held_from), stop
+            yield ChunkRows(
+                images=table.column("image").combine_chunks(),
+                labels=table.column("label").to_numpy().astype(np.int64),
+                sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
+                where=_one_per_row(where, chunk.num_rows),
+                rows=np.arange(start, stop, dtype=np.int64),
+            )
 
 
 @register_source("folder")
@@ -200,17 +267,22 @@ class FolderReader:
         _, files = self._listing(spec)
         yield LabelBlock(spec.path, 0, np.array([lab for _, lab in files], dtype=np.int64))
 
-    def read(self, chunk: Chunk) -> ChunkRows:
-        images = []
-        for path in chunk.ref["files"]:
-            with open(path, "rb") as fh:
-                images.append(fh.read())
-        return ChunkRows(
-            images=images,
-            labels=np.asarray(chunk.ref["labels"], dtype=np.int64),
-            sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
-            locations=list(chunk.ref["files"]),
-        )
+    def unit_key(self, chunk: Chunk) -> Hashable:
+        return chunk.first_id  # every file is read on its own: a chunk is its own unit
+
+    def read_many(self, chunks: Sequence[Chunk]) -> Iterator[ChunkRows]:
+        for chunk in chunks:
+            images = []
+            for path in chunk.ref["files"]:
+                with open(path, "rb") as fh:
+                    images.append(fh.read())
+            yield ChunkRows(
+                images=pa.array(images, pa.binary()),
+                labels=np.asarray(chunk.ref["labels"], dtype=np.int64),
+                sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
+                where=pa.array(chunk.ref["files"], pa.string()),
+                rows=np.full(chunk.num_rows, -1, dtype=np.int64),
+            )
 
 
 @register_source("generator")
@@ -228,16 +300,21 @@ class GeneratorReader:
         _, labels = gen.rows(spec.split, spec.params, 0, gen.num_rows(spec.split, spec.params))
         yield LabelBlock(f"generator {spec.name}:{spec.split}", 0, labels.astype(np.int64))
 
-    def read(self, chunk: Chunk) -> ChunkRows:
-        ref = chunk.ref
-        start = ref["start"]
-        arrays, labels = generators.get(ref["name"]).rows(ref["split"], ref["params"], start, start + chunk.num_rows)
-        return ChunkRows(
-            images=[_png(a) for a in arrays],
-            labels=labels.astype(np.int64),
-            sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
-            locations=[f"generator {ref['name']}:{ref['split']} row {r}" for r in range(start, start + chunk.num_rows)],
-        )
+    def unit_key(self, chunk: Chunk) -> Hashable:
+        return chunk.first_id  # rows are computed, not read: nothing to share between chunks
+
+    def read_many(self, chunks: Sequence[Chunk]) -> Iterator[ChunkRows]:
+        for chunk in chunks:
+            ref = chunk.ref
+            start = ref["start"]
+            arrays, labels = generators.get(ref["name"]).rows(ref["split"], ref["params"], start, start + chunk.num_rows)
+            yield ChunkRows(
+                images=pa.array([_png(a) for a in arrays], pa.binary()),
+                labels=labels.astype(np.int64),
+                sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
+                where=_one_per_row(f"generator {ref['name']}:{ref['split']}", chunk.num_rows),
+                rows=np.arange(start, start + chunk.num_rows, dtype=np.int64),
+            )
 
 
 def _png(array: np.ndarray) -> bytes:

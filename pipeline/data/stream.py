@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.config import Source, StreamConfig, TaskConfig
-from pipeline.data.sources import Chunk, reader_for
+from pipeline.data.sources import Chunk, read_chunks, reader_for
 from pipeline.errors import DataError
 
 
@@ -74,13 +74,11 @@ def read_encoded(split: SplitPlan, sample_ids: np.ndarray) -> tuple[list[bytes],
     if not split.rows.mask(wanted).all():
         raise DataError(f"{where}: sample ids {wanted[~split.rows.mask(wanted)][:3].tolist()} are not rows of this split")
     found: dict[int, tuple[bytes, int]] = {}
-    for chunk in split.chunks:
-        inside = wanted[(wanted >= chunk.first_id) & (wanted < chunk.first_id + chunk.num_rows)]
-        if len(inside) == 0:
-            continue
-        rows = reader_for(chunk.type).read(chunk)
-        for i in (inside - chunk.first_id).tolist():
-            found[int(rows.sample_ids[i])] = (rows.images[i], int(rows.labels[i]))
+    needed = [c for c in split.chunks if ((wanted >= c.first_id) & (wanted < c.first_id + c.num_rows)).any()]
+    for rows in read_chunks(needed):
+        inside = wanted[(wanted >= rows.sample_ids[0]) & (wanted <= rows.sample_ids[-1])]
+        for i in (inside - rows.sample_ids[0]).tolist():
+            found[int(rows.sample_ids[i])] = (rows.images[i].as_py(), int(rows.labels[i]))
     missing = [int(i) for i in wanted if int(i) not in found]
     if missing:
         raise DataError(f"{where}: no rows with sample ids {missing[:3]}")
