@@ -281,8 +281,12 @@ def test_a_row_group_sliced_into_chunks_is_read_once(tmp_path, monkeypatch):
     rows = list(read_chunks(task.train.chunks))
     assert [int(i) for r in rows for i in r.sample_ids] == list(range(2000))
     assert [img for r in rows for img in r.images.to_pylist()] == images
-    assert [r.location(3) for r in rows[:2]] == [f"{a} row group 0 row 3", f"{a} row group 0 row 19"]
+    located = {int(i): r.location(k) for r in rows for k, i in enumerate(r.sample_ids)}
+    assert [located[3], located[1999]] == [f"{a} row group 0 row 3", f"{a} row group 0 row 1999"]
     assert 0.9 * a.stat().st_size <= sum(read_bytes) <= 1.1 * a.stat().st_size
+    some = [task.train.chunks[i] for i in (0, 2, 3, 124)]  # a resume's or a share's chunks: gaps between them
+    ids = [int(i) for r in read_chunks(some) for i in r.sample_ids]
+    assert ids == list(range(16)) + list(range(32, 64)) + list(range(1984, 2000))
 
 
 def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():

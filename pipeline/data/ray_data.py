@@ -57,16 +57,22 @@ def read_rows(
     lookup = np.asarray(label_map, dtype=np.int64)
     for text in batch["unit"]:
         for read in read_chunks([Chunk(**c) for c in json.loads(str(text))]):
+            assert read.labels is not None  # training and evaluation chunks always read the label column
             labels = lookup[read.labels]
             selected = (labels >= 0) & rows.mask(read.sample_ids)
             if consumed is not None:
                 selected &= ~consumed[read.sample_ids]
-            keep = np.flatnonzero(selected)
-            if len(keep):
-                yield pa.table({
-                    "encoded": read.images.take(keep), "label": labels[keep], "task": np.full(len(keep), task_index, dtype=np.int64),
-                    "sample_id": read.sample_ids[keep], "where": read.where.take(keep), "row": read.rows[keep],
-                })  # fmt: skip
+            if selected.all():  # the common case: zero-copy
+                images, where = read.images, read.where
+            elif selected.any():
+                keep = pa.array(np.flatnonzero(selected))
+                images, where = read.images.take(keep), read.where.take(keep)
+            else:
+                continue
+            yield pa.table({
+                "encoded": images, "label": labels[selected], "task": np.full(len(images), task_index, dtype=np.int64),
+                "sample_id": read.sample_ids[selected], "where": where, "row": read.rows[selected],
+            })  # fmt: skip
 
 
 def decode_rows(batch: pa.Table, *, size: int) -> dict[str, np.ndarray]:

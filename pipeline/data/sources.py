@@ -7,7 +7,9 @@ id of their first row, so every sample has a stable ``sample_id`` (its row index
 A *read unit* is what one read task reads in one pass: the chunks of one Parquet row group
 (``unit_key``). ``read_many`` opens a unit's file once and streams the row group a buffer at a
 time, so each byte of the columns read is read once, however the row group is sliced into
-chunks; reading chunks one by one would read a row group's leading pages again for each.
+chunks; reading chunks one by one would read a row group's leading pages again for each. It
+yields ``ChunkRows`` at the granularity that reads best (for Parquet, runs of wanted rows within
+one decoded batch), not necessarily one per chunk; sample ids say which rows they are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PARQUET_COLUMNS = ["image", "label"]
 READ_BUFFER_BYTES = 1 << 20  # Parquet column chunks are streamed through a buffer this size, never read whole
+READ_BATCH_BYTES = 16 << 20  # rows decoded from Parquet at a time (and handed on as one piece): about this many bytes
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,11 @@ class Chunk:
 
 @dataclass
 class ChunkRows:
-    """A chunk's rows as read: encoded images (Arrow binary, not copied into Python objects),
-    source labels, sample ids, and where each row lives (``location``)."""
+    """Rows as read (a chunk, or a run of a read unit's rows): encoded images (Arrow binary, not
+    copied into Python objects), source labels, sample ids, and where each row lives (``location``)."""
 
     images: pa.Array
-    labels: np.ndarray
+    labels: np.ndarray | None  # None where the chunk leaves the label column out
     sample_ids: np.ndarray
     where: pa.Array  # string per row: a file, or "file row group g" with the row in ``rows``
     rows: np.ndarray  # the row's index within ``where``; -1 where ``where`` names the row itself
@@ -147,14 +150,14 @@ class ParquetReader:
             out.extend(path if found == [fs_path] else fs.unstrip_protocol(f) for f in found)
         return out
 
-    def _open(self, path: str) -> pq.ParquetFile:
+    def _open(self, path: str, columns: Sequence[str] = PARQUET_COLUMNS) -> pq.ParquetFile:
         try:
             pf = pq.ParquetFile(fsspec.open(path, "rb").open(), buffer_size=READ_BUFFER_BYTES)
         except Exception as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc.__class__.__name__}: {exc})") from None
-        missing = {"image", "label"} - set(pf.schema_arrow.names)
+        missing = set(columns) - set(pf.schema_arrow.names)
         if missing:
-            raise DataError(f"{path}: missing column {sorted(missing)[0]!r} (needs 'image' and 'label')")
+            raise DataError(f"{path}: missing column {sorted(missing)[0]!r} (needs {' and '.join(repr(c) for c in columns)})")
         return pf
 
     def class_names(self, spec: ParquetSource) -> list[str] | None:
@@ -169,15 +172,18 @@ class ParquetReader:
             names = found
         return names
 
-    def chunks(self, spec: ParquetSource, rows_per_chunk: int) -> list[Chunk]:
+    def chunks(self, spec: ParquetSource, rows_per_chunk: int, columns: Sequence[str] = PARQUET_COLUMNS) -> list[Chunk]:
+        """The files' row groups cut into chunks; ``columns`` other than image and label (e.g.
+        image alone, for unlabelled images to predict) are named in each chunk."""
         out: list[Chunk] = []
         first_id = 0
+        extra = {} if list(columns) == PARQUET_COLUMNS else {"columns": list(columns)}
         for path in self.files(spec):
-            meta = self._open(path).metadata
+            meta = self._open(path, columns).metadata
             for rg in range(meta.num_row_groups):
                 rows = meta.row_group(rg).num_rows
                 for start, n in _split(first_id, rows, rows_per_chunk):
-                    out.append(Chunk("parquet", {"path": path, "row_group": rg, "start": start}, first_id + start, n))
+                    out.append(Chunk("parquet", {"path": path, "row_group": rg, "start": start, **extra}, first_id + start, n))
                 first_id += rows
         return out
 
@@ -206,34 +212,48 @@ class ParquetReader:
         for chunk in chunks:
             groups.setdefault((chunk.ref["path"], chunk.ref["row_group"]), []).append(chunk)
         for (path, rg), wanted in groups.items():
+            columns = wanted[0].ref.get("columns", PARQUET_COLUMNS)
             if path not in files:
-                files[path] = self._open(path)
-            yield from self._row_group(files[path], path, rg, sorted(wanted, key=lambda c: c.ref["start"]))
+                files[path] = self._open(path, columns)
+            yield from self._row_group(files[path], path, rg, sorted(wanted, key=lambda c: c.ref["start"]), columns)
 
-    def _row_group(self, pf: pq.ParquetFile, path: str, rg: int, wanted: list[Chunk]) -> Iterator[ChunkRows]:
-        """Stream row group ``rg`` once, cutting out the ``wanted`` chunks (sorted by start); reading
-        stops after the last one."""
-        batches = pf.iter_batches(batch_size=max(c.num_rows for c in wanted), row_groups=[rg], columns=PARQUET_COLUMNS)
-        held: pa.Table | None = None  # rows [held_from, held_from + len) of the row group
-        held_from = 0
-        where = f"{path} row group {rg}"
+    def _row_group(self, pf: pq.ParquetFile, path: str, rg: int, wanted: list[Chunk], columns: list[str]) -> Iterator[ChunkRows]:
+        """Stream row group ``rg`` once, in batches of about ``READ_BATCH_BYTES``, and hand on the
+        rows of the ``wanted`` chunks (sorted by start) as zero-copy slices of those batches, a
+        batch at a time; reading stops after the last wanted row."""
+        first_id = wanted[0].first_id - wanted[0].ref["start"]  # sample id of the row group's row 0
+        ranges: list[list[int]] = []  # the wanted rows as merged [start, stop) runs
         for chunk in wanted:
             start, stop = chunk.ref["start"], chunk.ref["start"] + chunk.num_rows
-            while held is None or held_from + held.num_rows < stop:
-                batch = next(batches, None)
-                if batch is None:
-                    raise DataError(f"{where}: ends before row {stop}; the file changed after it was planned")
-                fresh = pa.Table.from_batches([batch])
-                held = fresh if held is None else pa.concat_tables([held, fresh])
-            table = held.slice(start - held_from, chunk.num_rows)
-            held, held_from = held.slice(stop - held_from), stop
-            yield ChunkRows(
-                images=table.column("image").combine_chunks(),
-                labels=table.column("label").to_numpy().astype(np.int64),
-                sample_ids=np.arange(chunk.first_id, chunk.first_id + chunk.num_rows, dtype=np.int64),
-                where=_one_per_row(where, chunk.num_rows),
-                rows=np.arange(start, stop, dtype=np.int64),
-            )
+            if ranges and ranges[-1][1] == start:
+                ranges[-1][1] = stop
+            else:
+                ranges.append([start, stop])
+        group = pf.metadata.row_group(rg)
+        row_bytes = max(1, group.total_byte_size // max(group.num_rows, 1))
+        batch_rows = max(max(c.num_rows for c in wanted), READ_BATCH_BYTES // row_bytes)
+        where = f"{path} row group {rg}"
+        at, run = 0, 0  # row group row of the batch's first row; the first range not yet done
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+            end = at + batch.num_rows
+            while run < len(ranges) and ranges[run][0] < end:
+                lo, hi = max(ranges[run][0], at), min(ranges[run][1], end)
+                piece = batch.slice(lo - at, hi - lo)
+                yield ChunkRows(
+                    images=piece.column("image"),
+                    labels=piece.column("label").to_numpy().astype(np.int64) if "label" in columns else None,
+                    sample_ids=np.arange(first_id + lo, first_id + hi, dtype=np.int64),
+                    where=_one_per_row(where, hi - lo),
+                    rows=np.arange(lo, hi, dtype=np.int64),
+                )
+                if ranges[run][1] > end:
+                    break
+                run += 1
+            if run == len(ranges):
+                return
+            at = end
+        if run < len(ranges):
+            raise DataError(f"{where}: ends before row {ranges[-1][1]}; the file changed after it was planned")
 
 
 @register_source("folder")

@@ -78,6 +78,7 @@ def read_encoded(split: SplitPlan, sample_ids: np.ndarray) -> tuple[list[bytes],
     for rows in read_chunks(needed):
         inside = wanted[(wanted >= rows.sample_ids[0]) & (wanted <= rows.sample_ids[-1])]
         for i in (inside - rows.sample_ids[0]).tolist():
+            assert rows.labels is not None
             found[int(rows.sample_ids[i])] = (rows.images[i].as_py(), int(rows.labels[i]))
     missing = [int(i) for i in wanted if int(i) not in found]
     if missing:
