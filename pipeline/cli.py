@@ -100,10 +100,8 @@ class _TaskBars:
                 self._task = None
             seen = " ".join("-" if v is None else f"{v:.3f}" for v in event["accuracy"][: event["row"] + 1])
             loss = "" if event["loss"] is None else f"  loss {event['loss']:.4f}"
-            progress.console.print(
-                f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: accuracy on seen tasks "
-                f"{event['avg_seen_acc']:.4f} [{seen}]{loss}  {event['wall_s']:.1f}s"
-            )
+            scored = "not scored (eval.every)" if event["avg_seen_acc"] is None else f"accuracy on seen tasks {event['avg_seen_acc']:.4f} [{seen}]"
+            progress.console.print(f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: {scored}{loss}  {event['wall_s']:.1f}s")
 
 
 def _fmt(value: float | None) -> str:

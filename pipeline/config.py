@@ -190,6 +190,12 @@ class EvalConfig(StrictModel):
         description="classes a test sample is scored against: its task's own (til; dcil as in MTIL), "
         "or every seen class (cil, dil); auto picks by scenario",
     )
+    every: int = Field(
+        default=1,
+        ge=1,
+        description="score the seen tasks' test sets after every k-th task and after the last; other rows of the "
+        "accuracy matrix stay null (T tasks cost about T^2 / 2k test-set passes instead of T^2 / 2)",
+    )
     cache_mb: int = Field(
         default=2048,
         ge=0,
@@ -244,6 +250,8 @@ class StrataConfig(StrictModel):
             raise ValueError("eval.split 'validation' needs data.validation_fraction > 0")
         if self.tracking.model_name and not self.tracking.enabled:
             raise ValueError("tracking.model_name registers versions in MLflow: it needs tracking.enabled")
+        if self.tracking.model_name and self.eval.every > 1:
+            raise ValueError("eval.every: a registered version's champion gate reads its task's accuracy row; it needs eval.every 1")
         if self.train.passes > 1 and self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every: checkpoints inside a task need train.passes: 1")
         return self

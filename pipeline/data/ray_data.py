@@ -121,7 +121,8 @@ def split_dataset(
     units (one per Parquet row group, ``sources.read_units``) and hand on encoded rows; at most
     ``decode_concurrency(decode_tasks)`` decode tasks turn them into images. ``shuffle_seed``
     shuffles the order of the read units. ``consumed`` (bool by sample id) leaves out rows an
-    in-task checkpoint holds already; units with no row left are not read at all."""
+    in-task checkpoint holds already; units with no row left are not read at all. Blocks hold
+    at most a chunk's rows of decoded images (``data.rows_per_chunk``)."""
     units = read_units(split.chunks)
     if consumed is not None:
         units = [u for u in units if not all(consumed[c.first_id : c.first_id + c.num_rows].all() for c in u)]
@@ -130,6 +131,10 @@ def split_dataset(
     items: list[dict[str, Any]] = [{"unit": json.dumps([dataclasses.asdict(c) for c in u])} for u in units]
     tasks = decode_concurrency(decode_tasks)
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    # A block of at most a chunk's rows of decoded images: blocks are what the streaming split
+    # hands to the workers, and a read unit's rows would otherwise coalesce into blocks of
+    # Ray Data's default 128 MiB, too few to share a small task among workers.
+    ds.context.target_max_block_size = max((c.num_rows for c in split.chunks), default=1) * 3 * size * size
     ds = ds.map_batches(
         read_rows,
         batch_size=1,

@@ -229,6 +229,7 @@ def _summary(
     cfg: StrataConfig, plan: StreamPlan, progress: Progress, store: MemoryStore, run: TrackedRun | None, wall_s: float
 ) -> dict[str, Any]:
     matrix = progress.accuracy_matrix
+    rows = metrics.scored_rows(len(plan.tasks), cfg.eval.every)
     memory_bytes: list[int | None] = [None] * len(plan.tasks)
     backbone_id = None
     for entry in store.entries():
@@ -237,8 +238,9 @@ def _summary(
     return {
         "tasks": [t.id for t in plan.tasks],
         "accuracy_matrix": matrix,
-        **metrics.summarize(matrix),
-        "transfer_per_task": metrics.transfer_per_task(matrix),
+        "scored_rows": rows,  # the rows the metrics read (eval.every); the others stay null
+        **metrics.summarize(matrix, None if cfg.eval.every == 1 else rows),
+        "transfer_per_task": metrics.transfer_per_task(matrix, None if cfg.eval.every == 1 else rows),
         "samples_seen": progress.samples_seen,
         "memory_bytes": memory_bytes,
         "memory_store": store.uri,
@@ -258,7 +260,7 @@ def _summary(
         "resumes": progress.resumes,  # worker-group starts from a checkpoint (restarts after failures, continued runs)
         "task_stats": progress.task_stats,
         **_eval_stats_summary(progress),
-        **_task_inference_summary(progress),
+        **_task_inference_summary(progress, None if cfg.eval.every == 1 else rows),
     }
 
 
@@ -275,11 +277,11 @@ def _eval_stats_summary(progress: Progress) -> dict[str, Any]:
     return out
 
 
-def _task_inference_summary(progress: Progress) -> dict[str, Any]:
+def _task_inference_summary(progress: Progress, rows: list[int] | None) -> dict[str, Any]:
     """For til methods that also infer tasks: cil accuracy (task inferred) and inference accuracy."""
     if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
         return {}
-    cil = metrics.summarize(progress.cil_accuracy_matrix)
+    cil = metrics.summarize(progress.cil_accuracy_matrix, rows)
     return {
         "cil_accuracy_matrix": progress.cil_accuracy_matrix,
         "cil_avg_acc": cil["avg_acc"],
