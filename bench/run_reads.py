@@ -16,7 +16,7 @@ groups of ``--row-group-rows`` rows, as Spark and pyarrow's defaults produce the
 
 Bytes read are this process's ``rchar`` (/proc/self/io: every byte passed through read or
 pread, page cache included), against the bytes of the task's image and label column chunks.
-Prints a table and writes bench/results/reads.json; the data is deleted afterwards.
+Writes bench/results/reads.json and prints its bench/RESULTS.md section; the data is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -35,7 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from run_quality import reads_section  # noqa: E402
 
 from pipeline.config import DataConfig, StreamConfig  # noqa: E402
 from pipeline.data.ray_data import read_rows  # noqa: E402
@@ -149,16 +152,11 @@ def main() -> int:
         **{f"{name}_read_amplification": best(name)["bytes_read"] / in_task for name in runs},
         "throughput_ratio": best("pyarrow")["seconds"] / best("strata")["seconds"],
         "throughput_ratio_buffered": best("pyarrow_buffered")["seconds"] / best("strata")["seconds"],
-        "host": {"cpus": __import__("os").cpu_count(), "machine": platform.machine(), "pyarrow": pa.__version__},
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "pyarrow": pa.__version__},
     }  # fmt: skip
-    print(f"task: {args.gib} GiB, {rows:,} rows in {len(units)} row groups of {args.row_group_rows:,}, {len(plan.train.chunks):,} chunks")
-    print("| reader | rows/s | bytes read / task bytes |")
-    print("|---|---|---|")
-    for name in runs:
-        print(f"| {name} | {result[f'{name}_rows_per_s']:,.0f} | {result[f'{name}_read_amplification']:.3f} |")
-    print(f"strata / pyarrow throughput: {result['throughput_ratio']:.2f} (pyarrow with strata's 1 MiB read buffer: {result['throughput_ratio_buffered']:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(reads_section(args.out)))
     return 0
 
 

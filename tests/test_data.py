@@ -306,3 +306,26 @@ def test_decode_concurrency_defaults_to_the_clusters_cpus(ray_session):
 
     assert decode_concurrency(None) == int(ray_session.cluster_resources()["CPU"]) == 8  # conftest's logical CPUs, not the 2 cores
     assert decode_concurrency(3) == 3
+
+
+def test_a_learned_task_is_planned_from_its_record_without_its_training_data(tmp_path):
+    from pipeline.data.stream import task_plan_record
+
+    a_train = write_parquet(tmp_path / "a-train.parquet", [0, 1, 2, 1, 0], ["x", "y", "z"])
+    a_test = write_parquet(tmp_path / "a-test.parquet", [2, 1, 0], ["x", "y", "z"])
+    b = write_parquet(tmp_path / "b.parquet", [0, 1, 1], ["z", "w"])
+    cfg = stream(pq_task("a", a_train, a_test, class_subset=["z", "y"]), pq_task("b", b, b))
+    planned = resolve_stream(cfg, rows_per_chunk=2)
+    assert planned.tasks[0].train.label_counts == ((0, 1), (1, 2))  # z once, y twice, in stream ids
+    record = json.loads(json.dumps(task_plan_record(planned.tasks[0], cfg.tasks[0])))  # as the store keeps it
+    a_train.unlink()  # the learned task's training data is gone
+    again = resolve_stream(cfg, rows_per_chunk=2, learned=[record])
+    first = again.tasks[0]
+    assert first.train.chunks == () and first.train.num_samples == 3 and first.train.label_counts == planned.tasks[0].train.label_counts
+    assert first.test == planned.tasks[0].test  # chunks, counts, rows: as planned from the data
+    for field in ("id", "domain", "class_names", "classes", "label_map"):
+        assert getattr(first, field) == getattr(planned.tasks[0], field)
+    assert again.tasks[1] == planned.tasks[1] and again.class_names == planned.class_names == ("z", "y", "w")
+    changed = stream(pq_task("a", a_train, a_test, class_subset=["y"]), pq_task("b", b, b))
+    with pytest.raises(DataError, match="a-train.parquet: no such file"):  # another config: the record does not describe it
+        resolve_stream(changed, rows_per_chunk=2, learned=[record])

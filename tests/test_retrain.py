@@ -273,6 +273,7 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert first.exit_code == 0, first.output
     assert f"learned {FIRST}: version 1" in " ".join(first.output.split())  # the console wraps a long id
 
+    (landing / FIRST / "train.parquet").unlink()  # a learned task's training data may go: its plan is in the store
     land(landing, SECOND, [2, 3], ready=True)
     land(landing, THIRD, [4, 5], ready=False)  # still uploading
     second = runner.invoke(main, retrain_args)
@@ -291,6 +292,9 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert sorted(r.data.tags["strata.retrain.task"] for r in runs) == [FIRST, SECOND]  # each trained once
     store = MemoryStore(str(tmp_path / "model" / "memory"))
     assert [e.task_id for e in store.entries()] == [FIRST, SECOND]
+    assert all(e.plan is not None and e.plan["train"]["num_samples"] > 0 for e in store.entries())
+    shown = runner.invoke(main, ["memory", "show", str(tmp_path / "model" / "memory"), "--json"])
+    assert shown.exit_code == 0 and [e["task_id"] for e in json.loads(shown.output)] == [FIRST, SECOND]
 
     summary = json.loads((tmp_path / "model" / f"0001-{SECOND}" / "summary.json").read_text())
     assert summary["samples_seen"][0] == 0  # the first task was restored from the store, not trained again

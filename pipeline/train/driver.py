@@ -28,7 +28,7 @@ from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
 from pipeline.eval import metrics
 from pipeline.eval.report import write_heatmap, write_matrix_csv
-from pipeline.memory import MemoryStore
+from pipeline.memory import MemoryStore, RecordEntry
 from pipeline.methods import Method, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
@@ -317,9 +317,9 @@ def run(
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
-    method_cls, plan = _check_inputs(cfg)
-    backbone = create_backbone(cfg.backbone)
     store = MemoryStore(cfg.memory_uri)
+    method_cls, plan = _check_inputs(cfg, store)
+    backbone = create_backbone(cfg.backbone)
     own_ray = init_ray(log_to_driver=log_to_driver)
     try:  # a refusal here leaves no Ray of ours running behind it
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
@@ -327,6 +327,8 @@ def run(
         out = OutputDir(cfg.output_dir)
         state, continuing = _open_run(cfg, out, store, fresh)
         learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
+        if sum(1 for t in plan.tasks if not t.train.chunks) > learned:  # planned from records of tasks that train again
+            plan = _plan(cfg, store.entries()[:learned])
     except BaseException:
         if own_ray:
             ray.shutdown()
@@ -368,9 +370,17 @@ def run(
     return summary
 
 
-def _check_inputs(cfg: StrataConfig) -> tuple[type[Method], StreamPlan]:
+def _plan(cfg: StrataConfig, entries: Sequence[RecordEntry]) -> StreamPlan:
+    """The stream's plan; the tasks of ``entries`` (restored from the store) from their records."""
+    return resolve_stream(
+        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test",
+        learned=[e.plan for e in entries],
+    )  # fmt: skip
+
+
+def _check_inputs(cfg: StrataConfig, store: MemoryStore) -> tuple[type[Method], StreamPlan]:
     """What can be refused before Ray starts: the method's scenarios, writable outputs, the
-    tracking server; then the stream's plan."""
+    tracking server; then the stream's plan (the tasks the store holds from their records)."""
     method_cls = method_class(cfg.method.name)
     if cfg.stream.scenario not in method_cls.scenarios:
         raise ConfigError(
@@ -382,10 +392,7 @@ def _check_inputs(cfg: StrataConfig) -> tuple[type[Method], StreamPlan]:
         check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.tracking.enabled:
         check_tracking(resolve_tracking_uri(cfg.tracking))
-    plan = resolve_stream(
-        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
-    )
-    return method_cls, plan
+    return method_cls, _plan(cfg, store.entries())
 
 
 def _check_cluster(cfg: StrataConfig, use_gpu: bool) -> str:

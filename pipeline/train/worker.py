@@ -26,7 +26,7 @@ from ray.train.v2._internal.execution import context as train_context
 
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
-from pipeline.data.stream import StreamPlan
+from pipeline.data.stream import StreamPlan, task_plan_record
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
 from pipeline.eval.metrics import scored_rows
 from pipeline.memory import MemoryStore, TaskRecord
@@ -164,7 +164,10 @@ class _WorkerStream:
         stats, record = self.train(phase_index, phase, info, label)
         self.progress.train_wall_s.append(time.perf_counter() - started)
         if self.rank == 0:
-            self.store.append(record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id)
+            task_plan = task_plan_record(self.plan.tasks[phase.row], self.cfg.stream.tasks[phase.row]) if len(phase.tasks) == 1 else None
+            self.store.append(
+                record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id, plan=task_plan
+            )
         self.evaluate(phase, info)
         progress = self.progress
         for i in phase.tasks:
