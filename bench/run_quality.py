@@ -378,6 +378,48 @@ def _overhead_section(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def reads_section(path: Path) -> list[str]:
+    """bench/results/reads.json (``run_reads.py``): the read stage against pyarrow on one task."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = [
+        f"## Reads: {data['gib']:g} GiB task, {data['rows']:,} rows in row groups of {data['row_group_rows']:,} (`bench/run_reads.py`)",
+        "",
+        f"Random ~{data['image_bytes']} B images + labels, snappy, {data['files']} files; {data['chunks']:,} chunks of "
+        f"{data['rows_per_chunk']} rows in {data['read_units']} read units. In one process, the best of {len(data['runs']['strata'])} "
+        "rounds each, alternating; bytes read = the process's rchar over the image and label column bytes.",
+        "",
+        "| reader | rows/s | bytes read / task bytes |",
+        "|---|---|---|",
+    ]
+    names = {"pyarrow": "pyarrow `iter_batches` (its defaults)", "pyarrow_buffered": "pyarrow `iter_batches`, 1 MiB read buffer",
+             "strata": "strata's read stage (`ray_data.read_rows`)"}  # fmt: skip
+    for key, name in names.items():
+        if f"{key}_rows_per_s" in data:
+            lines.append(f"| {name} | {data[f'{key}_rows_per_s']:,.0f} | {data[f'{key}_read_amplification']:.3f} |")
+    lines += ["", f"strata / pyarrow throughput: {data['throughput_ratio']:.2f} (against the buffered reads: {data['throughput_ratio_buffered']:.2f}).", ""]
+    return lines
+
+
+def predict_section(path: Path) -> list[str]:
+    """bench/results/predict.json (``run_predict.py``): the predict driver's memory by input size."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = [
+        "## `strata predict`: the driver's memory against the input's size (`bench/run_predict.py`)",
+        "",
+        "| rows | driver peak RSS MiB | Parquet parts written | wall s |",
+        "|---|---|---|---|",
+        *(f"| {r['rows']:,} | {r['driver_peak_rss_mib']:.0f} | {r['parts']} | {r['wall_s']:.0f} |" for r in data["runs"]),
+        "",
+        f"Peak RSS, largest / smallest input: {data['rss_ratio_last_to_first']:.2f}.",
+        "",
+    ]
+    return lines
+
+
 def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> str:
     """bench/RESULTS.md from bench/results/*.json (the quality runs), nothing else."""
     rows = [r for r in (json.loads(p.read_text()) for p in sorted(results.glob("*.json"))) if "stream" in r]
@@ -425,6 +467,8 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
     lines += _order_section(results / "order.json")
     lines += _sweeps_section(results / "sweeps")
     lines += _overhead_section(results / "overhead.json")
+    lines += reads_section(results / "reads.json")
+    lines += predict_section(results / "predict.json")
     text = "\n".join(lines)
     out.write_text(text)
     return text

@@ -100,10 +100,8 @@ class _TaskBars:
                 self._task = None
             seen = " ".join("-" if v is None else f"{v:.3f}" for v in event["accuracy"][: event["row"] + 1])
             loss = "" if event["loss"] is None else f"  loss {event['loss']:.4f}"
-            progress.console.print(
-                f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: accuracy on seen tasks "
-                f"{event['avg_seen_acc']:.4f} [{seen}]{loss}  {event['wall_s']:.1f}s"
-            )
+            scored = "not scored (eval.every)" if event["avg_seen_acc"] is None else f"accuracy on seen tasks {event['avg_seen_acc']:.4f} [{seen}]"
+            progress.console.print(f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: {scored}{loss}  {event['wall_s']:.1f}s")
 
 
 def _fmt(value: float | None) -> str:
@@ -384,7 +382,7 @@ _tracking_uri = click.option(
     "--model", "model_spec", required=True, metavar="NAME[/VERSION|@ALIAS]",
     help="registered continual model; NAME alone is NAME@champion (@latest-task: the newest version)",
 )  # fmt: skip
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="predictions Parquet file")
+@click.option("--out", required=True, help="new or empty directory (any fsspec URI) for the predictions' Parquet parts")
 @_tracking_uri
 @click.option("--task", help="score only this task's classes, with its task id (til)")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -392,8 +390,10 @@ _tracking_uri = click.option(
 @_one_line_errors
 def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
     """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
-    a folder of images) with a registered version of a continual model; write --out. The same
-    version loads with pipeline.eval.pyfunc.load("models:/NAME@champion") and predicts the same."""
+    a folder of images) with a registered version of a continual model; the scoring tasks write
+    Parquet parts under --out. An image that cannot be decoded gets a null prediction and the
+    reason in column 'error'. The same version loads with
+    pipeline.eval.pyfunc.load("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
     from pipeline.eval.predict import predict
     from pipeline.tracking import champion_lag, load_version, resolve_tracking_uri
@@ -406,6 +406,8 @@ def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, 
     init_ray()
     result = predict(version.card, data, out, task=task, batch_size=batch_size, actors=actors)
     click.echo(f"{result['rows']} predictions by {version.name} version {version.version} ({len(version.card.tasks)} tasks) -> {out}")
+    if result["errors"]:
+        click.echo(f"{result['errors']} of them null: the image could not be decoded (column 'error' says why)", err=True)
 
 
 def _retrain_options(fn: Callable[..., Any]) -> Callable[..., Any]:

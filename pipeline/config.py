@@ -151,15 +151,21 @@ class TrainConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    rows_per_chunk: int = Field(default=128, ge=1, description="rows per read unit (a row-group slice, files, ...)")
-    decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decode task")
+    rows_per_chunk: int = Field(
+        default=128, ge=1, description="rows per chunk, the unit of planning and resume (a row-group slice, files, ...)"
+    )
+    decode_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data read or decode task")
     decode_tasks: int | None = Field(
         default=None,
         ge=1,
-        description="most decode tasks one dataset runs at once; default: the CPU cores of the node that builds it "
+        description="most decode tasks one dataset runs at once; default: the CPUs of the whole cluster "
         "(more only start more Python workers that wait for the same cores)",
     )
-    shuffle_chunks: bool = Field(default=True, description="shuffle the order of chunks per task (seeded)")
+    shuffle_chunks: bool = Field(
+        default=True,
+        description="shuffle the order of read units per task (seeded); a unit is a Parquet row group, read in one "
+        "pass in file order, so a label-sorted source mixes across row groups and within the shuffle buffer",
+    )
     shuffle_buffer: int = Field(
         default=2048,
         ge=0,
@@ -183,6 +189,12 @@ class EvalConfig(StrictModel):
         default="auto",
         description="classes a test sample is scored against: its task's own (til; dcil as in MTIL), "
         "or every seen class (cil, dil); auto picks by scenario",
+    )
+    every: int = Field(
+        default=1,
+        ge=1,
+        description="score the seen tasks' test sets after every k-th task and after the last; other rows of the "
+        "accuracy matrix stay null (T tasks cost about T^2 / 2k test-set passes instead of T^2 / 2)",
     )
     cache_mb: int = Field(
         default=2048,
@@ -238,6 +250,8 @@ class StrataConfig(StrictModel):
             raise ValueError("eval.split 'validation' needs data.validation_fraction > 0")
         if self.tracking.model_name and not self.tracking.enabled:
             raise ValueError("tracking.model_name registers versions in MLflow: it needs tracking.enabled")
+        if self.tracking.model_name and self.eval.every > 1:
+            raise ValueError("eval.every: a registered version's champion gate reads its task's accuracy row; it needs eval.every 1")
         if self.train.passes > 1 and self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every: checkpoints inside a task need train.passes: 1")
         return self

@@ -51,13 +51,11 @@ def task_batches(task: Any, backbone: Any, size: int = 8, image_size: int = 16) 
     import numpy as np
     import torch
 
-    from pipeline.data.ray_data import load_chunks
+    from pipeline.data.ray_data import load_rows
 
     rows = []
-    for chunk in task.train.chunks:
-        blocks = load_chunks({"chunk": np.array([chunk.to_json()])}, label_map=task.label_map, task_index=task.index, size=image_size, rows=task.train.rows)
-        for block in blocks:
-            rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
+    for block in load_rows(task.train.chunks, label_map=task.label_map, task_index=task.index, size=image_size, rows=task.train.rows):
+        rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
     out = []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]

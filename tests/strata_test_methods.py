@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import ray
 import torch
 
 from pipeline.memory import TaskRecord
@@ -138,6 +139,7 @@ class KillAtConfig(MethodParams):
     kill_task: int = 1  # on rank 1, at this task's step `kill_step`, the worker process SIGKILLs itself
     kill_step: int = 0  # 0: never
     marker: str = ""  # written before the kill: the restarted group does not kill again; reads are logged next to it
+    node_loss: bool = False  # instead: the first rank at `kill_step` writes its node id to `marker` and waits for the node to go
 
 
 @register_method("kill_at")
@@ -155,6 +157,9 @@ class KillAt(NCM):
         self.probe = torch.nn.Linear(self.backbone.feature_dim, task.num_seen_classes, device=self.device)
         self.visits = torch.zeros(self.cfg.max_id, dtype=torch.int64, device=self.device)
         self.steps = 0
+        if self.cfg.marker:  # where each rank of each worker group ran
+            with open(f"{self.cfg.marker}.nodes", "a") as fh:
+                fh.write(f"{os.getpid()} {self.collective.rank} {ray.get_runtime_context().get_node_id()}\n")
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("probe", list(self.probe.parameters()), self.cfg.lr)]
@@ -166,10 +171,25 @@ class KillAt(NCM):
         assert self.task is not None
         self.steps += 1
         marker = Path(self.cfg.marker)
-        if self.collective.rank == 1 and self.task.index == self.cfg.kill_task and self.steps == self.cfg.kill_step and not marker.exists():
+        due = self.task.index == self.cfg.kill_task and self.steps == self.cfg.kill_step and not marker.exists()
+        if due and self.cfg.node_loss:  # the first rank to reach the step, whichever: ranks take blocks as they ask
+            time.sleep(3.0)  # long enough for Train's controller to register the last checkpoint (it polls workers)
+            try:
+                with open(f"{marker}.claim", "x"):
+                    pass
+            except FileExistsError:
+                return self._step(batch, marker)
+            marker.write_text(ray.get_runtime_context().get_node_id())
+            time.sleep(300.0)  # the test removes this node: the process dies with it
+            raise AssertionError(f"node {marker.read_text()} was not removed")
+        if due and self.collective.rank == 1:
             marker.write_text(str(os.getpid()))
             time.sleep(3.0)  # long enough for Train's controller to register the last checkpoint (it polls workers)
             os.kill(os.getpid(), signal.SIGKILL)
+        return self._step(batch, marker)
+
+    def _step(self, batch: Batch, marker: Path) -> torch.Tensor:
+        assert self.task is not None
         with open(f"{marker}.reads.{os.getpid()}", "a") as fh:  # every row a worker trains on, restarts included
             fh.write("".join(f"{self.task.index} {int(i)}\n" for i in batch["sample_id"]))
         self.visits.index_add_(0, batch["sample_id"], torch.ones_like(batch["sample_id"]))

@@ -126,3 +126,12 @@ def test_every_shipped_method_config_validates_against_its_method():
         section = read_yaml(path)["method"]
         params = resolve_method_params(MethodConfig(**section))
         assert params.name == section["name"], path
+
+
+def test_eval_every_is_refused_where_a_row_must_be_scored_after_every_task(tmp_path):
+    path = write(tmp_path / "c.yaml", {**base(tmp_path), "eval": {"every": 2}})
+    assert load_config(path).eval.every == 2
+    with pytest.raises(ConfigError, match="eval.every: a registered version's champion gate reads its task's accuracy row"):
+        load_config(path, ["tracking.model_name=m"])
+    with pytest.raises(ConfigError, match=r"eval\.every: Input should be greater than or equal to 1"):
+        load_config(path, ["eval.every=0"])

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StreamConfig
-from pipeline.data.ray_data import load_chunks
-from pipeline.data.sources import reader_for
+from pipeline.data.ray_data import load_rows
+from pipeline.data.sources import read_chunks, reader_for
 from pipeline.data.stream import resolve_stream
 from pipeline.errors import DataError
 
@@ -65,8 +65,7 @@ def test_parquet_chunks_follow_row_groups_and_number_every_row(tmp_path):
     chunks = reader_for("parquet").chunks(spec, rows_per_chunk=3)
     assert [(c.first_id, c.num_rows) for c in chunks] == [(0, 3), (3, 1), (4, 3), (7, 1), (8, 2), (10, 3)]
     ids, labels = [], []
-    for c in chunks:
-        rows = reader_for("parquet").read(c)
+    for rows in read_chunks(chunks):
         ids += rows.sample_ids.tolist()
         labels += rows.labels.tolist()
     assert ids == list(range(13))
@@ -78,8 +77,7 @@ def test_load_chunks_decodes_filters_and_relabels(tmp_path):
     a = write_parquet(tmp_path / "a.parquet", [0, 1, 2, 1], ["x", "y", "z"])
     plan = resolve_stream(stream(pq_task("t", a, a, class_subset=[2, 1])), rows_per_chunk=10)
     task = plan.tasks[0]
-    batch = {"chunk": np.array([c.to_json() for c in task.train.chunks], dtype=object)}
-    out = list(load_chunks(batch, label_map=task.label_map, task_index=3, size=5))
+    out = list(load_rows(task.train.chunks, label_map=task.label_map, task_index=3, size=5))
     assert len(out) == 1
     assert out[0]["image"].shape == (3, 3, 5, 5) and out[0]["image"].dtype == np.uint8
     assert out[0]["label"].tolist() == [1, 0, 1]  # y -> 1, z -> 0 (subset order)
@@ -94,8 +92,7 @@ def test_every_kth_row_is_kept_in_the_count_and_the_stream(tmp_path):
     plan = resolve_stream(stream(task), rows_per_chunk=4).tasks[0]
     kept_ids = [i for i in range(18) if i % 3 == 0 and not 6 <= i < 12]
     assert plan.train.num_samples == len(kept_ids) == 4 and plan.test.num_samples == 12
-    batch = {"chunk": np.array([c.to_json() for c in plan.train.chunks], dtype=object)}
-    out = list(load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, rows=plan.train.rows))
+    out = list(load_rows(plan.train.chunks, label_map=plan.label_map, task_index=0, size=4, rows=plan.train.rows))
     assert [i for b in out for i in b["sample_id"].tolist()] == kept_ids
     assert [lab for b in out for lab in b["label"].tolist()] == [0, 0, 1, 1]
 
@@ -108,8 +105,7 @@ def test_validation_rows_are_carved_from_training_rows_by_id(tmp_path):
     assert plan.test is None and plan.validation is not None
 
     def ids(split) -> list[int]:
-        batch = {"chunk": np.array([c.to_json() for c in split.chunks], dtype=object)}
-        return [i for b in load_chunks(batch, label_map=plan.label_map, task_index=0, size=4, rows=split.rows) for i in b["sample_id"].tolist()]
+        return [i for b in load_rows(split.chunks, label_map=plan.label_map, task_index=0, size=4, rows=split.rows) for i in b["sample_id"].tolist()]
 
     fit, held = ids(plan.train), ids(plan.validation)
     assert sorted(fit + held) == list(range(200)) and not set(fit) & set(held)
@@ -125,9 +121,8 @@ def test_corrupt_image_names_file_and_row(tmp_path):
     images = [png(1), b"not an image", png(3)]
     a = write_parquet(tmp_path / "a.parquet", [0, 1, 0], ["x", "y"], images=images)
     task = resolve_stream(stream(pq_task("t", a, a)), rows_per_chunk=10).tasks[0]
-    batch = {"chunk": np.array([task.train.chunks[0].to_json()], dtype=object)}
     with pytest.raises(DataError, match=r"a\.parquet row group 0 row 1: cannot decode image"):
-        list(load_chunks(batch, label_map=task.label_map, task_index=0, size=4))
+        list(load_rows(task.train.chunks[:1], label_map=task.label_map, task_index=0, size=4))
 
 
 def test_validation_errors_name_task_and_file(tmp_path):
@@ -158,17 +153,17 @@ def test_image_folder_source(tmp_path):
     plan = resolve_stream(stream({"id": "f", "train": spec, "test": spec}), rows_per_chunk=2)
     task = plan.tasks[0]
     assert plan.class_names == ("cat", "dog") and task.train.num_samples == 3
-    rows = [reader_for("folder").read(c) for c in task.train.chunks]
+    rows = list(read_chunks(task.train.chunks))
     assert [r.labels.tolist() for r in rows] == [[0, 0], [1]]
-    assert rows[1].locations[0].endswith("dog/3.png")
+    assert rows[1].location(0).endswith("dog/3.png")
 
 
 def test_generators_are_deterministic_by_row():
     gen = reader_for("generator")
     spec = stream(blobs_task("b", rows=10)).tasks[0].train
-    whole = gen.read(gen.chunks(spec, 10)[0])
-    parts = [gen.read(c) for c in gen.chunks(spec, 3)]
-    assert [img for p in parts for img in p.images] == whole.images
+    (whole,) = gen.read_many(gen.chunks(spec, 10))
+    parts = list(gen.read_many(gen.chunks(spec, 3)))
+    assert [img for p in parts for img in p.images.to_pylist()] == whole.images.to_pylist()
     digits = stream({"id": "d", "train": {"type": "generator", "name": "digits"}, "test": {"type": "generator", "name": "digits", "split": "test"}})
     plan = resolve_stream(digits, 512)
     assert (plan.tasks[0].train.num_samples, plan.tasks[0].test.num_samples) == (1437, 360)
@@ -248,3 +243,89 @@ def test_test_sets_score_every_row_on_one_rank_and_decode_each_share_once_per_ru
     small = test_sets(0, 100)  # less than one batch of 5 images (5 * 48 bytes + labels and ids)
     assert ids(small.batches(0)) == first[0] and ids(small.batches(0)) == first[0]
     assert builds == [0, 0, 0, 0] and small.cached_tasks == [] and not any((tmp_path / "cache-0-100").iterdir())
+
+
+def test_a_row_group_sliced_into_chunks_is_read_once(tmp_path, monkeypatch):
+    """Reading every chunk of a 2,000-row row group cut into 16-row chunks reads the file's bytes
+    about once (per-chunk reads would read the row group's leading pages again for each chunk)."""
+    import fsspec
+
+    rng = np.random.default_rng(0)
+    images = [rng.bytes(1000) for _ in range(2000)]
+    a = write_parquet(tmp_path / "big.parquet", [i % 2 for i in range(2000)], ["x", "y"], images=images, row_group_size=2000)
+    task = resolve_stream(stream(pq_task("t", a, a)), rows_per_chunk=16).tasks[0]
+    assert len(task.train.chunks) == 125
+    read_bytes = []
+    real_open = fsspec.open
+
+    class Counting:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def read(self, n=-1):
+            out = self._fh.read(n)
+            read_bytes.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+    class CountingOpenFile:
+        def __init__(self, *args, **kwargs):
+            self._of = real_open(*args, **kwargs)
+
+        def open(self):
+            return Counting(self._of.open())
+
+    monkeypatch.setattr(fsspec, "open", CountingOpenFile)
+    rows = list(read_chunks(task.train.chunks))
+    assert [int(i) for r in rows for i in r.sample_ids] == list(range(2000))
+    assert [img for r in rows for img in r.images.to_pylist()] == images
+    located = {int(i): r.location(k) for r in rows for k, i in enumerate(r.sample_ids)}
+    assert [located[3], located[1999]] == [f"{a} row group 0 row 3", f"{a} row group 0 row 1999"]
+    assert 0.9 * a.stat().st_size <= sum(read_bytes) <= 1.1 * a.stat().st_size
+    some = [task.train.chunks[i] for i in (0, 2, 3, 124)]  # a resume's or a share's chunks: gaps between them
+    ids = [int(i) for r in read_chunks(some) for i in r.sample_ids]
+    assert ids == list(range(16)) + list(range(32, 64)) + list(range(1984, 2000))
+
+
+def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():
+    from pipeline.data.sources import Chunk
+    from pipeline.train.ingest import contiguous_share
+
+    chunks = tuple(Chunk("parquet", {"path": "p", "row_group": i // 2, "start": 4 * (i % 2)}, 4 * i, 4 if i < 7 else 2) for i in range(8))
+    shares = [contiguous_share(chunks, r, 2) for r in range(2)]
+    assert [[c.first_id for c in s] for s in shares] == [[0, 4, 8], [12, 16, 20, 24, 28]]
+    thirds = [contiguous_share(chunks, r, 3) for r in range(3)]
+    assert [c for s in thirds for c in s] == list(chunks) and [sum(c.num_rows for c in s) for s in thirds] == [8, 12, 10]
+
+
+@pytest.mark.ray
+def test_decode_concurrency_defaults_to_the_clusters_cpus(ray_session):
+    from pipeline.data.ray_data import decode_concurrency
+
+    assert decode_concurrency(None) == int(ray_session.cluster_resources()["CPU"]) == 8  # conftest's logical CPUs, not the 2 cores
+    assert decode_concurrency(3) == 3
+
+
+def test_a_learned_task_is_planned_from_its_record_without_its_training_data(tmp_path):
+    from pipeline.data.stream import task_plan_record
+
+    a_train = write_parquet(tmp_path / "a-train.parquet", [0, 1, 2, 1, 0], ["x", "y", "z"])
+    a_test = write_parquet(tmp_path / "a-test.parquet", [2, 1, 0], ["x", "y", "z"])
+    b = write_parquet(tmp_path / "b.parquet", [0, 1, 1], ["z", "w"])
+    cfg = stream(pq_task("a", a_train, a_test, class_subset=["z", "y"]), pq_task("b", b, b))
+    planned = resolve_stream(cfg, rows_per_chunk=2)
+    assert planned.tasks[0].train.label_counts == ((0, 1), (1, 2))  # z once, y twice, in stream ids
+    record = json.loads(json.dumps(task_plan_record(planned.tasks[0], cfg.tasks[0])))  # as the store keeps it
+    a_train.unlink()  # the learned task's training data is gone
+    again = resolve_stream(cfg, rows_per_chunk=2, learned=[record])
+    first = again.tasks[0]
+    assert first.train.chunks == () and first.train.num_samples == 3 and first.train.label_counts == planned.tasks[0].train.label_counts
+    assert first.test == planned.tasks[0].test  # chunks, counts, rows: as planned from the data
+    for field in ("id", "domain", "class_names", "classes", "label_map"):
+        assert getattr(first, field) == getattr(planned.tasks[0], field)
+    assert again.tasks[1] == planned.tasks[1] and again.class_names == planned.class_names == ("z", "y", "w")
+    changed = stream(pq_task("a", a_train, a_test, class_subset=["y"]), pq_task("b", b, b))
+    with pytest.raises(DataError, match="a-train.parquet: no such file"):  # another config: the record does not describe it
+        resolve_stream(changed, rows_per_chunk=2, learned=[record])

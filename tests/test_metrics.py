@@ -61,3 +61,28 @@ def test_task_stats_flatten_to_mlflow_metrics_without_nones():
 
     stats = {"prompt_selection": [3, 0, 5], "key_cosine": 0.25, "masked_off": None, "parts": [0.5, None]}
     assert flat_stats(stats) == {"prompt_selection/0": 3.0, "prompt_selection/1": 0.0, "prompt_selection/2": 5.0, "key_cosine": 0.25, "parts/0": 0.5}
+
+
+def test_metrics_read_only_the_rows_eval_every_scored():
+    assert metrics.scored_rows(5, 1) == [0, 1, 2, 3, 4] and metrics.scored_rows(5, 2) == [1, 3, 4] and metrics.scored_rows(5, 9) == [4]
+    n = None
+    a = [
+        [n, n, n, n, n],
+        [0.8, 0.6, 0.1, n, n],  # a zero-shot-style row: scored beyond the diagonal too
+        [n, n, n, n, n],
+        [0.7, 0.5, 0.9, 0.4, 0.2],
+        [0.6, 0.5, 0.8, 0.3, 0.9],
+    ]
+    rows = metrics.scored_rows(5, 2)
+    assert metrics.avg_acc(a) is None  # every row expected: unscored rows are holes
+    assert metrics.avg_acc(a, rows) == pytest.approx((0.7 + 0.625 + 0.62) / 3)
+    # j = 0, 1: max over rows 1 and 3; j = 2, 3: row 3 alone.
+    assert metrics.forgetting(a, rows) == pytest.approx(((0.8 - 0.6) + (0.6 - 0.5) + (0.9 - 0.8) + (0.4 - 0.3)) / 4)
+    assert metrics.bwt(a, rows) == pytest.approx(((0.5 - 0.6) + (0.3 - 0.4)) / 2)  # tasks 1 and 3 have their own row
+    assert metrics.transfer(a, rows) is None  # task 3's column has one earlier scored row, row 1, and it is empty there
+    b = [r[:] for r in a]
+    b[1][3] = 0.25
+    b[1][4] = 0.35
+    assert metrics.transfer(b, rows) == pytest.approx((0.1 + 0.25 + (0.35 + 0.2) / 2) / 3)  # task 1: no earlier scored row
+    assert metrics.transfer_per_task(b, rows) == [None, None, pytest.approx(0.1), pytest.approx(0.25), pytest.approx(0.275)]
+    assert metrics.summarize(a, rows)["mtil_average"] is None and metrics.summarize(a, rows)["last_acc"] == pytest.approx(0.62)

@@ -30,12 +30,16 @@ CONTRACT_KEYS = {
 def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow_with_the_stream(ray_session, tmp_path):
     """Six tasks: every row of each trained on exactly once, by both workers between them; and
     the Ray actor processes alive when task 2 begins are as many as when task 6 begins (one
-    split coordinator per phase, ended with it; evaluation runs no actor)."""
+    split coordinator per phase, ended with it; evaluation runs no actor). With eval.every 3 the
+    seen tasks are scored after tasks 3 and 6 only, and the metrics read those rows."""
     import strata_test_methods  # noqa: F401  (registers sample_counter)
 
     rows = (101, 64, 24, 24, 24, 24)
     tasks = [blobs_task(f"t{i}", rows=n, seed=i + 1) for i, n in enumerate(rows)]
-    sections = {"method": {"name": "sample_counter", "max_id": 128}, "tracking": {"enabled": False}, "data": {"rows_per_chunk": 8}}
+    sections = {
+        "method": {"name": "sample_counter", "max_id": 128}, "tracking": {"enabled": False}, "data": {"rows_per_chunk": 8},
+        "eval": {"every": 3},
+    }  # fmt: skip
     cfg = validate_config(run_config(tmp_path, tasks, **sections))
     summary = run(cfg)
     store = MemoryStore(summary["memory_store"])
@@ -49,6 +53,13 @@ def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow
     assert summary["samples_seen"] == list(rows)
     actors = [stats["ray_actor_processes"] for stats in summary["task_stats"]]
     assert actors[1] == actors[5], f"Ray actor processes at the start of each task: {actors}"
+    matrix = summary["accuracy_matrix"]
+    assert summary["scored_rows"] == [2, 5]
+    assert [i for i, row in enumerate(matrix) if any(v is not None for v in row)] == [2, 5]
+    assert None not in matrix[2][:3] + matrix[5] and matrix[2][3:] == [None] * 3
+    assert summary["avg_acc"] == pytest.approx((sum(matrix[2][:3]) / 3 + sum(matrix[5]) / 6) / 2, abs=1e-12)
+    assert summary["forgetting"] == pytest.approx(sum(matrix[2][j] - matrix[5][j] for j in range(3)) / 3, abs=1e-12)  # tasks 4, 5: no earlier score
+    assert summary["last_acc"] == pytest.approx(sum(matrix[5]) / 6, abs=1e-12) and summary["mtil_average"] is None
 
 
 def digit_pairs_in_train_split() -> list[int]:

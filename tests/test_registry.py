@@ -90,7 +90,7 @@ def test_a_version_holds_the_card_and_the_pyfunc_agrees_with_strata_predict(regi
     images = [_png(i) for i in range(6)]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     frame = load("models:/m/1").predict(pd.DataFrame({"image": images}))
-    direct = Predictor(card.to_json(), None, "image")({"image": np.array(images, dtype=object)})  # strata predict's actor
+    direct = Predictor(card.to_json(), None, "image")({"image": np.array(images, dtype=object)}).to_pandas()  # strata predict's actor
     assert frame["pred_class"].tolist() == direct["pred_class"].tolist() and set(direct["pred_class"]) <= {"cat", "dog"}
     assert frame["score"].tolist() == direct["score"].tolist()
     assert mlflow.pyfunc.load_model("models:/m/1").predict(pd.DataFrame({"image": images}))["pred"].tolist() == direct["pred"].tolist()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
 from pipeline.data.ray_data import decode_image
-from pipeline.data.sources import reader_for
+from pipeline.data.sources import read_chunks
 from pipeline.data.stream import StreamPlan, TaskPlan, task_rows
 from pipeline.memory import MemoryStore
 from pipeline.methods import Batch, create_method, resolve_method_params
@@ -81,13 +81,11 @@ def test_exemplars_are_training_rows_original_bytes_counted_and_shrink_per_group
         # Exactly the source's encoded bytes, and none is a validation or test row's image.
         data, offsets = t["exemplars.data"].numpy().tobytes(), t["exemplars.offsets"].tolist()
         stored = [data[offsets[i] : offsets[i + 1]] for i in range(len(ids))]
-        source = reader_for("generator")
-        train_rows = [r for c in task.train.chunks for r in [source.read(c)]]
-        by_id = {int(i): img for rows in train_rows for i, img in zip(rows.sample_ids, rows.images, strict=True)}
+        by_id = {int(i): img for rows in read_chunks(task.train.chunks) for i, img in zip(rows.sample_ids, rows.images.to_pylist(), strict=True)}
         assert stored == [by_id[int(i)] for i in ids]
         held_out = {img for i, img in by_id.items() if validation.rows.mask(np.array([i]))[0]}
         assert task.test is not None
-        test_images = {img for c in task.test.chunks for img in source.read(c).images}
+        test_images = {img for rows in read_chunks(task.test.chunks) for img in rows.images.to_pylist()}
         assert not (set(stored) & (held_out | test_images))
         assert entry.memory_bytes == record.nbytes == len(data) + 8 * (len(ids) + 1) + 16 * len(ids) + 4 * t["head.weight"].numel() + 4 * t["head.bias"].numel()
     # Live: 12 // 4 groups = 3 per group, each group's herding prefix; a restore rebuilds exactly that.

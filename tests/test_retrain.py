@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -272,6 +273,7 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert first.exit_code == 0, first.output
     assert f"learned {FIRST}: version 1" in " ".join(first.output.split())  # the console wraps a long id
 
+    (landing / FIRST / "train.parquet").unlink()  # a learned task's training data may go: its plan is in the store
     land(landing, SECOND, [2, 3], ready=True)
     land(landing, THIRD, [4, 5], ready=False)  # still uploading
     second = runner.invoke(main, retrain_args)
@@ -290,21 +292,42 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert sorted(r.data.tags["strata.retrain.task"] for r in runs) == [FIRST, SECOND]  # each trained once
     store = MemoryStore(str(tmp_path / "model" / "memory"))
     assert [e.task_id for e in store.entries()] == [FIRST, SECOND]
+    assert all(e.plan is not None and e.plan["train"]["num_samples"] > 0 for e in store.entries())
+    shown = runner.invoke(main, ["memory", "show", str(tmp_path / "model" / "memory"), "--json"])
+    assert shown.exit_code == 0 and [e["task_id"] for e in json.loads(shown.output)] == [FIRST, SECOND]
 
     summary = json.loads((tmp_path / "model" / f"0001-{SECOND}" / "summary.json").read_text())
     assert summary["samples_seen"][0] == 0  # the first task was restored from the store, not trained again
     assert summary["accuracy_matrix"][0][0] == Ledger(store.uri).done(FIRST)["accuracy_row"][0]
-    out = tmp_path / "preds.parquet"
+    out = tmp_path / "preds"
+    test_table = pq.read_table(landing / SECOND / "test.parquet")
     predicted = runner.invoke(
         main, ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking]
     )
     assert predicted.exit_code == 0, predicted.output
-    preds = pq.read_table(out).to_pydict()
-    assert preds["row"] == list(range(len(preds["row"])))
-    assert preds["label"] == pq.read_table(landing / SECOND / "test.parquet").column("label").to_pylist()  # input order
+    assert out.is_dir() and list(out.glob("*.parquet"))  # parts written by the scoring tasks
+    preds = pq.read_table(out).sort_by("row").to_pydict()
+    assert preds["row"] == list(range(test_table.num_rows))
+    assert preds["label"] == test_table.column("label").to_pylist()  # each row's own label
+    assert preds["error"] == [None] * test_table.num_rows
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
+    again = runner.invoke(main, ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking])
+    assert again.exit_code == 2 and "exists and is not an empty directory" in again.output  # never mixed with older parts
+
+    # A corrupt image is a null prediction with its reason, and a count; every other row is scored as before.
+    corrupt = test_table.set_column(0, "image", pa.array([b"not an image" if i == 3 else b for i, b in enumerate(test_table.column("image").to_pylist())], pa.binary()))
+    pq.write_table(corrupt.replace_schema_metadata(test_table.schema.metadata), tmp_path / "corrupt.parquet", row_group_size=16)
+    predicted = runner.invoke(main, ["predict", "--model", "digits/2", str(tmp_path / "corrupt.parquet"), "--out", str(tmp_path / "preds-corrupt"), "--tracking-uri", tracking])
+    assert predicted.exit_code == 0, predicted.output
+    assert "1 of them null" in predicted.stderr
+    damaged = pq.read_table(tmp_path / "preds-corrupt").sort_by("row").to_pydict()
+    assert damaged["pred"][3] is None and damaged["pred_class"][3] is None and damaged["score"][3] is None
+    assert "corrupt.parquet row group 0 row 3: cannot decode image" in damaged["error"][3]
+    keep = [i for i in range(test_table.num_rows) if i != 3]
+    assert [damaged["pred_class"][i] for i in keep] == [preds["pred_class"][i] for i in keep]
+    assert [damaged["error"][i] for i in keep] == [None] * len(keep)
 
     # The same version as an MLflow pyfunc that holds data only, loaded after strata's check of it.
     import mlflow.artifacts
@@ -328,12 +351,12 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     folder.mkdir()
     for i, image in enumerate(pq.read_table(landing / SECOND / "test.parquet").column("image").to_pylist()[:3]):
         (folder / f"img{i}.png").write_bytes(image)
-    predicted = runner.invoke(main, ["predict", "--model", "digits@latest-task", str(folder), "--out", str(out), "--tracking-uri", tracking])
+    predicted = runner.invoke(main, ["predict", "--model", "digits@latest-task", str(folder), "--out", str(tmp_path / "preds-folder"), "--tracking-uri", tracking])
     assert predicted.exit_code == 0, predicted.output
-    from_folder = pq.read_table(out).to_pydict()
+    from_folder = pq.read_table(tmp_path / "preds-folder").to_pydict()
     by_name = {Path(p).name: (c, s) for p, c, s in zip(from_folder["path"], from_folder["pred_class"], from_folder["score"], strict=True)}
     assert by_name == {f"img{i}.png": (preds["pred_class"][i], pytest.approx(preds["score"][i], abs=1e-6)) for i in range(3)}
-    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(out), "--tracking-uri", tracking])
+    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(tmp_path / "preds-champion"), "--tracking-uri", tracking])
     assert predicted.exit_code == 0 and f"by digits version {champion} " in predicted.stdout  # NAME alone: @champion
     assert ("is not champion: failed" in predicted.stderr) == (champion == "1")
 

@@ -1,22 +1,29 @@
 """Ray Data pipelines for a task: chunks in, decoded uint8 image batches out, never collected.
 
-Reading and decoding happen in ``map_batches`` tasks on CPU; one input row is one chunk, and
-the output is yielded in small blocks so no worker holds more than a chunk at a time.
-Normalisation happens later on the training device (4x less data through the object store).
+Two stages of ``map_batches`` tasks on CPU. The read stage takes one read unit per input row
+(a Parquet row group's chunks, read in one pass) and yields its selected rows still encoded, a
+chunk at a time; the decode stage, sized to the cluster's CPUs, turns them into images. So the
+decode work spreads over the cluster however few and large the row groups are, and no task
+holds more than a chunk of decoded rows. Normalisation happens later on the training device
+(4x less data through the object store).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
 import ray.data
 
-from pipeline.data.sources import Chunk, reader_for
+from pipeline.data.sources import Chunk, read_chunks, read_units
 from pipeline.data.stream import ALL_ROWS, RowSelection, SplitPlan
 from pipeline.errors import DataError
 
@@ -35,34 +42,68 @@ def decode_image(data: bytes, size: int, location: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def load_chunks(
+def read_rows(
     batch: dict[str, np.ndarray],
     *,
     label_map: Sequence[int],
     task_index: int,
-    size: int,
     rows: RowSelection = ALL_ROWS,
     consumed: np.ndarray | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """``map_batches`` UDF: read each chunk, keep the rows of the task's classes that the split
-    selects and that an in-task checkpoint has not already trained on, decode, relabel."""
+) -> Iterator[pa.Table]:
+    """``map_batches`` UDF, the read stage: one input row is one read unit (a JSON list of chunks);
+    keep the rows of the task's classes that the split selects and that an in-task checkpoint has
+    not already trained on, relabelled, their images still encoded (Arrow, never copied into
+    Python objects here)."""
     lookup = np.asarray(label_map, dtype=np.int64)
-    for text in batch["chunk"]:
-        chunk = Chunk.from_json(str(text))
-        read = reader_for(chunk.type).read(chunk)
-        labels = lookup[read.labels]
-        selected = (labels >= 0) & rows.mask(read.sample_ids)
-        if consumed is not None:
-            selected &= ~consumed[read.sample_ids]
-        keep = np.flatnonzero(selected)
-        for start in range(0, len(keep), OUTPUT_ROWS):
-            idx = keep[start : start + OUTPUT_ROWS]
-            yield {
-                "image": np.stack([decode_image(read.images[i], size, read.locations[i]) for i in idx]),
-                "label": labels[idx],
-                "task": np.full(len(idx), task_index, dtype=np.int64),
-                "sample_id": read.sample_ids[idx],
-            }
+    for text in batch["unit"]:
+        for read in read_chunks([Chunk(**c) for c in json.loads(str(text))]):
+            assert read.labels is not None  # training and evaluation chunks always read the label column
+            labels = lookup[read.labels]
+            selected = (labels >= 0) & rows.mask(read.sample_ids)
+            if consumed is not None:
+                selected &= ~consumed[read.sample_ids]
+            if selected.all():  # the common case: zero-copy
+                images, where = read.images, read.where
+            elif selected.any():
+                keep = pa.array(np.flatnonzero(selected))
+                images, where = read.images.take(keep), read.where.take(keep)
+            else:
+                continue
+            yield pa.table({
+                "encoded": images, "label": labels[selected], "task": np.full(len(images), task_index, dtype=np.int64),
+                "sample_id": read.sample_ids[selected], "where": where, "row": read.rows[selected],
+            })  # fmt: skip
+
+
+def decode_rows(batch: pa.Table, *, size: int) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF, the decode stage: encoded rows -> uint8 images (N, 3, size, size)."""
+    encoded, where, row = batch.column("encoded").to_pylist(), batch.column("where").to_pylist(), batch.column("row").to_numpy()
+    images = [decode_image(data, size, w if r < 0 else f"{w} row {r}") for data, w, r in zip(encoded, where, row, strict=True)]
+    return {
+        "image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+        "label": batch.column("label").to_numpy(),
+        "task": batch.column("task").to_numpy(),
+        "sample_id": batch.column("sample_id").to_numpy(),
+    }
+
+
+def load_rows(
+    chunks: Sequence[Chunk], *, label_map: Sequence[int], task_index: int, size: int, rows: RowSelection = ALL_ROWS
+) -> Iterator[dict[str, np.ndarray]]:
+    """Both stages in this process, a read unit at a time: the rows ``split_dataset`` streams, in plan order."""
+    for unit in read_units(chunks):
+        batch = {"unit": np.array([json.dumps([dataclasses.asdict(c) for c in unit])], dtype=object)}
+        for table in read_rows(batch, label_map=label_map, task_index=task_index, rows=rows):
+            yield decode_rows(table, size=size)
+
+
+def decode_concurrency(cap: int | None) -> int:
+    """Decode tasks one dataset runs at once: ``cap`` if set, else the CPUs of the whole cluster
+    (from this process, the CPUs of this node when no Ray is running)."""
+    if cap is not None:
+        return cap
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    return max(1, int(cpus) or os.cpu_count() or 1)
 
 
 def split_dataset(
@@ -76,22 +117,38 @@ def split_dataset(
     shuffle_seed: int | None = None,
     consumed: np.ndarray | None = None,
 ) -> ray.data.Dataset:
-    """The split as a lazy dataset of decoded batches, decoded by at most ``decode_tasks`` tasks at
-    once (default: this node's CPU cores). ``consumed`` (bool by sample id) leaves out rows an
-    in-task checkpoint holds already; chunks with no row left are not read at all."""
-    chunks = list(split.chunks)
+    """The split as a lazy dataset of decoded batches, in two stages: read tasks stream their read
+    units (one per Parquet row group, ``sources.read_units``) and hand on encoded rows; at most
+    ``decode_concurrency(decode_tasks)`` decode tasks turn them into images. ``shuffle_seed``
+    shuffles the order of the read units. ``consumed`` (bool by sample id) leaves out rows an
+    in-task checkpoint holds already; units with no row left are not read at all. Blocks hold
+    at most a chunk's rows of decoded images (``data.rows_per_chunk``)."""
+    units = read_units(split.chunks)
     if consumed is not None:
-        chunks = [c for c in chunks if not consumed[c.first_id : c.first_id + c.num_rows].all()]
+        units = [u for u in units if not all(consumed[c.first_id : c.first_id + c.num_rows].all() for c in u)]
     if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(chunks)
-    items: list[dict[str, Any]] = [{"chunk": c.to_json()} for c in chunks]
+        random.Random(shuffle_seed).shuffle(units)
+    items: list[dict[str, Any]] = [{"unit": json.dumps([dataclasses.asdict(c) for c in u])} for u in units]
+    tasks = decode_concurrency(decode_tasks)
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    return ds.map_batches(
-        load_chunks,
+    # A block of at most a chunk's rows of decoded images: blocks are what the streaming split
+    # hands to the workers, and a read unit's rows would otherwise coalesce into blocks of
+    # Ray Data's default 128 MiB, too few to share a small task among workers.
+    ds.context.target_max_block_size = max((c.num_rows for c in split.chunks), default=1) * 3 * size * size
+    ds = ds.map_batches(
+        read_rows,
         batch_size=1,
         num_cpus=decode_cpus,
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(decode_tasks or os.cpu_count() or 1, len(items)))),
-        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "size": size, "rows": split.rows, "consumed": consumed},
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(tasks, len(items)))),
+        fn_kwargs={"label_map": list(label_map), "task_index": task_index, "rows": split.rows, "consumed": consumed},
+    )
+    return ds.map_batches(
+        decode_rows,
+        batch_size=OUTPUT_ROWS,
+        batch_format="pyarrow",
+        num_cpus=decode_cpus,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
+        fn_kwargs={"size": size},
     )
 
 

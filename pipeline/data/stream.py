@@ -6,19 +6,23 @@ after task t are always the prefix ``[0, num_seen(t))`` of that space, so a head
 classes seen so far" only ever grows at the end.
 
 Everything here runs in the driver before the first task trains. It reads only metadata and
-the label column, never the images.
+the label column, never the images. A task is planned from its data once: the memory store
+keeps the plan with the task's record (``task_plan_record``), and a later run that restores the
+task from the store (``memory.resume``, a retrain, a continued run) plans it from that record
+(``learned``) without opening its training data, which may have been deleted since.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.config import Source, StreamConfig, TaskConfig
-from pipeline.data.sources import Chunk, reader_for
+from pipeline.data.sources import Chunk, read_chunks, reader_for
 from pipeline.errors import DataError
 
 
@@ -61,9 +65,10 @@ ALL_ROWS = RowSelection()
 @dataclass(frozen=True)
 class SplitPlan:
     source: Source
-    chunks: tuple[Chunk, ...]
+    chunks: tuple[Chunk, ...]  # empty for a learned task's training data: it is never read again
     num_samples: int  # after the class subset and the row selection
     rows: RowSelection = ALL_ROWS
+    label_counts: tuple[tuple[int, int], ...] | None = None  # (stream label, samples), from the planning scan
 
 
 def read_encoded(split: SplitPlan, sample_ids: np.ndarray) -> tuple[list[bytes], np.ndarray]:
@@ -74,13 +79,12 @@ def read_encoded(split: SplitPlan, sample_ids: np.ndarray) -> tuple[list[bytes],
     if not split.rows.mask(wanted).all():
         raise DataError(f"{where}: sample ids {wanted[~split.rows.mask(wanted)][:3].tolist()} are not rows of this split")
     found: dict[int, tuple[bytes, int]] = {}
-    for chunk in split.chunks:
-        inside = wanted[(wanted >= chunk.first_id) & (wanted < chunk.first_id + chunk.num_rows)]
-        if len(inside) == 0:
-            continue
-        rows = reader_for(chunk.type).read(chunk)
-        for i in (inside - chunk.first_id).tolist():
-            found[int(rows.sample_ids[i])] = (rows.images[i], int(rows.labels[i]))
+    needed = [c for c in split.chunks if ((wanted >= c.first_id) & (wanted < c.first_id + c.num_rows)).any()]
+    for rows in read_chunks(needed):
+        inside = wanted[(wanted >= rows.sample_ids[0]) & (wanted <= rows.sample_ids[-1])]
+        for i in (inside - rows.sample_ids[0]).tolist():
+            assert rows.labels is not None
+            found[int(rows.sample_ids[i])] = (rows.images[i].as_py(), int(rows.labels[i]))
     missing = [int(i) for i in wanted if int(i) not in found]
     if missing:
         raise DataError(f"{where}: no rows with sample ids {missing[:3]}")
@@ -160,9 +164,10 @@ def _kept_labels(task: TaskConfig, names: list[str]) -> list[int]:
     return kept
 
 
-def _count(task: TaskConfig, split: str, label_map: np.ndarray, rows: RowSelection) -> int:
+def _count(task: TaskConfig, split: str, label_map: np.ndarray, rows: RowSelection) -> tuple[tuple[int, int], ...]:
+    """Samples per stream label in the split, from one scan of its label column."""
     source = task.test if split == "test" else task.train
-    n = 0
+    counts = np.zeros(max(int(label_map.max()) + 1, 1), dtype=np.int64)
     for block in reader_for(source.type).labels(source):
         kept_rows = rows.mask(block.first_row + np.arange(len(block.labels), dtype=np.int64))
         bad = np.flatnonzero((block.labels < 0) | (block.labels >= len(label_map)))
@@ -172,26 +177,93 @@ def _count(task: TaskConfig, split: str, label_map: np.ndarray, rows: RowSelecti
                 f"task '{task.id}' {split}: {block.location}: label {int(block.labels[bad[0]])} at row {row} "
                 f"is outside the {len(label_map)} classes"
             )
-        n += int(((label_map[block.labels] >= 0) & kept_rows).sum())
-    if n == 0:
+        mapped = label_map[block.labels]
+        counts += np.bincount(mapped[(mapped >= 0) & kept_rows], minlength=len(counts))
+    if counts.sum() == 0:
         subset = " in its class_subset" if task.class_subset is not None else ""
         raise DataError(f"task '{task.id}': the {split} split has no samples{subset}")
-    return n
+    return tuple((c, int(n)) for c, n in enumerate(counts) if n)
+
+
+PLAN_FORMAT = "strata-task-plan/1"
+
+
+def task_plan_record(task: TaskPlan, config: TaskConfig) -> dict[str, Any]:
+    """What planning ``task`` found, as JSON for its memory-store record: the task's config (a
+    later stream must name the same), its classes and label map, its training rows' count and
+    label histogram, and its test split's chunks and count."""
+    record: dict[str, Any] = {
+        "format": PLAN_FORMAT,
+        "config": config.model_dump(mode="json"),
+        "domain": task.domain,
+        "class_names": list(task.class_names),
+        "classes": list(task.classes),
+        "label_map": list(task.label_map),
+        "train": {
+            "num_samples": task.train.num_samples, "rows": asdict(task.train.rows),
+            "label_counts": None if task.train.label_counts is None else [list(p) for p in task.train.label_counts],
+        },
+    }  # fmt: skip
+    if task.test is not None:
+        record["test"] = {
+            "num_samples": task.test.num_samples, "rows": asdict(task.test.rows), "chunks": [asdict(c) for c in task.test.chunks],
+            "label_counts": None if task.test.label_counts is None else [list(p) for p in task.test.label_counts],
+        }  # fmt: skip
+    return record
+
+
+def _from_record(index: int, task: TaskConfig, record: Mapping[str, Any], with_test: bool) -> TaskPlan | None:
+    """The plan of a learned task from its record, or None when the record does not describe this
+    task as the stream now configures it (then it is planned from its data)."""
+    if record.get("format") != PLAN_FORMAT or record["config"] != task.model_dump(mode="json"):
+        return None
+    if with_test and "test" not in record:
+        return None
+    stored_counts = record["train"]["label_counts"]
+    counts = None if stored_counts is None else tuple((int(c), int(n)) for c, n in stored_counts)
+    train = SplitPlan(task.train, (), record["train"]["num_samples"], RowSelection(**record["train"]["rows"]), counts)  # never read again
+    test = None
+    if with_test:
+        stored = record["test"]
+        test_counts = None if stored["label_counts"] is None else tuple((int(c), int(n)) for c, n in stored["label_counts"])
+        chunks = tuple(Chunk(**c) for c in stored["chunks"])
+        test = SplitPlan(task.test, chunks, stored["num_samples"], RowSelection(**stored["rows"]), test_counts)
+    return TaskPlan(
+        index=index, id=task.id, domain=record["domain"], class_names=tuple(record["class_names"]), classes=tuple(record["classes"]),
+        label_map=tuple(record["label_map"]), train=train, test=test,
+    )  # fmt: skip
 
 
 def resolve_stream(
-    cfg: StreamConfig, rows_per_chunk: int, *, holdout: float = 0.0, seed: int = 0, with_test: bool = True
+    cfg: StreamConfig,
+    rows_per_chunk: int,
+    *,
+    holdout: float = 0.0,
+    seed: int = 0,
+    with_test: bool = True,
+    learned: Sequence[Mapping[str, Any] | None] = (),
 ) -> StreamPlan:
     """Validate and plan the stream. ``holdout`` > 0 carves that fraction of each task's training
-    rows out as its validation split; ``with_test=False`` never opens a test source."""
+    rows out as its validation split; ``with_test=False`` never opens a test source. ``learned``
+    holds the plan records of the stream's first tasks, restored from the memory store: such a
+    task is not trained again, so it is planned from its record (no training chunks) whenever
+    the record matches its config (and there is no validation split to carve)."""
     if not cfg.tasks:
         raise DataError("stream: no tasks")
     dupes = [tid for tid, n in Counter(t.id for t in cfg.tasks).items() if n > 1]
     if dupes:
         raise DataError(f"stream: duplicate task id '{dupes[0]}'")
     space: list[str] = []
-    tasks = []
+    tasks: list[TaskPlan] = []
     for index, task in enumerate(cfg.tasks):
+        record = learned[index] if index < len(learned) else None
+        restored = _from_record(index, task, record, with_test) if record is not None and not holdout else None
+        if restored is not None:
+            grown = space + [name for name in restored.class_names if name not in space]
+            if tuple(grown.index(name) for name in restored.class_names) == restored.classes:
+                space[:] = grown
+                tasks.append(restored)
+                continue
         names = _source_classes(task, with_test)
         kept = _kept_labels(task, names)
         task_names = tuple(task.rename.get(names[lab], names[lab]) for lab in kept)
@@ -213,7 +285,8 @@ def resolve_stream(
         for split, rows in selections.items():
             source = task.test if split == "test" else task.train
             chunks = tuple(reader_for(source.type).chunks(source, rows_per_chunk))
-            splits[split] = SplitPlan(source, chunks, _count(task, split, label_map, rows), rows)
+            counts = _count(task, split, label_map, rows)
+            splits[split] = SplitPlan(source, chunks, sum(n for _, n in counts), rows, counts)
         tasks.append(
             TaskPlan(
                 index=index,

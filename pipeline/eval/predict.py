@@ -2,16 +2,19 @@
 
 The input is read by Ray Data (Parquet files with an ``image`` column, or a folder of image
 files), decoded and scored in a pool of actors that each rebuild the model once from its
-registry card (backbone + memory store), and streamed back in input order into one Parquet
-file. Scores are exactly those of the evaluation after the task the version was registered at:
-the same decoding, the same candidates (every seen class, or one task's classes with its id).
+registry card (backbone + memory store), and written by those tasks as Parquet parts under
+one output directory: no row passes through the driver. Scores are exactly those of the
+evaluation after the task the version was registered at: the same reader and decoding, the
+same candidates (every seen class, or one task's classes with its id). An image that cannot
+be decoded is a row with a null prediction and the reason, not a failed job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -22,9 +25,9 @@ import ray.data
 import torch
 
 from pipeline.backbones import create_backbone, verify_weight_files
-from pipeline.config import MethodConfig, validate_config
+from pipeline.config import MethodConfig, ParquetSource, validate_config
 from pipeline.data.ray_data import decode_image
-from pipeline.data.sources import IMAGE_SUFFIXES
+from pipeline.data.sources import IMAGE_SUFFIXES, Chunk, ParquetReader, read_chunks, read_units
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import MemoryStore
 from pipeline.methods import Method, TaskInfo, create_method, resolve_method_params
@@ -83,43 +86,89 @@ def candidates_for(card: ModelCard, task: str | None, infers_tasks: bool) -> Can
 
 
 class Predictor:
-    """``map_batches`` actor: builds the model once, scores decoded batches. The MLflow pyfunc
-    passes a ``method`` it has built already (one model, a Predictor per ``task``)."""
+    """``map_batches`` actor: builds the model once, scores batches of encoded images. An image that
+    cannot be decoded gets a null prediction and its reason in ``error``; the others are scored
+    as if it were not there. The MLflow pyfunc passes a ``method`` it has built already (one
+    model, a Predictor per ``task``)."""
 
-    def __init__(self, card_json: str, task: str | None, image_column: str, method: Method | None = None) -> None:
+    def __init__(
+        self, card_json: str, task: str | None, image_column: str, method: Method | None = None, classes: list[str] | None = None
+    ) -> None:
         self.card = ModelCard.from_json(card_json, "model card")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if method is None else method.device
         self.method = method if method is not None else load_model(self.card, self.device)
         self.candidates = candidates_for(self.card, task, self.method.infers_tasks)
         self.names = [self.card.class_names[c] for c in self.candidates.classes]
         self.image_column = image_column
+        self.classes = classes  # the input's label names (Parquet metadata), for label_class
+
+    def _decode(self, batch: dict[str, np.ndarray]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        images: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for i, data in enumerate(batch[self.image_column]):
+            if "path" in batch:
+                where = str(batch["path"][i])
+            elif "where" in batch:
+                where = f"{batch['where'][i]} row {batch['where_row'][i]}"
+            else:
+                where = f"image {i} of a batch of {len(batch[self.image_column])}"
+            try:
+                images.append(decode_image(data, self.card.image_size, where))
+                errors.append(None)
+            except DataError as exc:
+                images.append(None)
+                errors.append(str(exc))
+        return images, errors
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        locations = batch.get("path", [f"image {i} of a batch of {len(batch[self.image_column])}" for i in range(len(batch[self.image_column]))])
-        raw = np.stack([decode_image(data, self.card.image_size, str(loc)) for data, loc in zip(batch[self.image_column], locations, strict=True)])
-        images = self.method.backbone.normalize(torch.from_numpy(raw).to(self.device))
-        c = self.candidates
-        if c.infer_tasks:
-            task_ids = self.method.infer_tasks(images)  # type: ignore[attr-defined]
-        elif c.task_index is not None:
-            task_ids = torch.full((len(images),), c.task_index, dtype=torch.long, device=self.device)
-        else:
-            task_ids = None
-        logits = self.method.score(images, c.classes, self.names, task_ids).float()
-        probs = logits.softmax(dim=1)
-        best = probs.argmax(dim=1).cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != self.image_column}
-        out["pred"] = np.asarray(c.classes, dtype=np.int64)[best]
-        out["pred_class"] = np.asarray(self.names, dtype=object)[best]
-        out["score"] = probs.max(dim=1).values.cpu().numpy()
-        if task_ids is not None:
-            out["task"] = np.asarray([t["id"] for t in self.card.tasks], dtype=object)[task_ids.cpu().numpy()]
-        return out
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        images, errors = self._decode(batch)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        n, c = len(errors), self.candidates
+        pred, score = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+        pred_class = np.full(n, None, dtype=object)
+        task = np.full(n, None, dtype=object)
+        if ok.any():
+            raw = np.stack([im for im in images if im is not None])
+            x = self.method.backbone.normalize(torch.from_numpy(raw).to(self.device))
+            if c.infer_tasks:
+                task_ids = self.method.infer_tasks(x)  # type: ignore[attr-defined]
+            elif c.task_index is not None:
+                task_ids = torch.full((len(x),), c.task_index, dtype=torch.long, device=self.device)
+            else:
+                task_ids = None
+            probs = self.method.score(x, c.classes, self.names, task_ids).float().softmax(dim=1)
+            best = probs.argmax(dim=1).cpu().numpy()
+            pred[ok] = np.asarray(c.classes, dtype=np.int64)[best]
+            pred_class[ok] = np.asarray(self.names, dtype=object)[best]
+            score[ok] = probs.max(dim=1).values.cpu().numpy()
+            if task_ids is not None:
+                task[ok] = np.asarray([t["id"] for t in self.card.tasks], dtype=object)[task_ids.cpu().numpy()]
+        columns: dict[str, pa.Array] = {k: pa.array(batch[k]) for k in ("row", "path", "label") if k in batch}
+        if self.classes is not None and "label" in batch:
+            columns["label_class"] = pa.array([self.classes[int(i)] for i in batch["label"]], pa.string())
+        columns |= {
+            "pred": pa.array(pred, mask=~ok), "pred_class": pa.array(pred_class, pa.string()), "score": pa.array(score, mask=~ok),
+        }  # fmt: skip
+        if c.infer_tasks or c.task_index is not None:
+            columns["task"] = pa.array(task, pa.string())
+        columns["error"] = pa.array(errors, pa.string())
+        return pa.table(columns)
 
 
-def _read(data: str) -> tuple[ray.data.Dataset, str, list[str] | None]:
-    """The input as a Ray Dataset, its image column, and the label names its Parquet metadata gives."""
+def read_inputs(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+    """``map_batches`` UDF: the rows of one read unit of Parquet input (``sources.read_units``),
+    images still encoded, with their index in the input (``row``) and their location."""
+    for text in batch["unit"]:
+        for read in read_chunks([Chunk(**c) for c in json.loads(str(text))]):
+            columns = {"row": read.sample_ids, "image": read.images, "where": read.where, "where_row": read.rows}
+            yield pa.table(columns | ({} if read.labels is None else {"label": read.labels}))
+
+
+def _read(data: str, rows_per_chunk: int) -> tuple[ray.data.Dataset, str, list[str] | None]:
+    """The input as a Ray Dataset of encoded images, its image column, and the label names its
+    Parquet metadata gives. Parquet is read by strata's reader (each row group once, ``row`` =
+    the image's index in the input); a folder by Ray Data's binary reader (``path``)."""
     fs, path = fsspec.core.url_to_fs(data)
     if not fs.exists(path):
         raise DataError(f"{data}: no such file or directory")
@@ -135,48 +184,41 @@ def _read(data: str) -> tuple[ray.data.Dataset, str, list[str] | None]:
         raise DataError(f"{parquet[0]}: missing column 'image'")
     columns = ["image"] + (["label"] if "label" in schema.names else [])
     classes = json.loads(schema.metadata[b"classes"]) if schema.metadata and b"classes" in schema.metadata else None
-    files = [fs.unstrip_protocol(p) for p in parquet]
-    return ray.data.read_parquet(files, columns=columns), "image", classes
+    source = ParquetSource(path=[fs.unstrip_protocol(p) for p in parquet])
+    units = read_units(ParquetReader().chunks(source, rows_per_chunk, columns))
+    items = [{"unit": json.dumps([dataclasses.asdict(c) for c in u])} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(read_inputs, batch_size=1)
+    return ds, "image", classes
+
+
+def _count(batch: pa.Table) -> dict[str, list[int]]:
+    return {"rows": [batch.num_rows], "errors": [batch.num_rows - batch.column("error").null_count]}
 
 
 def predict(card: ModelCard, data: str, out: str, *, task: str | None = None, batch_size: int = 64, actors: int = 1) -> dict[str, Any]:
-    """Score every image under ``data`` into the Parquet file ``out`` (input order, one row per image):
-    ``row``, ``path`` (image folders) or ``label`` (+ ``label_class``) when the input has them,
-    ``pred`` (stream class id), ``pred_class``, ``score`` (softmax over the candidates), ``task``."""
+    """Score every image under ``data`` into Parquet files under the directory ``out`` (any fsspec
+    URI; it must be new or empty), written by the scoring tasks themselves: no row passes
+    through this process. One row per image: ``row`` (Parquet input: its index in the input) or
+    ``path`` (image folders), ``label`` (+ ``label_class``) when the input has them, ``pred``
+    (stream class id), ``pred_class``, ``score`` (softmax over the candidates), ``task``, and
+    ``error``: null, or why the image could not be decoded (its prediction is then null)."""
     # A bad --task, or a til model without one, fails here, before Ray starts work.
     candidates_for(card, task, infers_tasks=bool(card.config["method"].get("task_inference", False)))
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # a dataset copies the context when created: rows keep input order
-    try:
-        ds, image_column, classes = _read(data)
-    finally:
-        context.execution_options.preserve_order = preserve_order
+    fs, out_path = fsspec.core.url_to_fs(out)
+    if fs.exists(out_path) and (not fs.isdir(out_path) or fs.ls(out_path)):
+        raise DataError(f"{out}: exists and is not an empty directory; predictions go to a new directory")
+    ds, image_column, classes = _read(data, batch_size)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     scored = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"card_json": card.to_json(), "task": task, "image_column": image_column},
+        fn_constructor_kwargs={"card_json": card.to_json(), "task": task, "image_column": image_column, "classes": classes},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_gpus=gpus,
     )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    writer: pq.ParquetWriter | None = None
-    try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = batch.add_column(0, "row", pa.array(np.arange(rows, rows + batch.num_rows, dtype=np.int64)))
-            if classes is not None and "label" in table.column_names:
-                labels = table.column("label").to_numpy()
-                table = table.append_column("label_class", pa.array([classes[i] for i in labels]))
-            if writer is None:
-                writer = pq.ParquetWriter(out, table.schema)
-            writer.write_table(table)
-            rows += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
+    scored.write_parquet(out)
+    if not fs.exists(out_path) or not fs.ls(out_path):
         raise DataError(f"{data}: no images found")
-    return {"rows": rows, "out": out}
+    counts = ray.data.read_parquet(out, columns=["error"]).map_batches(_count, batch_format="pyarrow").sum(["rows", "errors"])
+    return {"rows": int(counts["sum(rows)"]), "errors": int(counts["sum(errors)"]), "out": out}

@@ -44,7 +44,7 @@ class ContinualPyfunc:
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         predictor = Predictor(self.card_json, (params or {}).get("task"), "image", method=self.method)
-        return pd.DataFrame(predictor({"image": model_input["image"].to_numpy(dtype=object)}))
+        return predictor({"image": model_input["image"].to_numpy(dtype=object)}).to_pandas()
 
 
 def _load_pyfunc(data_path: str) -> ContinualPyfunc:

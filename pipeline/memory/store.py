@@ -57,6 +57,7 @@ class RecordEntry:
     memory_bytes: int  # tensor payload
     file_bytes: int
     created: float
+    plan: dict[str, Any] | None = None  # the task's plan when it was learned (data.stream.task_plan_record)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,9 +125,10 @@ class MemoryStore:
         return len(self.entries())
 
     def append(
-        self, record: TaskRecord, *, task_index: int, task_id: str, method: str, backbone_id: str
+        self, record: TaskRecord, *, task_index: int, task_id: str, method: str, backbone_id: str, plan: dict[str, Any] | None = None
     ) -> RecordEntry:
-        """Write ``record`` as the next version; it becomes visible only when complete."""
+        """Write ``record`` as the next version; it becomes visible only when complete. ``plan``
+        is what planning the task found (JSON), so that no later run need read its training data."""
         manifest = self._read_manifest()
         version = len(manifest["records"]) + 1
         name = f"{version - 1:04d}-{safe_name(task_id)}.safetensors"
@@ -151,6 +153,7 @@ class MemoryStore:
             memory_bytes=TaskRecord(tensors).nbytes,
             file_bytes=len(data),
             created=time.time(),
+            plan=plan,
         )
         manifest["records"].append(entry.to_dict())
         self._write_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())

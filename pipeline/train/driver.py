@@ -28,7 +28,7 @@ from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, RunInterrupted, StoreError, StrataError
 from pipeline.eval import metrics
 from pipeline.eval.report import write_heatmap, write_matrix_csv
-from pipeline.memory import MemoryStore
+from pipeline.memory import MemoryStore, RecordEntry
 from pipeline.methods import Method, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
@@ -229,6 +229,7 @@ def _summary(
     cfg: StrataConfig, plan: StreamPlan, progress: Progress, store: MemoryStore, run: TrackedRun | None, wall_s: float
 ) -> dict[str, Any]:
     matrix = progress.accuracy_matrix
+    rows = metrics.scored_rows(len(plan.tasks), cfg.eval.every)
     memory_bytes: list[int | None] = [None] * len(plan.tasks)
     backbone_id = None
     for entry in store.entries():
@@ -237,8 +238,9 @@ def _summary(
     return {
         "tasks": [t.id for t in plan.tasks],
         "accuracy_matrix": matrix,
-        **metrics.summarize(matrix),
-        "transfer_per_task": metrics.transfer_per_task(matrix),
+        "scored_rows": rows,  # the rows the metrics read (eval.every); the others stay null
+        **metrics.summarize(matrix, None if cfg.eval.every == 1 else rows),
+        "transfer_per_task": metrics.transfer_per_task(matrix, None if cfg.eval.every == 1 else rows),
         "samples_seen": progress.samples_seen,
         "memory_bytes": memory_bytes,
         "memory_store": store.uri,
@@ -258,7 +260,7 @@ def _summary(
         "resumes": progress.resumes,  # worker-group starts from a checkpoint (restarts after failures, continued runs)
         "task_stats": progress.task_stats,
         **_eval_stats_summary(progress),
-        **_task_inference_summary(progress),
+        **_task_inference_summary(progress, None if cfg.eval.every == 1 else rows),
     }
 
 
@@ -275,11 +277,11 @@ def _eval_stats_summary(progress: Progress) -> dict[str, Any]:
     return out
 
 
-def _task_inference_summary(progress: Progress) -> dict[str, Any]:
+def _task_inference_summary(progress: Progress, rows: list[int] | None) -> dict[str, Any]:
     """For til methods that also infer tasks: cil accuracy (task inferred) and inference accuracy."""
     if progress.cil_accuracy_matrix is None or progress.task_inference_matrix is None:
         return {}
-    cil = metrics.summarize(progress.cil_accuracy_matrix)
+    cil = metrics.summarize(progress.cil_accuracy_matrix, rows)
     return {
         "cil_accuracy_matrix": progress.cil_accuracy_matrix,
         "cil_avg_acc": cil["avg_acc"],
@@ -315,9 +317,9 @@ def run(
     """
     started = time.time()
     cfg = with_absolute_paths(_resolved_config(cfg))
-    method_cls, plan = _check_inputs(cfg)
-    backbone = create_backbone(cfg.backbone)
     store = MemoryStore(cfg.memory_uri)
+    method_cls, plan = _check_inputs(cfg, store)
+    backbone = create_backbone(cfg.backbone)
     own_ray = init_ray(log_to_driver=log_to_driver)
     try:  # a refusal here leaves no Ray of ours running behind it
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
@@ -325,6 +327,8 @@ def run(
         out = OutputDir(cfg.output_dir)
         state, continuing = _open_run(cfg, out, store, fresh)
         learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
+        if sum(1 for t in plan.tasks if not t.train.chunks) > learned:  # planned from records of tasks that train again
+            plan = _plan(cfg, store.entries()[:learned])
     except BaseException:
         if own_ray:
             ray.shutdown()
@@ -366,9 +370,17 @@ def run(
     return summary
 
 
-def _check_inputs(cfg: StrataConfig) -> tuple[type[Method], StreamPlan]:
+def _plan(cfg: StrataConfig, entries: Sequence[RecordEntry]) -> StreamPlan:
+    """The stream's plan; the tasks of ``entries`` (restored from the store) from their records."""
+    return resolve_stream(
+        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test",
+        learned=[e.plan for e in entries],
+    )  # fmt: skip
+
+
+def _check_inputs(cfg: StrataConfig, store: MemoryStore) -> tuple[type[Method], StreamPlan]:
     """What can be refused before Ray starts: the method's scenarios, writable outputs, the
-    tracking server; then the stream's plan."""
+    tracking server; then the stream's plan (the tasks the store holds from their records)."""
     method_cls = method_class(cfg.method.name)
     if cfg.stream.scenario not in method_cls.scenarios:
         raise ConfigError(
@@ -380,10 +392,7 @@ def _check_inputs(cfg: StrataConfig) -> tuple[type[Method], StreamPlan]:
         check_writable(cfg.train.storage_path, "train.storage_path")
     if cfg.tracking.enabled:
         check_tracking(resolve_tracking_uri(cfg.tracking))
-    plan = resolve_stream(
-        cfg.stream, cfg.data.rows_per_chunk, holdout=cfg.data.validation_fraction, seed=cfg.seed, with_test=cfg.eval.split == "test"
-    )
-    return method_cls, plan
+    return method_cls, _plan(cfg, store.entries())
 
 
 def _check_cluster(cfg: StrataConfig, use_gpu: bool) -> str:

@@ -30,6 +30,7 @@ from ray.train.collective import barrier, broadcast_from_rank_zero
 from safetensors.torch import load_file, save_file
 
 from pipeline.data.ray_data import split_dataset
+from pipeline.data.sources import Chunk
 from pipeline.data.stream import SplitPlan, StreamPlan
 from pipeline.methods import Batch
 
@@ -74,10 +75,21 @@ class PhaseSplit:
             self._coordinator = None
 
 
+def contiguous_share(chunks: tuple[Chunk, ...], rank: int, world: int) -> tuple[Chunk, ...]:
+    """Rank ``rank``'s share of ``chunks``: a contiguous run holding about 1/world of the rows, so
+    a read unit (a Parquet row group) is read by one rank, or at most two where a cut falls in it
+    (interleaved chunks would make every rank read every row group)."""
+    ends = np.cumsum([c.num_rows for c in chunks])
+    total = int(ends[-1]) if len(ends) else 0
+    lo, hi = (int(np.searchsorted(ends, total * r // world, side="right")) for r in (rank, rank + 1))
+    return chunks[lo:hi] if rank < world - 1 else chunks[lo:]
+
+
 class TestSets:
     """This rank's share of every task's evaluation split, decoded once per run.
 
-    A share is the task's chunks ``rank::world``. Its first reading goes through Ray Data and
+    A share is a contiguous run of the task's chunks (``contiguous_share``). Its first reading
+    goes through Ray Data and
     writes each decoded batch to ``cache_dir`` while the budget lasts; a share that fits whole
     is read back from there ever after (one that does not is decoded again every time)."""
 
@@ -111,7 +123,7 @@ class TestSets:
     def share(self, task: int) -> SplitPlan:
         split = self._plan.tasks[task].validation if self._use_validation else self._plan.tasks[task].test
         assert split is not None
-        return dataclasses.replace(split, chunks=split.chunks[self._rank :: self._world])
+        return dataclasses.replace(split, chunks=contiguous_share(split.chunks, self._rank, self._world))
 
     def batches(self, task: int) -> Iterator[Batch]:
         if task in self._cached:

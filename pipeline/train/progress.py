@@ -108,13 +108,11 @@ def phase_metrics(progress: Progress, phase: Phase) -> dict[str, float]:
     registry version exactly as the original would have)."""
     row = phase.row
     acc = progress.accuracy_matrix[row]
-    filled = [(i, r) for i, r in enumerate(progress.accuracy_matrix[: row + 1]) if r[0] is not None]
-    metrics = {
-        "avg_seen_acc": sum(v for v in acc[: row + 1] if v is not None) / (row + 1),  # last_acc if the stream ends here
-        "running_avg_acc": sum(sum(r[: i + 1]) / (i + 1) for i, r in filled) / max(len(filled), 1),  # avg_acc if it ends here
-        "train_loss": progress.train_loss[row],
-        "samples": float(sum(progress.samples_seen[i] for i in phase.tasks)),
-    }
+    filled = [(i, r) for i, r in enumerate(progress.accuracy_matrix[: row + 1]) if r[i] is not None]  # rows scored
+    metrics: dict[str, float | None] = {"train_loss": progress.train_loss[row], "samples": float(sum(progress.samples_seen[i] for i in phase.tasks))}
+    if acc[row] is not None:  # this row was scored (eval.every)
+        metrics["avg_seen_acc"] = sum(v for v in acc[: row + 1] if v is not None) / (row + 1)  # last_acc if the stream ends here
+        metrics["running_avg_acc"] = sum(sum(r[: i + 1]) / (i + 1) for i, r in filled) / len(filled)  # avg_acc if it ends here
     metrics |= {f"acc/task_{j}": v for j, v in enumerate(acc) if v is not None}
     metrics |= flat_stats(progress.task_stats[row] or {})
     return {k: v for k, v in metrics.items() if v is not None}

@@ -26,8 +26,9 @@ from ray.train.v2._internal.execution import context as train_context
 
 from pipeline.backbones import create_backbone
 from pipeline.config import StrataConfig
-from pipeline.data.stream import StreamPlan
+from pipeline.data.stream import StreamPlan, task_plan_record
 from pipeline.eval.evaluate import candidate_classes, evaluate_inferred, evaluate_task, reduce_eval_stats
+from pipeline.eval.metrics import scored_rows
 from pipeline.memory import MemoryStore, TaskRecord
 from pipeline.methods import Batch, MethodParams, TaskInfo, create_method
 from pipeline.tracking import TrackedRun
@@ -163,7 +164,10 @@ class _WorkerStream:
         stats, record = self.train(phase_index, phase, info, label)
         self.progress.train_wall_s.append(time.perf_counter() - started)
         if self.rank == 0:
-            self.store.append(record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id)
+            task_plan = task_plan_record(self.plan.tasks[phase.row], self.cfg.stream.tasks[phase.row]) if len(phase.tasks) == 1 else None
+            self.store.append(
+                record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id, plan=task_plan
+            )
         self.evaluate(phase, info)
         progress = self.progress
         for i in phase.tasks:
@@ -220,9 +224,11 @@ class _WorkerStream:
 
     def evaluate(self, phase: Phase, info: TaskInfo) -> None:
         """Every seen task's test set (every task's, for a zero-shot method); with task
-        inference, also without task ids."""
+        inference, also without task ids. Only after the rows ``eval.every`` schedules."""
         method, plan, progress = self.method, self.plan, self.progress
         num_tasks = len(plan.tasks)
+        if phase.row not in scored_rows(num_tasks, self.cfg.eval.every):
+            return
         row = progress.accuracy_matrix[phase.row]
         for j in range(num_tasks if method.zero_shot else phase.row + 1):
             candidates = candidate_classes(self.label_space, plan.tasks[j].classes, info.num_seen_classes)
@@ -251,13 +257,14 @@ class _WorkerStream:
         metrics = phase_metrics(progress, phase)
         if self.rank == 0:
             loss = "-" if stats.mean_loss is None else f"{stats.mean_loss:.4f}"
+            scored = "avg_seen_acc" in metrics
             log.info(
-                "%s | %d samples | loss %s | accuracy on seen tasks %.4f [%s] | %.1fs",
-                label, sum(stats.samples_per_task), loss, metrics["avg_seen_acc"],
-                " ".join(f"{v:.3f}" for v in row[: phase.row + 1]), progress.phase_wall_s[-1],
+                "%s | %d samples | loss %s | %s | %.1fs", label, sum(stats.samples_per_task), loss,
+                f"accuracy on seen tasks {metrics['avg_seen_acc']:.4f} [{' '.join(f'{v:.3f}' for v in row[: phase.row + 1])}]"
+                if scored else "not scored after this task (eval.every)", progress.phase_wall_s[-1],
             )  # fmt: skip
             self.poster.task_finished(
-                row=phase.row, num_tasks=len(self.plan.tasks), task_id=info.id, accuracy=row, avg_seen_acc=metrics["avg_seen_acc"],
+                row=phase.row, num_tasks=len(self.plan.tasks), task_id=info.id, accuracy=row, avg_seen_acc=metrics.get("avg_seen_acc"),
                 loss=stats.mean_loss, wall_s=progress.phase_wall_s[-1],
             )  # fmt: skip
             if self.run is not None:

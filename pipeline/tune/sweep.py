@@ -245,6 +245,8 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
 
     base = base_config(sweep_cfg)
     base_cfg = validate_config(base, "sweep base")
+    if base_cfg.eval.every > 1:
+        raise ConfigError("eval.every: a sweep scores and stops trials by their validation accuracy after every task; it needs eval.every 1")
     num_tasks = sweep_cfg.trial.tasks or len(base_cfg.stream.tasks)
     root = OutputDir(absolute_path(sweep_cfg.output_dir, Path.cwd()))  # trials run in folders of their own
     # Tune's own state lives in the sweep's folder; every trial's and the final run's checkpoints
