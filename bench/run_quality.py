@@ -296,7 +296,7 @@ def _order_section(path: Path) -> list[str]:
         "|---|---|---|---|",
         f"| label-sorted | default | {_pct(runs['label_sorted']['accuracy'])} | {runs['label_sorted']['steps']} |",
         f"| shuffled copy | default | {_pct(runs['shuffled_copy']['accuracy'])} | {runs['shuffled_copy']['steps']} |",
-        f"| label-sorted | 0 (chunk order only) | {_pct(runs['label_sorted_no_buffer']['accuracy'])} | {runs['label_sorted_no_buffer']['steps']} |",
+        f"| label-sorted | 0 (file order; read units shuffled) | {_pct(runs['label_sorted_no_buffer']['accuracy'])} | {runs['label_sorted_no_buffer']['steps']} |",
         "",
     ]
 
