@@ -329,3 +329,24 @@ def test_a_learned_task_is_planned_from_its_record_without_its_training_data(tmp
     changed = stream(pq_task("a", a_train, a_test, class_subset=["y"]), pq_task("b", b, b))
     with pytest.raises(DataError, match="a-train.parquet: no such file"):  # another config: the record does not describe it
         resolve_stream(changed, rows_per_chunk=2, learned=[record])
+
+
+def test_the_label_scan_reads_several_files_at_once_and_keeps_their_order(tmp_path, monkeypatch):
+    import threading
+
+    for i in range(6):
+        write_parquet(tmp_path / f"p{i}.parquet", [i % 3] * 3 + [1], ["x", "y", "z"], row_group_size=2)
+    reader = reader_for("parquet")
+    real = type(reader)._label_columns
+    first_two = threading.Barrier(2, timeout=20)
+
+    def gated(self, path):
+        if path.endswith(("p0.parquet", "p1.parquet")):
+            first_two.wait()  # p0's scan returns only once p1's has started: a scan of one file at a time breaks the barrier
+        return real(self, path)
+
+    monkeypatch.setattr(type(reader), "_label_columns", gated)
+    blocks = list(reader.labels(stream(pq_task("t", tmp_path, tmp_path)).tasks[0].train))
+    assert [b.first_row for b in blocks] == list(range(0, 24, 2))
+    assert [int(v) for b in blocks for v in b.labels] == [v for i in range(6) for v in [i % 3] * 3 + [1]]
+    assert [Path(b.location).name for b in blocks[::2]] == [f"p{i}.parquet" for i in range(6)]

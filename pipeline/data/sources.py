@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +35,7 @@ from pipeline.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PARQUET_COLUMNS = ["image", "label"]
 READ_BUFFER_BYTES = 1 << 20  # Parquet column chunks are streamed through a buffer this size, never read whole
+LABEL_SCAN_THREADS = 16  # files whose label column planning reads at once
 READ_BATCH_BYTES = 16 << 20  # rows decoded from Parquet at a time (and handed on as one piece): about this many bytes
 
 
@@ -188,20 +191,36 @@ class ParquetReader:
         return out
 
     def labels(self, spec: ParquetSource) -> Iterator[LabelBlock]:
+        """The label column of every file, in order; up to ``LABEL_SCAN_THREADS`` files are read
+        at once (a footer and one column chunk per row group each: the scan waits on storage
+        round trips, not on this process's CPU, so a source of many files in an object store is
+        planned in about the time of its slowest files, not of all of them in turn)."""
+        files = self.files(spec)
         first_row = 0
-        for path in self.files(spec):
-            pf = self._open(path)
-            kind = pf.schema_arrow.field("label").type
-            if not pa.types.is_integer(kind):
-                raise DataError(f"{path}: column 'label' holds {kind} values; it must hold integer class indices")
-            for rg in range(pf.metadata.num_row_groups):
-                column = pf.read_row_group(rg, columns=["label"]).column("label")
-                if column.null_count:
-                    row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-                    raise DataError(f"{path}: column 'label' is null at row {row}")
-                labels = column.to_numpy(zero_copy_only=False)
-                yield LabelBlock(path, first_row, labels.astype(np.int64))
-                first_row += len(labels)
+        with ThreadPoolExecutor(max_workers=max(1, min(LABEL_SCAN_THREADS, len(files)))) as pool:
+            pending: deque[tuple[str, Future[list[pa.ChunkedArray]]]] = deque()
+            queue = iter(files)
+            while True:
+                while len(pending) < 2 * LABEL_SCAN_THREADS and (path := next(queue, None)) is not None:
+                    pending.append((path, pool.submit(self._label_columns, path)))
+                if not pending:
+                    return
+                path, future = pending.popleft()
+                for column in future.result():
+                    if column.null_count:
+                        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                        raise DataError(f"{path}: column 'label' is null at row {row}")
+                    labels = column.to_numpy().astype(np.int64)
+                    yield LabelBlock(path, first_row, labels)
+                    first_row += len(labels)
+
+    def _label_columns(self, path: str) -> list[pa.ChunkedArray]:
+        """One file's label column, a row group at a time."""
+        pf = self._open(path)
+        kind = pf.schema_arrow.field("label").type
+        if not pa.types.is_integer(kind):
+            raise DataError(f"{path}: column 'label' holds {kind} values; it must hold integer class indices")
+        return [pf.read_row_group(rg, columns=["label"]).column("label") for rg in range(pf.metadata.num_row_groups)]
 
     def unit_key(self, chunk: Chunk) -> Hashable:
         return chunk.ref["path"], chunk.ref["row_group"]
