@@ -209,7 +209,9 @@ def build_hybrid_vit(args: argparse.Namespace) -> None:
     params = [p for m in (student, feat_head, logit_head) for p in m.parameters()]
     n, steps_per_epoch = len(targets["maps"]), -(-len(targets["maps"]) // args.batch_size)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.1
+    )
     student.train()
     losses = []
     for epoch in range(args.epochs):
@@ -221,7 +223,9 @@ def build_hybrid_vit(args: argparse.Namespace) -> None:
             t_feat, t_logits = targets["features"][idx].float(), targets["logits"][idx].float()
             feat_loss = 1 - F.cosine_similarity(feat_head(z), t_feat, dim=-1).mean()
             tau = args.temperature
-            kd = F.kl_div(F.log_softmax(logit_head(z) / tau, -1), F.log_softmax(t_logits / tau, -1), log_target=True, reduction="batchmean")
+            kd = F.kl_div(
+                F.log_softmax(logit_head(z) / tau, -1), F.log_softmax(t_logits / tau, -1), log_target=True, reduction="batchmean"
+            )
             loss = feat_loss + kd * tau**2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,11 +298,15 @@ def build_clip_offline(args: argparse.Namespace) -> None:
     (directory / "open_clip_model.safetensors").unlink(missing_ok=True)
     model = open_clip.create_model(f"local-dir:{directory}", pretrained_hf=False).eval()
     model.visual.trunk.load_state_dict(load_file(args.cache / "hybrid-vit.safetensors"), strict=True)
-    model.text.transformer.load_state_dict(AutoModel.from_pretrained(str(minilm), add_pooling_layer=False).state_dict(), strict=True)
+    model.text.transformer.load_state_dict(
+        AutoModel.from_pretrained(str(minilm), add_pooling_layer=False).state_dict(), strict=True
+    )
     tokenizer = open_clip.get_tokenizer(f"local-dir:{directory}")
     with torch.no_grad():
         names = imagenet_class_names()
-        text = torch.cat([model.encode_text(tokenizer([TEMPLATE.format(c) for c in names[i : i + 100]])) for i in range(0, 1000, 100)])
+        text = torch.cat(
+            [model.encode_text(tokenizer([TEMPLATE.format(c) for c in names[i : i + 100]])) for i in range(0, 1000, 100)]
+        )
         text = F.normalize(text, dim=-1)
         targets = cached_teacher_targets(args)
         # ConSE: the image embedding should be the teacher's expected class-name embedding.
@@ -390,13 +398,19 @@ def build_coca_offline(args: argparse.Namespace) -> None:
     write_clip_dir(directory, DECODER)
     (directory / "open_clip_model.safetensors").unlink(missing_ok=True)
     model = open_clip.create_model(f"local-dir:{directory}", pretrained_hf=False).eval()
-    towers = {k: v for k, v in load_file(args.cache / "clip-offline/open_clip_model.safetensors").items() if k.startswith(("visual.", "text."))}
+    towers = {
+        k: v
+        for k, v in load_file(args.cache / "clip-offline/open_clip_model.safetensors").items()
+        if k.startswith(("visual.", "text."))
+    }
     missing, unexpected = model.load_state_dict(towers, strict=False)
     assert not unexpected and all(k.startswith(("text_decoder.", "logit_")) for k in missing), (missing, unexpected)
     model.requires_grad_(False)
     nn.init.normal_(model.text_decoder.text_projection, std=DECODER["width"] ** -0.5)
     spec = InputSpec(SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    captioner = Captioner(ClipBackbone("coca-offline", model, open_clip.get_tokenizer(f"local-dir:{directory}"), spec), "coca-offline")
+    captioner = Captioner(
+        ClipBackbone("coca-offline", model, open_clip.get_tokenizer(f"local-dir:{directory}"), spec), "coca-offline"
+    )
     names = imagenet_class_names()
     targets = cached_teacher_targets(args)
     classes = targets["logits"].float().argmax(-1)
@@ -408,7 +422,12 @@ def build_coca_offline(args: argparse.Namespace) -> None:
     with torch.no_grad():
         trunk, stem = model.visual.trunk, model.visual.trunk.patch_embed.backbone
         trunk.patch_embed.backbone = nn.Identity()  # the teacher's stem maps are the trunk's stem output
-        tokens = torch.cat([model.visual.head(trunk.forward_features(targets["maps"][i : i + 512].float())).half() for i in range(0, len(classes), 512)])
+        tokens = torch.cat(
+            [
+                model.visual.head(trunk.forward_features(targets["maps"][i : i + 512].float())).half()
+                for i in range(0, len(classes), 512)
+            ]
+        )
         trunk.patch_embed.backbone = stem
     decoder = model.text_decoder.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.01)
@@ -448,7 +467,12 @@ def build_coca_offline(args: argparse.Namespace) -> None:
     })  # fmt: skip
 
 
-BUILDS = {"effl0": build_effl0, "hybrid-vit": build_hybrid_vit, "clip-offline": build_clip_offline, "coca-offline": build_coca_offline}
+BUILDS = {
+    "effl0": build_effl0,
+    "hybrid-vit": build_hybrid_vit,
+    "clip-offline": build_clip_offline,
+    "coca-offline": build_coca_offline,
+}
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ def sample(path: str, subset: list[int] | None, rows: int, seed: int, size: int)
     labels = table.column("label").to_numpy().astype(np.int64)
     ids = np.arange(len(labels)) if subset is None else np.flatnonzero(np.isin(labels, subset))
     ids = np.random.default_rng(seed).permutation(ids)[:rows]
-    images = np.stack([decode_image(b, size, f"{path} row {i}") for b, i in zip(table.column("image").take(ids).to_pylist(), ids, strict=True)])
+    images = np.stack(
+        [decode_image(b, size, f"{path} row {i}") for b, i in zip(table.column("image").take(ids).to_pylist(), ids, strict=True)]
+    )
     return torch.from_numpy(images), labels[ids]
 
 
@@ -60,7 +62,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (YAML value)")
+    parser.add_argument(
+        "--set", dest="params", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (YAML value)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = load_config(REPO / f"configs/benchmarks/{args.stream}.yaml")
@@ -97,7 +101,9 @@ def main() -> int:
                 ix = order[s : s + args.batch]
                 yield {"image": backbone.normalize(x[ix]), "label": y[ix], "task": torch.full((len(ix),), t), "sample_id": ix}
 
-        settings = StepSettings(num_tasks=args.tasks, num_samples=len(x), global_batch_size=args.batch, log_every=10**9, label=task.id)
+        settings = StepSettings(
+            num_tasks=args.tasks, num_samples=len(x), global_batch_size=args.batch, log_every=10**9, label=task.id
+        )
         stats = train_phase(method, batches, settings)
         method.end_task()
         row = []
@@ -114,7 +120,9 @@ def main() -> int:
             if stats_j:
                 print(f"  test set {j}: {stats_j}")
         matrix.append(row)
-        print(f"task {t} '{task.id}': {stats.steps} steps, loss {stats.mean_loss}, accuracy {[round(a, 3) for a in row]}, {method.task_stats()}")
+        print(
+            f"task {t} '{task.id}': {stats.steps} steps, loss {stats.mean_loss}, accuracy {[round(a, 3) for a in row]}, {method.task_stats()}"
+        )
     result = {
         "method": args.method, "stream": args.stream, "tasks": args.tasks, "params": params, "rows": args.rows, "batch": args.batch,
         "avg_acc": float(np.mean([np.mean(r[: t + 1]) for t, r in enumerate(matrix)])), "last_acc": float(np.mean(matrix[-1][: len(matrix)])),

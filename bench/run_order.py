@@ -53,7 +53,12 @@ def run(name: str, train: Path, overrides: list[str], out: Path, batch_size: int
         command += ["--set", item]
     strata(command, standalone_mode=False)
     summary = json.loads((out / name / "summary.json").read_text())
-    return {"accuracy": summary["last_acc"], "steps": summary["steps"][0], "samples": summary["samples_seen"][0], "overrides": overrides}
+    return {
+        "accuracy": summary["last_acc"],
+        "steps": summary["steps"][0],
+        "samples": summary["samples_seen"][0],
+        "overrides": overrides,
+    }
 
 
 def main() -> int:

@@ -42,7 +42,10 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-BACKBONE = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 192, "num_heads": 3}}
+BACKBONE = {
+    "name": "timm:vit_tiny_patch16_224",
+    "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 192, "num_heads": 3},
+}
 
 
 def write_parquet(rows: int, folder: Path) -> Path:
@@ -56,7 +59,9 @@ def write_parquet(rows: int, folder: Path) -> Path:
     images, labels = generator("blobs").rows("train", {"num_classes": 8, "rows": rows, "size": 32, "seed": 0}, 0, rows)
     path = folder / f"blobs-{rows}.parquet"
     table = pa.table({"image": pa.array([_png(i) for i in images], pa.binary()), "label": pa.array(labels, pa.int64())})
-    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(8)])}), path, row_group_size=256)
+    pq.write_table(
+        table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(8)])}), path, row_group_size=256
+    )
     return path
 
 
@@ -105,7 +110,9 @@ class ParquetImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from pipeline.data.ray_data import decode_image
 
-        return torch.tensor(decode_image(self.images[i], self.size, f"row {i}")), int(self.labels[i])  # a copy: PIL's array is read-only
+        return torch.tensor(decode_image(self.images[i], self.size, f"row {i}")), int(
+            self.labels[i]
+        )  # a copy: PIL's array is read-only
 
 
 class HandLoop:
@@ -122,7 +129,9 @@ class HandLoop:
         cfg = validate_config(stream_config(data, args, Path(tempfile.gettempdir()), world))
         torch.manual_seed(0)
         self.backbone = create_backbone(cfg.backbone)
-        self.method = create_method(resolve_method_params(cfg.method), self.backbone, TorchCollective() if world > 1 else LocalCollective())
+        self.method = create_method(
+            resolve_method_params(cfg.method), self.backbone, TorchCollective() if world > 1 else LocalCollective()
+        )
         names = tuple(f"class{c}" for c in range(8))
         self.method.begin_task(TaskInfo(index=0, id="synthetic", classes=tuple(range(8)), num_seen_classes=8, class_names=names))
         self.trainable = self.method.trainable_parameters()
@@ -194,7 +203,9 @@ def dataloader_loop(data: Path, args: argparse.Namespace, workers: int = 1) -> d
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.time()
-    processes = [context.Process(target=_loader_worker, args=(r, workers, str(data), args, port, started, queue)) for r in range(workers)]
+    processes = [
+        context.Process(target=_loader_worker, args=(r, workers, str(data), args, port, started, queue)) for r in range(workers)
+    ]
     for proc in processes:
         proc.start()
     for proc in processes:
@@ -365,11 +376,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="training workers / processes to compare at")
-    parser.add_argument("--threads", type=float, default=float(os.cpu_count() or 1), help="CPUs (= torch threads) of all training workers together")
+    parser.add_argument(
+        "--threads",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="CPUs (= torch threads) of all training workers together",
+    )
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes per training process")
     parser.add_argument("--rss-scale", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="also break the training pass down with py-spy (pip install py-spy)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/overhead.json", help="one entry per method, this one replaced")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break the training pass down with py-spy (pip install py-spy)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench/results/overhead.json", help="one entry per method, this one replaced"
+    )
     args = parser.parse_args()
     out = args.out
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -381,12 +401,19 @@ def main() -> int:
     strata_run(write_parquet(64, folder), args)  # warm Ray's workers and Data once, outside the measurements
     by_workers = [compare(data, args, n) for n in args.workers]
     decode = decode_only(data, args)
-    print(f"decoding alone (read + PNG decode + resize, in-process): {decode['samples'] / decode['seconds']:.1f} samples/s", flush=True)
+    print(
+        f"decoding alone (read + PNG decode + resize, in-process): {decode['samples'] / decode['seconds']:.1f} samples/s",
+        flush=True,
+    )
     rss = {}
     for scale in (1, args.rss_scale):
         with PeakRSS() as peak:
             strata_run(data if scale == 1 else write_parquet(args.rows * scale, folder), args)
-        rss[f"{scale}x"] = {"rows": args.rows * scale, "train_worker_peak_mib": round(peak.worker / 2**20, 1), "ray_total_peak_mib": round(peak.total / 2**20, 1)}
+        rss[f"{scale}x"] = {
+            "rows": args.rows * scale,
+            "train_worker_peak_mib": round(peak.worker / 2**20, 1),
+            "ray_total_peak_mib": round(peak.total / 2**20, 1),
+        }
         print(f"peak RSS at {scale}x ({args.rows * scale} rows): train worker {rss[f'{scale}x']['train_worker_peak_mib']} MiB, "
               f"all Ray processes {rss[f'{scale}x']['ray_total_peak_mib']} MiB", flush=True)  # fmt: skip
     profile = None

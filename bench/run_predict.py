@@ -70,7 +70,11 @@ def main() -> int:
     env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONPATH": str(REPO)}
     tracking = f"sqlite:///{args.dir / 'mlflow.db'}"
     landing = args.dir / "landing"
-    subprocess.run([sys.executable, str(REPO / "deploy/land_digits.py"), str(landing), "t0", "--digits", "0", "1", "2", "3"], check=True, env=env)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy/land_digits.py"), str(landing), "t0", "--digits", "0", "1", "2", "3"],
+        check=True,
+        env=env,
+    )
     strata(
         "retrain", "--landing", str(landing), "--model", "digits", "--config", str(REPO / "configs/retrain.yaml"),
         "--set", f"output_dir={args.dir / 'model'}", "--set", f"memory.uri={args.dir / 'model' / 'memory'}",
@@ -83,11 +87,24 @@ def main() -> int:
         data = args.dir / f"input-{rows}.parquet"
         pq.write_table(repeated.replace_schema_metadata(source.schema.metadata), data, row_group_size=1024)
         out = args.dir / f"preds-{rows}"
-        peak, wall, _ = strata("predict", "--model", "digits/1", str(data), "--out", str(out), "--tracking-uri", tracking, env=env)
+        peak, wall, _ = strata(
+            "predict", "--model", "digits/1", str(data), "--out", str(out), "--tracking-uri", tracking, env=env
+        )
         written = pq.read_table(out)
         assert written.num_rows == rows and sorted(written.column("row").to_pylist()) == list(range(rows))
-        runs.append({"rows": rows, "driver_peak_rss_mib": round(peak, 1), "wall_s": round(wall, 1), "parts": len(list(out.glob("*.parquet")))})
-    result = {"runs": runs, "rss_ratio_last_to_first": runs[-1]["driver_peak_rss_mib"] / runs[0]["driver_peak_rss_mib"], "host_cpus": os.cpu_count()}
+        runs.append(
+            {
+                "rows": rows,
+                "driver_peak_rss_mib": round(peak, 1),
+                "wall_s": round(wall, 1),
+                "parts": len(list(out.glob("*.parquet"))),
+            }
+        )
+    result = {
+        "runs": runs,
+        "rss_ratio_last_to_first": runs[-1]["driver_peak_rss_mib"] / runs[0]["driver_peak_rss_mib"],
+        "host_cpus": os.cpu_count(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(predict_section(args.out)))

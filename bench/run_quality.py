@@ -45,7 +45,11 @@ STREAMS = ("cil-cifar10", "dil-pacs", "dcil-5", "til-mix")
 DIAGNOSTIC_STREAMS = ("cil-cifar10-5x2",)
 BACKBONES: dict[str, list[str]] = {
     "hybrid-vit": ["backbone.name=timm:strata_hybrid_vit_effl0", "backbone.checkpoint=bench/cache/hybrid-vit.safetensors"],
-    "effl0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.checkpoint=bench/cache/effl0.safetensors", "data.image_size=96"],
+    "effl0": [
+        "backbone.name=timm:tf_efficientnet_lite0",
+        "backbone.checkpoint=bench/cache/effl0.safetensors",
+        "data.image_size=96",
+    ],
     "clip-offline": ["backbone.name=open_clip:local-dir:bench/cache/clip-offline", "backbone.checkpoint=null"],
     "coca-offline": ["backbone.name=open_clip:local-dir:bench/cache/coca-offline", "backbone.checkpoint=null"],
 }
@@ -75,7 +79,9 @@ def plan(streams: list[str], only: list[str]) -> list[tuple[str, str, str]]:
     from pipeline.methods import available_methods
 
     methods = available_methods()
-    rows = {m: m for m, cls in methods.items() if cls.__module__.startswith("pipeline.")} | {row: m for row, (m, _) in VARIANTS.items()}
+    rows = {m: m for m, cls in methods.items() if cls.__module__.startswith("pipeline.")} | {
+        row: m for row, (m, _) in VARIANTS.items()
+    }
     runs = []
     for stream in streams:
         scenario = load_config(REPO / f"configs/benchmarks/{stream}.yaml").stream.scenario
@@ -273,7 +279,12 @@ def _diagnostics_section(stream: str, results: list[dict[str, Any]]) -> list[str
             lines.append(f"| {row} | {backbone} | gate on learned / not-yet-learned tasks | {learned} / {unlearned} |")
     if not lines:
         return []
-    header = [f"Per-task diagnostics ({stream}; mean over seeds; from each summary's task_stats, gate and transfer):", "", "| method | backbone | what | per task |", "|---|---|---|---|"]
+    header = [
+        f"Per-task diagnostics ({stream}; mean over seeds; from each summary's task_stats, gate and transfer):",
+        "",
+        "| method | backbone | what | per task |",
+        "|---|---|---|---|",
+    ]
     return [*header, *lines, ""]
 
 
@@ -354,7 +365,10 @@ def _overhead_section(path: Path) -> list[str]:
     ]
     for method, result in sorted(data["by_method"].items()):
         for entry in result["by_workers"]:
-            strata, loader = (statistics.median(r[who]["samples"] / r[who]["train_s"] for r in entry["repeats"]) for who in ("strata", "dataloader"))
+            strata, loader = (
+                statistics.median(r[who]["samples"] / r[who]["train_s"] for r in entry["repeats"])
+                for who in ("strata", "dataloader")
+            )
             predecoded = f"{entry['ratio_vs_predecoded']['median']:.2f}" if "ratio_vs_predecoded" in entry else "–"
             lines.append(
                 f"| {method} | {entry['workers']} | {strata:.1f} | {loader:.1f} | {entry['ratio_vs_dataloader']['median']:.2f} | "
@@ -398,7 +412,11 @@ def reads_section(path: Path) -> list[str]:
     for key, name in names.items():
         if f"{key}_rows_per_s" in data:
             lines.append(f"| {name} | {data[f'{key}_rows_per_s']:,.0f} | {data[f'{key}_read_amplification']:.3f} |")
-    lines += ["", f"strata / pyarrow throughput: {data['throughput_ratio']:.2f} (against the buffered reads: {data['throughput_ratio_buffered']:.2f}).", ""]
+    lines += [
+        "",
+        f"strata / pyarrow throughput: {data['throughput_ratio']:.2f} (against the buffered reads: {data['throughput_ratio_buffered']:.2f}).",
+        "",
+    ]
     return lines
 
 
@@ -453,8 +471,14 @@ def report(results: Path = RESULTS, out: Path = REPO / "bench/RESULTS.md") -> st
             memory = f"{sum(sizes) / len(sizes) / 1024:,.1f} KiB" if sizes else "–"
             wall = statistics.mean(x["wall_s"] for x in runs)
             rate = statistics.mean(sum(x["samples_seen"]) / x["wall_s"] if x["wall_s"] else 0.0 for x in runs)
-            steps = [min((s for s in x["steps"] if s is not None), default=None) if x.get("steps") is not None else None for x in runs]
-            fewest = runs[steps.index(min(steps))] if None not in steps else next(x for x, s in zip(runs, steps, strict=True) if s is None)
+            steps = [
+                min((s for s in x["steps"] if s is not None), default=None) if x.get("steps") is not None else None for x in runs
+            ]
+            fewest = (
+                runs[steps.index(min(steps))]
+                if None not in steps
+                else next(x for x, s in zip(runs, steps, strict=True) if s is None)
+            )
             metric = {k: _pct_seeds([x[k] for x in runs]) for k in COLUMNS}
             lines.append(
                 f"| {row} | {backbone} | {len(runs)} | {_steps(fewest.get('steps'))} | {metric['avg_acc']} | {metric['last_acc']} | {metric['forgetting']} | "
@@ -503,7 +527,10 @@ def main() -> int:
                 failed.append(f"{stream} · {row} · {backbone} · seed {seed}: {exc!r}")
                 print(f"    FAILED: {exc!r}", flush=True)
                 continue
-            print(f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s", flush=True)
+            print(
+                f"    last_acc {_pct(result['last_acc'])}  avg_acc {_pct(result['avg_acc'])}  wall {result['wall_s']:.0f}s",
+                flush=True,
+            )
     if not args.dry_run:
         print(report())
     for line in failed:

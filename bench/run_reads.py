@@ -59,7 +59,9 @@ def write_task(root: Path, gib: float, row_group_rows: int, image_bytes: int, fi
     total_rows = int(gib * 2**30 / image_bytes)
     groups = max(1, round(total_rows / row_group_rows))
     paths = [root / f"part-{i:03d}.parquet" for i in range(files)]
-    schema = pa.schema([("image", pa.binary()), ("label", pa.int64())], metadata={"classes": json.dumps([f"c{i}" for i in range(10)])})
+    schema = pa.schema(
+        [("image", pa.binary()), ("label", pa.int64())], metadata={"classes": json.dumps([f"c{i}" for i in range(10)])}
+    )
     writers = [pq.ParquetWriter(p, schema, compression="snappy") for p in paths]
     for g in range(groups):
         data = rng.bytes(row_group_rows * image_bytes)

@@ -100,8 +100,14 @@ class _TaskBars:
                 self._task = None
             seen = " ".join("-" if v is None else f"{v:.3f}" for v in event["accuracy"][: event["row"] + 1])
             loss = "" if event["loss"] is None else f"  loss {event['loss']:.4f}"
-            scored = "not scored (eval.every)" if event["avg_seen_acc"] is None else f"accuracy on seen tasks {event['avg_seen_acc']:.4f} [{seen}]"
-            progress.console.print(f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: {scored}{loss}  {event['wall_s']:.1f}s")
+            scored = (
+                "not scored (eval.every)"
+                if event["avg_seen_acc"] is None
+                else f"accuracy on seen tasks {event['avg_seen_acc']:.4f} [{seen}]"
+            )
+            progress.console.print(
+                f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: {scored}{loss}  {event['wall_s']:.1f}s"
+            )
 
 
 def _fmt(value: float | None) -> str:
@@ -125,7 +131,9 @@ def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
 
 @main.command("sweep")
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a sweep-file value, e.g. search.num_samples=4")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a sweep-file value, e.g. search.num_samples=4"
+)
 @_one_line_errors
 def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
     """Search the hyperparameters in SWEEP_FILE with Ray Tune on validation rows, then re-run the
@@ -139,12 +147,21 @@ def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
         table.add_column(column)
     for t in sorted(report["trials"], key=lambda t: -(t["objective_per_task"][-1] if t["objective_per_task"] else -1)):
         last = t["objective_per_task"][-1] if t["objective_per_task"] else None
-        table.add_row(str(t["trial_id"]), *(str(t["config"].get(k)) for k in cfg.space), f"{t['tasks_run']}/{report['num_tasks']}", _fmt(last))
+        table.add_row(
+            str(t["trial_id"]),
+            *(str(t["config"].get(k)) for k in cfg.space),
+            f"{t['tasks_run']}/{report['num_tasks']}",
+            _fmt(last),
+        )
     console.print(table)
-    console.print(f"best: {report['best']['config']}  validation {report['objective']} {_fmt(report['best']['validation_objective'])}")
+    console.print(
+        f"best: {report['best']['config']}  validation {report['objective']} {_fmt(report['best']['validation_objective'])}"
+    )
     if "final" in report:
         final = report["final"]
-        console.print("re-run on test: " + "  ".join(f"{k} {_fmt(final[k])}" for k in ("avg_acc", "last_acc", "forgetting", "bwt")))
+        console.print(
+            "re-run on test: " + "  ".join(f"{k} {_fmt(final[k])}" for k in ("avg_acc", "last_acc", "forgetting", "bwt"))
+        )
     console.print(f"best config: {cfg.output_dir}/best_config.yaml   mlflow sweep run: {report['mlflow_run_id']}")
 
 
@@ -231,13 +248,30 @@ def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
 @main.command("submit")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
-@click.option("--job", "kind", type=click.Choice(["run", "sweep", "retrain"]), default="run", show_default=True, help="which jobs/ entrypoint")
+@click.option(
+    "--job",
+    "kind",
+    type=click.Choice(["run", "sweep", "retrain"]),
+    default="run",
+    show_default=True,
+    help="which jobs/ entrypoint",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @click.option("--landing", help="landing zone URI (--job retrain)")
 @click.option("--model", "model_name", help="registered model name (--job retrain)")
-@click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True), help="uploaded as the job's working dir")
-@click.option("--runtime-env", "runtime_env_file", type=click.Path(dir_okay=False), help="Ray runtime_env YAML merged over the defaults")
-@click.option("--pip", multiple=True, metavar="PKG", help="pip package for the job's environment (repeatable), or one requirements .txt")
+@click.option(
+    "--working-dir",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="uploaded as the job's working dir",
+)
+@click.option(
+    "--runtime-env", "runtime_env_file", type=click.Path(dir_okay=False), help="Ray runtime_env YAML merged over the defaults"
+)
+@click.option(
+    "--pip", multiple=True, metavar="PKG", help="pip package for the job's environment (repeatable), or one requirements .txt"
+)
 @click.option("--conda", metavar="NAME|FILE", help="conda env name or environment YAML")
 @click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
 @click.option("--submission-id", help="job id to use; resubmitting an id that exists fails instead of running twice")
@@ -372,7 +406,9 @@ def jobs_list(address: str | None) -> None:
 
 
 _tracking_uri = click.option(
-    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)",
 )
 
 
@@ -388,7 +424,9 @@ _tracking_uri = click.option(
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--actors", type=int, default=1, show_default=True, help="model replicas scoring in parallel")
 @_one_line_errors
-def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int) -> None:
+def predict_cmd(
+    data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int
+) -> None:
     """Batch inference with Ray Data: score the images in DATA (Parquet with an 'image' column, or
     a folder of images) with a registered version of a continual model; the scoring tasks write
     Parquet parts under --out. An image that cannot be decoded gets a null prediction and the
@@ -405,7 +443,9 @@ def predict_cmd(data: str, model_spec: str, out: str, tracking_uri: str | None, 
         click.echo(f"note: {behind}", err=True)
     init_ray()
     result = predict(version.card, data, out, task=task, batch_size=batch_size, actors=actors)
-    click.echo(f"{result['rows']} predictions by {version.name} version {version.version} ({len(version.card.tasks)} tasks) -> {out}")
+    click.echo(
+        f"{result['rows']} predictions by {version.name} version {version.version} ({len(version.card.tasks)} tasks) -> {out}"
+    )
     if result["errors"]:
         click.echo(f"{result['errors']} of them null: the image could not be decoded (column 'error' says why)", err=True)
 
@@ -415,9 +455,23 @@ def _retrain_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option("--landing", required=True, help="landing zone: directory or fsspec URI with one folder per task"),
             click.option("--model", "model_name", required=True, help="registered model name"),
-            click.option("--config", "configs", required=True, multiple=True, type=click.Path(dir_okay=False), help="the model's config (repeat to merge)"),
+            click.option(
+                "--config",
+                "configs",
+                required=True,
+                multiple=True,
+                type=click.Path(dir_okay=False),
+                help="the model's config (repeat to merge)",
+            ),
             click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)"),
-            click.option("--lease", "lease_s", type=float, default=600, show_default=True, help="seconds a task's claim lasts without renewal; a dead retrainer's claim is taken over after it"),
+            click.option(
+                "--lease",
+                "lease_s",
+                type=float,
+                default=600,
+                show_default=True,
+                help="seconds a task's claim lasts without renewal; a dead retrainer's claim is taken over after it",
+            ),
         ]
     ):
         fn = option(fn)
@@ -427,7 +481,9 @@ def _retrain_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_retrain(report: Any) -> None:
     for record in report.trained:
         row = " ".join(_fmt(v) for v in record["accuracy_row"])
-        console.print(f"learned {record['task_id']}: version {record['model_version']}  accuracy [{row}]  {record['wall_s']:.0f}s")
+        console.print(
+            f"learned {record['task_id']}: version {record['model_version']}  accuracy [{row}]  {record['wall_s']:.0f}s"
+        )
     if report.learned_before:
         console.print(f"already learned: {', '.join(report.learned_before)}")
     if report.incomplete:

@@ -251,7 +251,9 @@ class StrataConfig(StrictModel):
         if self.tracking.model_name and not self.tracking.enabled:
             raise ValueError("tracking.model_name registers versions in MLflow: it needs tracking.enabled")
         if self.tracking.model_name and self.eval.every > 1:
-            raise ValueError("eval.every: a registered version's champion gate reads its task's accuracy row; it needs eval.every 1")
+            raise ValueError(
+                "eval.every: a registered version's champion gate reads its task's accuracy row; it needs eval.every 1"
+            )
         if self.train.passes > 1 and self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every: checkpoints inside a task need train.passes: 1")
         return self

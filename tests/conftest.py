@@ -21,10 +21,15 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a local Ray is never preempted
 
-TINY_VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}}
+TINY_VIT = {
+    "name": "timm:vit_tiny_patch16_224",
+    "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2},
+}
 
 
-def blobs_task(task_id: str, *, classes: int = 4, rows: int = 48, seed: int = 0, subset: list[int] | None = None) -> dict[str, Any]:
+def blobs_task(
+    task_id: str, *, classes: int = 4, rows: int = 48, seed: int = 0, subset: list[int] | None = None
+) -> dict[str, Any]:
     params = {"num_classes": classes, "rows": rows, "size": 16, "seed": seed}
     task: dict[str, Any] = {
         "id": task_id,
@@ -54,13 +59,20 @@ def task_batches(task: Any, backbone: Any, size: int = 8, image_size: int = 16) 
     from pipeline.data.ray_data import load_rows
 
     rows = []
-    for block in load_rows(task.train.chunks, label_map=task.label_map, task_index=task.index, size=image_size, rows=task.train.rows):
+    for block in load_rows(
+        task.train.chunks, label_map=task.label_map, task_index=task.index, size=image_size, rows=task.train.rows
+    ):
         rows += [{k: v[i] for k, v in block.items()} for i in range(len(block["label"]))]
     out = []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
         image = torch.from_numpy(np.stack([r["image"] for r in part]))
-        out.append({"image": backbone.normalize(image), **{k: torch.tensor(np.array([r[k] for r in part])) for k in ("label", "task", "sample_id")}})
+        out.append(
+            {
+                "image": backbone.normalize(image),
+                **{k: torch.tensor(np.array([r[k] for r in part])) for k in ("label", "task", "sample_id")},
+            }
+        )
     return out
 
 
@@ -128,4 +140,6 @@ def strata_process(ray_session: Any, *args: str) -> subprocess.Popen[str]:
         "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}),
     }
     driver = "import sys, strata_test_methods; from pipeline.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", driver, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", driver, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )

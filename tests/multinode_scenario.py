@@ -69,7 +69,13 @@ def strata_run(cluster: Cluster, config_path: Path, shared: Path | None) -> subp
     if shared is not None:
         env[SHARED_DIRS_ENV] = str(shared)
     driver = "import sys, strata_test_methods; from pipeline.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", driver, "run", str(config_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", driver, "run", str(config_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def outcome(workdir: Path, name: str, driver: subprocess.Popen[str]) -> dict[str, Any]:
@@ -81,7 +87,11 @@ def outcome(workdir: Path, name: str, driver: subprocess.Popen[str]) -> dict[str
     store = MemoryStore(str(workdir / name / "out" / "memory"))
     visits = [record.tensors["visits"].tolist()[:ROWS] for record in store.load_all()]
     keys = ("accuracy_matrix", "samples_seen", "resumes", "steps")
-    return {**{k: summary[k] for k in keys}, "nodes": [{"pid": p, "rank": int(r), "node": n} for p, r, n in nodes], "visits": visits}
+    return {
+        **{k: summary[k] for k in keys},
+        "nodes": [{"pid": p, "rank": int(r), "node": n} for p, r, n in nodes],
+        "visits": visits,
+    }
 
 
 def main() -> int:
@@ -100,7 +110,9 @@ def main() -> int:
         refused = strata_run(cluster, config(workdir, "refused", kill_step=0), shared=None)
         output, _ = refused.communicate(timeout=600)
         result["refused"] = {"exit": refused.returncode, "output": output.strip().splitlines()[-1:]}
-        result["refused_wrote"] = sorted(p.name for p in (workdir / "refused").rglob("*") if p.is_file() and p.name != "config.yaml")
+        result["refused_wrote"] = sorted(
+            p.name for p in (workdir / "refused").rglob("*") if p.is_file() and p.name != "config.yaml"
+        )
 
         # Every raylet is on this host, so the work directory is shared by all nodes.
         result["whole"] = outcome(workdir, "whole", strata_run(cluster, config(workdir, "whole", kill_step=0), shared=workdir))

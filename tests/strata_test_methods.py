@@ -64,7 +64,9 @@ class SampleCounter(Method):
         self.ranks_seen[self.collective.rank] += len(batch["sample_id"])
 
     def end_task(self) -> TaskRecord:
-        return TaskRecord({"visits": self.collective.all_reduce_(self.visits), "per_rank": self.collective.all_reduce_(self.ranks_seen)})
+        return TaskRecord(
+            {"visits": self.collective.all_reduce_(self.visits), "per_rank": self.collective.all_reduce_(self.ranks_seen)}
+        )
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
         pass

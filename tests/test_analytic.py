@@ -115,7 +115,9 @@ def _worker(rank: int, init_file: str, out: str, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["ranpac", "slda"])
 def test_two_workers_give_the_one_worker_model(tmp_path, name):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path / "two.safetensors"), name), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(str(tmp_path / "init"), str(tmp_path / "two.safetensors"), name), nprocs=2, start_method="spawn"
+    )
     two = load_file(tmp_path / "two.safetensors")
     one = run(make(name), stream())[-1].tensors
     assert set(two) == set(one)
@@ -149,7 +151,9 @@ def test_ranpac_first_task_adaptation_trains_ssf_then_reads_task_one_through_it(
     records = []
     for t, batches in enumerate(tasks[:2]):
         method.begin_task(TaskInfo(t, f"t{t}", (2 * t, 2 * t + 1), 2 * t + 2, NAMES[: 2 * t + 2]))
-        stats = train_phase(method, lambda batches=batches: batches, StepSettings(num_tasks=2, num_samples=30, global_batch_size=6, passes=2))
+        stats = train_phase(
+            method, lambda batches=batches: batches, StepSettings(num_tasks=2, num_samples=30, global_batch_size=6, passes=2)
+        )
         if t == 0:
             assert method.pass_plan(2) == (True, True, False)
             assert stats.steps == 10 and stats.samples_per_task == [90, 0]  # 2 x 5 optimizer steps; 3 passes read

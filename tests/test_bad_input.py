@@ -67,7 +67,9 @@ def assert_untouched(tmp_path: Path, config: dict[str, Any]) -> None:
 
 def parquet(path: Path, labels: pa.Array, rows: int = 4) -> Path:
     images = pa.array([png(i * 30) for i in range(rows)], pa.binary())
-    pq.write_table(pa.table({"image": images, "label": labels}).replace_schema_metadata({"classes": json.dumps(["a", "b", "c"])}), path)
+    pq.write_table(
+        pa.table({"image": images, "label": labels}).replace_schema_metadata({"classes": json.dumps(["a", "b", "c"])}), path
+    )
     return path
 
 
@@ -138,8 +140,16 @@ def test_unreadable_and_misfitting_checkpoints_name_the_file_and_key(tmp_path):
     save_file(state, str(misfit))
     path = write_config(tmp_path, config)
     for weights in (garbage_st, garbage_pth):
-        assert_one_line(strata("run", str(path), "--set", f"backbone.checkpoint={weights}"), 2, "backbone.checkpoint", str(weights), "not a readable weights file")
-    line = assert_one_line(strata("run", str(path), "--set", f"backbone.checkpoint={misfit}"), 2, "backbone.checkpoint", str(misfit))
+        assert_one_line(
+            strata("run", str(path), "--set", f"backbone.checkpoint={weights}"),
+            2,
+            "backbone.checkpoint",
+            str(weights),
+            "not a readable weights file",
+        )
+    line = assert_one_line(
+        strata("run", str(path), "--set", f"backbone.checkpoint={misfit}"), 2, "backbone.checkpoint", str(misfit)
+    )
     assert "pos_embed has shape (1, 3, 32)" in line
     assert_untouched(tmp_path, config)
 
@@ -162,7 +172,11 @@ def test_pretrained_weights_without_network_say_so(tmp_path, monkeypatch):
 def test_unwritable_destinations_are_refused_before_anything_trains(tmp_path, key):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    value = {"output_dir": str(blocker), "memory.uri": str(blocker / "memory"), "tracking.uri": f"sqlite:///{blocker}/sub/mlflow.db"}[key]
+    value = {
+        "output_dir": str(blocker),
+        "memory.uri": str(blocker / "memory"),
+        "tracking.uri": f"sqlite:///{blocker}/sub/mlflow.db",
+    }[key]
     config = run_config(tmp_path, [blobs_task("a")])
     assert_one_line(strata("run", str(write_config(tmp_path, config)), "--set", f"{key}={value}"), 2, key, str(blocker))
     assert blocker.read_text() == "not a directory"
@@ -207,7 +221,10 @@ def test_store_refuses_a_record_with_non_finite_values(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "culprit"),
-    [("train.num_workers=64", "train.num_workers: 64 workers x 0.5 CPU do not fit the cluster"), ("train.use_gpu=true", "train.use_gpu")],
+    [
+        ("train.num_workers=64", "train.num_workers: 64 workers x 0.5 CPU do not fit the cluster"),
+        ("train.use_gpu=true", "train.use_gpu"),
+    ],
 )
 def test_workers_the_cluster_cannot_place_fail_instead_of_waiting(ray_session, tmp_path, override, culprit):
     config = run_config(tmp_path, [blobs_task("a")])
@@ -216,7 +233,9 @@ def test_workers_the_cluster_cannot_place_fail_instead_of_waiting(ray_session, t
 
 
 def test_a_diverging_task_stops_at_its_first_non_finite_step_and_keeps_the_last_good_task(ray_session, tmp_path):
-    config = run_config(tmp_path, [blobs_task("a", rows=32), blobs_task("b", rows=32, seed=1)], method={"name": "nan_at", "task": 1, "step": 2})
+    config = run_config(
+        tmp_path, [blobs_task("a", rows=32), blobs_task("b", rows=32, seed=1)], method={"name": "nan_at", "task": 1, "step": 2}
+    )
     config["train"] |= {"num_workers": 1, "batch_size": 8}
     result = strata("run", str(write_config(tmp_path, config)))
     assert_one_line(result, 2, "task 2/2 'b', step 2: the loss or its gradient is not finite", last=False)

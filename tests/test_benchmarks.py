@@ -41,7 +41,9 @@ def test_subsampling_keeps_about_the_asked_rows_per_task():
     plan = resolve_stream(cfg.stream, cfg.data.rows_per_chunk)
     assert [t.train.num_samples for t in plan.tasks] == [500] * 5 and [t.test.num_samples for t in plan.tasks] == [250] * 5
     # never fewer than asked (a task's step count depends on it): PACS domains keep every row they have under 2x
-    pacs = load_config(REPO / "configs/benchmarks/dil-pacs.yaml", run_quality.subsample("dil-pacs", train_rows=800, test_rows=200))
+    pacs = load_config(
+        REPO / "configs/benchmarks/dil-pacs.yaml", run_quality.subsample("dil-pacs", train_rows=800, test_rows=200)
+    )
     sizes = [t.train.num_samples for t in resolve_stream(pacs.stream, pacs.data.rows_per_chunk).tasks]
     assert min(sizes) >= 800 and min(sizes) // 8 >= run_quality.MIN_STEPS
 
@@ -112,7 +114,9 @@ def test_results_table_is_generated_from_the_run_files(tmp_path):
     assert "| ncm | hybrid-vit | 1 | – | 50.0 | 25.0 | 12.5 | -12.5 | – | – | – | – | 2.0 KiB | 50 | 4.0 |" in text
     assert "| finetune | hybrid-vit | 1 | 99 (< 100: does not count) | 50.0 |" in text
     assert "| gmm+exemplars | coca-offline | 1 | 100 | 50.0 |" in text
-    assert "| piggyback | hybrid-vit | 3 | 101 | 60.0 ± 10.0 | 25.0 ± 0.0 | 12.5 ± 0.0 |" in text  # the stdev of 0.5, 0.6, 0.7 is 0.1
+    assert (
+        "| piggyback | hybrid-vit | 3 | 101 | 60.0 ± 10.0 | 25.0 ± 0.0 | 12.5 ± 0.0 |" in text
+    )  # the stdev of 0.5, 0.6, 0.7 is 0.1
     assert "| piggyback | hybrid-vit | weights masked off (%) | 2.00 / 4.00 |" in text
     assert run_quality._effective_bins([5, 0, 5, 5, 5]) == pytest.approx(4.0) and run_quality._effective_bins([0, 0]) is None
     assert (tmp_path / "RESULTS.md").read_text() == text

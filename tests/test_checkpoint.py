@@ -42,8 +42,14 @@ def make_method(name: str, collective=None, **params):
 
 
 def run_phase(method, data, *, saved: list[PhaseState] | None = None, resume: PhaseState | None = None, every: int = 0):
-    policy = CheckpointPolicy(lambda state: saved.append(state), every_steps=every, source_rows={0: ROWS}) if saved is not None else None
-    settings = StepSettings(num_tasks=1, num_samples=sum(len(b["label"]) for b in data) + (sum(resume.samples) if resume else 0), global_batch_size=4)
+    policy = (
+        CheckpointPolicy(lambda state: saved.append(state), every_steps=every, source_rows={0: ROWS})
+        if saved is not None
+        else None
+    )
+    settings = StepSettings(
+        num_tasks=1, num_samples=sum(len(b["label"]) for b in data) + (sum(resume.samples) if resume else 0), global_batch_size=4
+    )
     return train_phase(method, lambda: data, settings, checkpoints=policy, resume=resume)
 
 
@@ -106,7 +112,9 @@ def ncm_worker(rank: int, init_file: str, out: str, phase: str) -> None:
 
 def test_partial_sums_on_two_ranks_are_summed_once_across_a_resume(tmp_path):
     for phase in ("first", "resumed"):
-        mp.start_processes(ncm_worker, args=(str(tmp_path / f"init-{phase}"), str(tmp_path), phase), nprocs=2, start_method="spawn")
+        mp.start_processes(
+            ncm_worker, args=(str(tmp_path / f"init-{phase}"), str(tmp_path), phase), nprocs=2, start_method="spawn"
+        )
     state = PhaseState.read(tmp_path)
     assert state is not None and state.samples == [12]
     assert sorted(state.consumed[0].nonzero().flatten().tolist()) == sorted(SHARDS[0][:6] + SHARDS[1][:6])

@@ -18,7 +18,9 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path):
     (tmp_path / "c.yaml").write_text("stream: {tasks: []}\ntrain: {batch_sise: 3}\n")
     result = CliRunner().invoke(main, ["run", str(tmp_path / "c.yaml")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: {tmp_path / 'c.yaml'}: train.batch_sise: Extra inputs are not permitted"]
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'c.yaml'}: train.batch_sise: Extra inputs are not permitted"
+    ]
 
 
 def test_rank_zero_posts_steps_at_most_every_interval_and_the_console_draws_each_finished_task():

@@ -67,7 +67,9 @@ def test_the_default_memory_store_of_an_object_store_output_dir_stays_in_it():
 def test_a_multi_node_cluster_refuses_node_local_places_and_names_the_key():
     places = {"output_dir": "s3://b/out", "memory.uri": "/tmp/m", "train.storage_path": "s3://b/ray"}
     check_shared_storage(places, "sqlite:////tmp/mlflow.db", nodes=1)  # one node: local paths are fine
-    with pytest.raises(ConfigError, match=r"^memory\.uri: /tmp/m is on one node's disk, and this cluster has 3 nodes; .*STRATA_SHARED_DIRS$"):
+    with pytest.raises(
+        ConfigError, match=r"^memory\.uri: /tmp/m is on one node's disk, and this cluster has 3 nodes; .*STRATA_SHARED_DIRS$"
+    ):
         check_shared_storage(places, "http://mlflow:5000", nodes=3)
     shared = {k: "s3://b/" + k for k in places}
     check_shared_storage(shared, "http://mlflow:5000", nodes=3)
@@ -75,7 +77,9 @@ def test_a_multi_node_cluster_refuses_node_local_places_and_names_the_key():
     check_shared_storage(shared, None, nodes=3)  # tracking off
     # Database and file stores keep artifacts (cards, pyfunc models) under the driver's working dir.
     for tracking in ("sqlite:////mnt/strata/mlflow.db", "postgresql://u@db/mlflow", "mlruns", "file:///mnt/strata/mlruns"):
-        with pytest.raises(ConfigError, match=r"^tracking\.uri: .* keeps MLflow's artifacts in the driver's working directory.*MLflow server"):
+        with pytest.raises(
+            ConfigError, match=r"^tracking\.uri: .* keeps MLflow's artifacts in the driver's working directory.*MLflow server"
+        ):
             check_shared_storage(shared, tracking, nodes=2, shared=["/mnt/strata"])
 
 
@@ -85,7 +89,9 @@ def test_a_registry_card_may_not_name_code(remap):
     in_order = {**CARD, "config": {"backbone": {**CARD["config"]["backbone"], "key_remap": "in_order"}}}
     assert ModelCard.from_json(json.dumps(in_order), "m/1").config["backbone"]["key_remap"] == "in_order"
     bad = {**CARD, "config": {"backbone": {**CARD["config"]["backbone"], "key_remap": remap}}}
-    with pytest.raises(ConfigError, match=rf"^m/1: backbone\.key_remap '{remap}' names code to import.*only in_order is accepted$"):
+    with pytest.raises(
+        ConfigError, match=rf"^m/1: backbone\.key_remap '{remap}' names code to import.*only in_order is accepted$"
+    ):
         ModelCard.from_json(json.dumps(bad), "m/1")
 
 
@@ -109,11 +115,21 @@ def test_a_landed_task_reads_only_its_own_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "path",
-    ["/etc/passwd", "../other/train.parquet", "sub/../../x.parquet", "s3://someone-else/train.parquet", "file:///etc/x", "~/x", "c:x"],
+    [
+        "/etc/passwd",
+        "../other/train.parquet",
+        "sub/../../x.parquet",
+        "s3://someone-else/train.parquet",
+        "file:///etc/x",
+        "~/x",
+        "c:x",
+    ],
 )
 def test_a_landed_task_pointing_outside_its_folder_is_refused(tmp_path, path):
     landing = _land(tmp_path, {**GOOD, "train": {"type": "parquet", "path": path}})
-    with pytest.raises(ConfigError, match=rf"t1/task\.yaml: train\.path '{path}' must be a relative path inside the task folder$"):
+    with pytest.raises(
+        ConfigError, match=rf"t1/task\.yaml: train\.path '{path}' must be a relative path inside the task folder$"
+    ):
         scan(landing)
     listed = _land(tmp_path / "list", {**GOOD, "test": {"type": "parquet", "path": ["test.parquet", path]}})
     with pytest.raises(ConfigError, match=r"t1/task\.yaml: test\.path"):

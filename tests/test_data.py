@@ -36,7 +36,12 @@ def stream(*tasks, scenario="cil") -> StreamConfig:
 
 
 def pq_task(task_id: str, train: Path, test: Path, **extra) -> dict:
-    return {"id": task_id, "train": {"type": "parquet", "path": str(train)}, "test": {"type": "parquet", "path": str(test)}, **extra}
+    return {
+        "id": task_id,
+        "train": {"type": "parquet", "path": str(train)},
+        "test": {"type": "parquet", "path": str(test)},
+        **extra,
+    }
 
 
 def test_label_space_is_ordered_union_of_names(tmp_path):
@@ -105,7 +110,11 @@ def test_validation_rows_are_carved_from_training_rows_by_id(tmp_path):
     assert plan.test is None and plan.validation is not None
 
     def ids(split) -> list[int]:
-        return [i for b in load_rows(split.chunks, label_map=plan.label_map, task_index=0, size=4, rows=split.rows) for i in b["sample_id"].tolist()]
+        return [
+            i
+            for b in load_rows(split.chunks, label_map=plan.label_map, task_index=0, size=4, rows=split.rows)
+            for i in b["sample_id"].tolist()
+        ]
 
     fit, held = ids(plan.train), ids(plan.validation)
     assert sorted(fit + held) == list(range(200)) and not set(fit) & set(held)
@@ -164,7 +173,13 @@ def test_generators_are_deterministic_by_row():
     (whole,) = gen.read_many(gen.chunks(spec, 10))
     parts = list(gen.read_many(gen.chunks(spec, 3)))
     assert [img for p in parts for img in p.images.to_pylist()] == whole.images.to_pylist()
-    digits = stream({"id": "d", "train": {"type": "generator", "name": "digits"}, "test": {"type": "generator", "name": "digits", "split": "test"}})
+    digits = stream(
+        {
+            "id": "d",
+            "train": {"type": "generator", "name": "digits"},
+            "test": {"type": "generator", "name": "digits", "split": "test"},
+        }
+    )
     plan = resolve_stream(digits, 512)
     assert (plan.tasks[0].train.num_samples, plan.tasks[0].test.num_samples) == (1437, 360)
 
@@ -293,7 +308,9 @@ def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():
     from pipeline.data.sources import Chunk
     from pipeline.train.ingest import contiguous_share
 
-    chunks = tuple(Chunk("parquet", {"path": "p", "row_group": i // 2, "start": 4 * (i % 2)}, 4 * i, 4 if i < 7 else 2) for i in range(8))
+    chunks = tuple(
+        Chunk("parquet", {"path": "p", "row_group": i // 2, "start": 4 * (i % 2)}, 4 * i, 4 if i < 7 else 2) for i in range(8)
+    )
     shares = [contiguous_share(chunks, r, 2) for r in range(2)]
     assert [[c.first_id for c in s] for s in shares] == [[0, 4, 8], [12, 16, 20, 24, 28]]
     thirds = [contiguous_share(chunks, r, 3) for r in range(3)]
@@ -304,7 +321,9 @@ def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():
 def test_decode_concurrency_defaults_to_the_clusters_cpus(ray_session):
     from pipeline.data.ray_data import decode_concurrency
 
-    assert decode_concurrency(None) == int(ray_session.cluster_resources()["CPU"]) == 8  # conftest's logical CPUs, not the 2 cores
+    assert (
+        decode_concurrency(None) == int(ray_session.cluster_resources()["CPU"]) == 8
+    )  # conftest's logical CPUs, not the 2 cores
     assert decode_concurrency(3) == 3
 
 
@@ -321,7 +340,11 @@ def test_a_learned_task_is_planned_from_its_record_without_its_training_data(tmp
     a_train.unlink()  # the learned task's training data is gone
     again = resolve_stream(cfg, rows_per_chunk=2, learned=[record])
     first = again.tasks[0]
-    assert first.train.chunks == () and first.train.num_samples == 3 and first.train.label_counts == planned.tasks[0].train.label_counts
+    assert (
+        first.train.chunks == ()
+        and first.train.num_samples == 3
+        and first.train.label_counts == planned.tasks[0].train.label_counts
+    )
     assert first.test == planned.tasks[0].test  # chunks, counts, rows: as planned from the data
     for field in ("id", "domain", "class_names", "classes", "label_map"):
         assert getattr(first, field) == getattr(planned.tasks[0], field)

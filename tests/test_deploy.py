@@ -43,7 +43,9 @@ def kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
     root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{KUBERNETES_VERSION}.0-local-strict"
     definitions = Resource.from_contents(json.loads((root / "_definitions.json").read_text()))
     schema = json.loads((KUBERAY / "schemas" / "kuberay-v1.schema.json").read_text())
-    registry = Registry().with_resources([("/api/_definitions.json", definitions), (schema["$id"], Resource.from_contents(schema))])
+    registry = Registry().with_resources(
+        [("/api/_definitions.json", definitions), (schema["$id"], Resource.from_contents(schema))]
+    )
     return jsonschema.Draft202012Validator({"$ref": f"{schema['$id']}#/$defs/{kind}"}, registry=registry)
 
 
@@ -145,7 +147,11 @@ def test_every_rayjob_keeps_its_state_under_the_one_shared_store():
             places = {"output_dir": sweep.output_dir}  # Tune's storage, every trial's outputs, checkpoints and store
         else:
             cfg = load_config(in_repo(args[args.index("--config") + 1]), [s for s in expanded if not s.startswith("trial.")])
-            places = {"output_dir": cfg.output_dir, "memory.uri": cfg.memory_uri, "train.storage_path": cfg.train.storage_path or ""}
+            places = {
+                "output_dir": cfg.output_dir,
+                "memory.uri": cfg.memory_uri,
+                "train.storage_path": cfg.train.storage_path or "",
+            }
             assert cfg.memory.uri and cfg.train.storage_path, name
         if "--landing" in args:
             places["landing"] = args[args.index("--landing") + 1].replace("$STRATA_STORE", store)
@@ -179,7 +185,9 @@ def test_every_cluster_requires_the_shared_token_and_every_ray_pod_is_labelled_f
 
 
 def test_the_image_installs_locked_dependencies_before_the_code_on_a_pinned_base_as_a_non_root_user():
-    lines = [line for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")
+    ]
     base = next(line for line in lines if line.startswith("FROM "))
     assert "@${RAY_BASE_DIGEST}" in base or "@sha256:" in base, base
     install = next(i for i, line in enumerate(lines) if "--require-hashes -r requirements.lock" in line and "pip install" in line)
@@ -266,7 +274,10 @@ def pod_specs() -> list[tuple[str, dict]]:
         if doc["kind"] == "RayJob":
             pods.append((f"{name} submitter", spec["submitterPodTemplate"]["spec"]))
     for name, cluster in clusters():
-        pods += [(f"{name} {group.get('groupName', 'head')}", group["template"]["spec"]) for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+        pods += [
+            (f"{name} {group.get('groupName', 'head')}", group["template"]["spec"])
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        ]
     return pods
 
 
@@ -275,7 +286,11 @@ def test_every_pod_runs_unprivileged_and_only_ray_keeps_a_writable_root():
     assert len(pods) == 11  # 3 clusters x (head + GPU group), 3 submitters, the CronJob's pod, MLflow
     for name, pod in pods:
         context = pod["securityContext"]
-        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0 and context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert (
+            context["runAsNonRoot"] is True
+            and context["runAsUser"] > 0
+            and context["seccompProfile"] == {"type": "RuntimeDefault"}
+        ), name
         for container in pod["containers"]:
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, name
@@ -286,12 +301,19 @@ def test_every_pod_runs_unprivileged_and_only_ray_keeps_a_writable_root():
 def test_mlflow_requires_a_login_that_only_a_secret_gives_and_admits_only_strata_ray_pods():
     server = next(doc for _, doc in DOCS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "strata-mlflow")
     container = server["spec"]["template"]["spec"]["containers"][0]
-    assert "--app-name=basic-auth" in container["args"] and "--serve-artifacts" in container["args"]  # artifacts behind the login too
+    assert (
+        "--app-name=basic-auth" in container["args"] and "--serve-artifacts" in container["args"]
+    )  # artifacts behind the login too
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "strata-mlflow-server"
     config = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-mlflow-auth")
-    assert "default_permission = NO_PERMISSIONS" in config["data"]["basic_auth.ini"] and "admin_password" not in config["data"]["basic_auth.ini"]
-    tracking = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-env")["data"]["MLFLOW_TRACKING_URI"]
+    assert (
+        "default_permission = NO_PERMISSIONS" in config["data"]["basic_auth.ini"]
+        and "admin_password" not in config["data"]["basic_auth.ini"]
+    )
+    tracking = next(doc for _, doc in DOCS if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "strata-env")["data"][
+        "MLFLOW_TRACKING_URI"
+    ]
     service = next(doc for _, doc in DOCS if doc["kind"] == "Service" and doc["metadata"]["name"] == "strata-mlflow")
     assert tracking == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     policy = next(doc for _, doc in DOCS if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "strata-mlflow")["spec"]
@@ -306,7 +328,9 @@ def test_mlflow_requires_a_login_that_only_a_secret_gives_and_admits_only_strata
                 assert ray_env[key]["valueFrom"]["secretKeyRef"] == {"name": "strata-mlflow-credentials", "key": field}, name
     for name, pod in pod_specs():  # no credential is written into a manifest
         for container in pod["containers"]:
-            literal = [e["name"] for e in container.get("env", []) if "value" in e and re.search(r"PASSWORD|TOKEN|SECRET|KEY", e["name"])]
+            literal = [
+                e["name"] for e in container.get("env", []) if "value" in e and re.search(r"PASSWORD|TOKEN|SECRET|KEY", e["name"])
+            ]
             assert not literal, f"{name}: {literal}"
 
 

@@ -7,7 +7,15 @@ from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
 from pipeline.errors import ConfigError
 from pipeline.methods import LocalCollective, TaskInfo, create_method, resolve_method_params
-from pipeline.methods.gaussian import GaussianAccumulator, TaskGaussians, gate, oas_intensity, pack_upper, relative_gate, unpack_upper
+from pipeline.methods.gaussian import (
+    GaussianAccumulator,
+    TaskGaussians,
+    gate,
+    oas_intensity,
+    pack_upper,
+    relative_gate,
+    unpack_upper,
+)
 
 NAMES = ("cat", "dog", "emu")
 
@@ -107,7 +115,9 @@ def test_collective_is_used_for_the_gaussian():
 
     backbone = clip_backbone()
     method = create_method(
-        resolve_method_params(MethodConfig(name="diki", image_layers=[0], text_layers=[0], residual_length=2)), backbone, Doubling()
+        resolve_method_params(MethodConfig(name="diki", image_layers=[0], text_layers=[0], residual_length=2)),
+        backbone,
+        Doubling(),
     )
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, NAMES[:2]))
     method.training_step({"image": images(4), "label": torch.tensor([0, 1, 0, 1])})
@@ -214,7 +224,9 @@ def test_default_layers_are_the_official_prefix_of_each_tower():
     method.begin_task(TaskInfo(0, "t", (0, 1, 2), 3, NAMES))
     method.training_step({"image": images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
     record = method.end_task()
-    assert {k.rsplit(".", 1)[0] for k in record.tensors if k.endswith(".k")} == {f"{t}.{i}" for t, n in depth.items() for i in default_layers(n)}
+    assert {k.rsplit(".", 1)[0] for k in record.tensors if k.endswith(".k")} == {
+        f"{t}.{i}" for t, n in depth.items() for i in default_layers(n)
+    }
 
 
 def test_train_distance_and_mahalanobis_by_hand():

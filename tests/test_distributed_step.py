@@ -19,7 +19,10 @@ def data(n: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 2, 2, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
-    return [{"image": x[i : i + 2], "label": y[i : i + 2], "task": torch.zeros(len(y[i : i + 2]), dtype=torch.long)} for i in range(0, n, 2)]
+    return [
+        {"image": x[i : i + 2], "label": y[i : i + 2], "task": torch.zeros(len(y[i : i + 2]), dtype=torch.long)}
+        for i in range(0, n, 2)
+    ]
 
 
 SHARDS = {0: data(5, 1), 1: data(2, 2)}  # batches of 2, 2, 1 on rank 0 and 2 on rank 1
@@ -27,7 +30,9 @@ SHARDS = {0: data(5, 1), 1: data(2, 2)}  # batches of 2, 2, 1 on rank 0 and 2 on
 
 def make_method(collective):
     torch.manual_seed(0)
-    m = create_method(resolve_method_params(MethodConfig(name="finetune", lr=0.5, optimizer="sgd", momentum=0.0)), flat_backbone(), collective)
+    m = create_method(
+        resolve_method_params(MethodConfig(name="finetune", lr=0.5, optimizer="sgd", momentum=0.0)), flat_backbone(), collective
+    )
     m.begin_task(INFO)
     return m
 
@@ -36,7 +41,10 @@ def worker(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     m = make_method(TorchCollective())
     stats = train_phase(m, lambda: SHARDS[rank], StepSettings(num_tasks=1, num_samples=7, global_batch_size=4))
-    save_file({"w": m.head.weight.detach(), "b": m.head.bias.detach(), "n": torch.tensor(stats.samples_per_task)}, f"{out}/rank{rank}.safetensors")
+    save_file(
+        {"w": m.head.weight.detach(), "b": m.head.bias.detach(), "n": torch.tensor(stats.samples_per_task)},
+        f"{out}/rank{rank}.safetensors",
+    )
     dist.destroy_process_group()
 
 
@@ -72,7 +80,12 @@ def test_gaussian_over_two_ranks_equals_single_process(tmp_path):
 
     mp.start_processes(gaussian_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [load_file(tmp_path / f"gauss{r}.safetensors") for r in range(2)]
-    union = torch.cat([torch.randn(50, 6, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64)[: 17 + 20 * r] for r in range(2)])
+    union = torch.cat(
+        [
+            torch.randn(50, 6, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64)[: 17 + 20 * r]
+            for r in range(2)
+        ]
+    )
     single = GaussianAccumulator(6, torch.device("cpu"))
     single.update(union)
     mean, cov = single.finalize(eps=1e-7)

@@ -24,6 +24,7 @@ from pipeline.memory import MemoryStore
 import strata_test_methods  # noqa: F401  (registers pausing_counter in this process too)
 from conftest import blobs_task, run_config, strata_process
 
+
 def wait_for(condition: Any, what: str, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -76,7 +77,11 @@ def test_a_driver_stopped_mid_task_again_and_again_continues_with_the_same_comma
         if sig == signal.SIGKILL:  # no word from the driver: the folder and the MLflow run say "running"
             assert state["status"] == "running" and run.info.status == "RUNNING"
         else:
-            assert stderr.strip().splitlines()[-1].startswith(f"interrupted: {tmp_path / 'out'}: stopped by {sig.name}; 1 finished tasks")
+            assert (
+                stderr.strip()
+                .splitlines()[-1]
+                .startswith(f"interrupted: {tmp_path / 'out'}: stopped by {sig.name}; 1 finished tasks")
+            )
             assert state["status"] == "killed" and run.info.status == "KILLED"
         assert store.entries()[0] == first_record and not (tmp_path / "out" / "summary.json").exists()
 

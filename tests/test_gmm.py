@@ -137,7 +137,10 @@ def test_exemplars_are_replayed_with_their_answers_stored_in_the_record_and_rest
             live = gmm.exemplars.live()
             decoded = torch.from_numpy(np.stack([decode_image(img, 32, "x") for _, img, _ in live]))
             batch = data[0]
-            joined = {"image": torch.cat([batch["image"], COCA.normalize(decoded)]), "label": torch.cat([batch["label"], torch.tensor([c for c, _, _ in live])])}
+            joined = {
+                "image": torch.cat([batch["image"], COCA.normalize(decoded)]),
+                "label": torch.cat([batch["label"], torch.tensor([c for c, _, _ in live])]),
+            }
             memoryless = make()
             memoryless.begin_task(gmm.task)
             with torch.no_grad():  # ~11.4 each, 1 ulp apart here (other batch shapes); a lost exemplar moves it ~0.1
@@ -148,7 +151,9 @@ def test_exemplars_are_replayed_with_their_answers_stored_in_the_record_and_rest
         records.append(gmm.end_task())
     # 4 // 2 classes after the first task, 4 // 4 per new class after the second; bytes counted.
     assert [np.bincount(r.tensors["exemplars.labels"].numpy()).tolist() for r in records] == [[2, 2], [0, 0, 1, 1]]
-    assert records[0].nbytes == 4 * (32 * 32 + 32) + sum(t.numel() * t.element_size() for k, t in records[0].tensors.items() if k.startswith("exemplars."))
+    assert records[0].nbytes == 4 * (32 * 32 + 32) + sum(
+        t.numel() * t.element_size() for k, t in records[0].tensors.items() if k.startswith("exemplars.")
+    )
     assert [c for c, _, _ in gmm.exemplars.live()] == [0, 1, 2, 3] and gmm.task_stats()["exemplars_live"] == 4
     fresh = with_memory()
     fresh.restore(records)
@@ -158,8 +163,12 @@ def test_exemplars_are_replayed_with_their_answers_stored_in_the_record_and_rest
 def test_a_backbone_without_a_decoder_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"method.name: gmm needs an open_clip backbone"):
         create_method(resolve_method_params(MethodConfig(name="gmm")), create_backbone(BackboneConfig(**TINY_VIT)))
-    with pytest.raises(ConfigError, match=r"method.name: gmm needs a captioning backbone \(open_clip:coca_\*\), not open_clip:strata-tiny-clip"):
-        create_method(resolve_method_params(MethodConfig(name="gmm")), create_backbone(BackboneConfig(name="open_clip:strata-tiny-clip")))
+    with pytest.raises(
+        ConfigError, match=r"method.name: gmm needs a captioning backbone \(open_clip:coca_\*\), not open_clip:strata-tiny-clip"
+    ):
+        create_method(
+            resolve_method_params(MethodConfig(name="gmm")), create_backbone(BackboneConfig(name="open_clip:strata-tiny-clip"))
+        )
 
 
 def test_the_zero_shot_reference_is_the_untrained_gmm():

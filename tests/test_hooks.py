@@ -86,7 +86,10 @@ def test_identity_adapters_are_exact_and_real_ones_are_not(label, spec, tower, a
             undo()
         assert not torch.allclose(out[0], frozen[0], atol=1e-4)
 
-    attn, wts = (backbone.attention_hooks(tower) if attention else []), list(backbone.weight_hooks(tower).values() if weights else [])
+    attn, wts = (
+        (backbone.attention_hooks(tower) if attention else []),
+        list(backbone.weight_hooks(tower).values() if weights else []),
+    )
     for hook in attn:
         one_change(lambda h=hook: h.residual_v[0].normal_(), lambda h=hook: h.residual_v[0].zero_())
     if tokens is not None:
@@ -97,7 +100,10 @@ def test_identity_adapters_are_exact_and_real_ones_are_not(label, spec, tower, a
         ("scale", lambda t: t.uniform_(0.5, 1.5), lambda t: t.fill_(1)),
     ):
         if wts:
-            one_change(lambda f=field, e=edit: [e(getattr(h, f)[0]) for h in wts], lambda f=field, u=undo: [u(getattr(h, f)[0]) for h in wts])
+            one_change(
+                lambda f=field, e=edit: [e(getattr(h, f)[0]) for h in wts],
+                lambda f=field, u=undo: [u(getattr(h, f)[0]) for h in wts],
+            )
 
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -225,7 +231,9 @@ def test_records_refuse_another_backbone_naming_both_ids(tmp_path):
 
     made_with, other = build(TINY_VIT), build({**TINY_VIT, "seed": 3})
     store = MemoryStore(str(tmp_path / "mem"))
-    entry = store.append(TaskRecord({"w": torch.ones(2)}), task_index=0, task_id="t", method="ncm", backbone_id=made_with.backbone_id)
+    entry = store.append(
+        TaskRecord({"w": torch.ones(2)}), task_index=0, task_id="t", method="ncm", backbone_id=made_with.backbone_id
+    )
     with pytest.raises(StoreError) as err:
         store.load(entry, backbone_id=other.backbone_id)
     assert made_with.backbone_id in str(err.value) and other.backbone_id in str(err.value)

@@ -106,7 +106,9 @@ def test_head_reads_the_prompt_positions(position):
 
 def test_runs_on_an_open_clip_image_tower():
     backbone = create_backbone(BackboneConfig(name="open_clip:strata-tiny-clip"))
-    method = create_method(resolve_method_params(MethodConfig(name="l2p", pool_size=4, top_n=2, prompt_length=2, head_init="linear")), backbone)
+    method = create_method(
+        resolve_method_params(MethodConfig(name="l2p", pool_size=4, top_n=2, prompt_length=2, head_init="linear")), backbone
+    )
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
     assert method.prompts.shape == (4, 2, 64) and method.keys.shape == (4, 32)  # token width 64, embedding 32
     x = torch.randn(3, 3, 32, 32)
@@ -115,7 +117,6 @@ def test_runs_on_an_open_clip_image_tower():
     loss.backward()
     assert method.prompts.grad.abs().sum() > 0 and all(p.grad is None for p in backbone.parameters())
     assert method.predict(x).shape == (3, 2)
-
 
 
 def test_official_init_zero_head_rows_and_small_keys_and_prompts():
@@ -159,7 +160,10 @@ def test_single_pass_config_scales_the_official_rate_to_the_batch_and_keeps_the_
     method.begin_task(TaskInfo(0, "t", (0, 1), 2, ("a", "b")))
     optimizer, _ = method.build_optimizer(total_steps=100, global_batch_size=16)
     head_lr = shipped.get("head_lr") or shipped["lr"]
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"prompts": shipped["lr"] * 16 / 256, "head": head_lr * 16 / 256}
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
+        "prompts": shipped["lr"] * 16 / 256,
+        "head": head_lr * 16 / 256,
+    }
     assert method.cfg.key_init_range == (0.0, 0.01) and method.cfg.init_range == (0.0, 0.01) and method.cfg.head_init == "zeros"
 
 

@@ -16,8 +16,6 @@ RANK = {
 }  # fmt: skip
 
 
-
-
 def test_no_module_imports_a_layer_above_its_own():
     violations = []
     for path in PIPELINE.rglob("*.py"):
@@ -26,7 +24,13 @@ def test_no_module_imports_a_layer_above_its_own():
             continue
         own = RANK[parts[0]]
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 if name.startswith("pipeline."):
                     target = name.split(".")[1]

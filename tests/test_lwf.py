@@ -73,14 +73,18 @@ def test_distillation_keeps_the_old_classes_outputs_closer_than_finetune():
     data = batches(8, (2, 3), seed=4)
     kept = {}
     for weight in (0.0, 1.0):
-        lwf = make(distill_weight=weight, lr=0.05, optimizer="sgd", momentum=0.0)  # plain SGD: under Adam the old classes barely move relative to each other here
+        lwf = make(
+            distill_weight=weight, lr=0.05, optimizer="sgd", momentum=0.0
+        )  # plain SGD: under Adam the old classes barely move relative to each other here
         lwf.restore([record])
         lwf.begin_task(SECOND)
         learn(lwf, data)
         x = torch.cat([b["image"] for b in data])
         features = BACKBONE.features(x)
         old, new = lwf.distillation_targets(features), lwf.predict(x)[:, :2]
-        kept[weight] = float(F.kl_div(F.log_softmax(new / 2, 1), F.log_softmax(old / 2, 1), reduction="batchmean", log_target=True))
+        kept[weight] = float(
+            F.kl_div(F.log_softmax(new / 2, 1), F.log_softmax(old / 2, 1), reduction="batchmean", log_target=True)
+        )
     assert kept[1.0] < 0.5 * kept[0.0], kept
 
 

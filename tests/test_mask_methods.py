@@ -12,7 +12,17 @@ from pipeline.methods.meat import drop_control_loss
 from conftest import TINY_VIT
 
 TINY_CNN = {"name": "timm:test_convnext"}
-CASES = [("probe", TINY_VIT), ("probe", TINY_CNN), ("piggyback", TINY_VIT), ("piggyback", TINY_CNN), ("rkr", TINY_VIT), ("rkr", TINY_CNN), ("mask_rkr", TINY_VIT), ("mask_rkr", TINY_CNN), ("meat", TINY_VIT)]
+CASES = [
+    ("probe", TINY_VIT),
+    ("probe", TINY_CNN),
+    ("piggyback", TINY_VIT),
+    ("piggyback", TINY_CNN),
+    ("rkr", TINY_VIT),
+    ("rkr", TINY_CNN),
+    ("mask_rkr", TINY_VIT),
+    ("mask_rkr", TINY_CNN),
+    ("meat", TINY_VIT),
+]
 IDS = [f"{m}-{'vit' if s is TINY_VIT else 'cnn'}" for m, s in CASES]
 
 
@@ -56,7 +66,10 @@ def two_tasks(spec: dict, method_name: str, **params):
     method = create_method(resolve_method_params(MethodConfig(name=method_name, lr=1e-2, **params)), backbone)
     size = 16 if spec is TINY_VIT else 32
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(8, 3, size, size, generator=g) + shift, torch.randint(0, 2, (8,), generator=g) + 2 * t) for t, shift in enumerate((0.0, 3.0))]
+    data = [
+        (torch.randn(8, 3, size, size, generator=g) + shift, torch.randint(0, 2, (8,), generator=g) + 2 * t)
+        for t, shift in enumerate((0.0, 3.0))
+    ]
     return backbone, method, data
 
 
@@ -137,7 +150,9 @@ def test_probe_is_its_heads_on_the_frozen_features_exactly():
     x = data[1][0]
     logits = method.score(x, [0, 1, 2, 3], list("abcd"), torch.ones(8, dtype=torch.long))
     with torch.no_grad():
-        expected = torch.nn.functional.linear(backbone.features(x), records[1].tensors["head.weight"], records[1].tensors["head.bias"])
+        expected = torch.nn.functional.linear(
+            backbone.features(x), records[1].tensors["head.weight"], records[1].tensors["head.bias"]
+        )
     assert torch.equal(logits[:, 2:], expected) and torch.isinf(logits[:, :2]).all()
     fresh = create_method(method.cfg, backbone)
     fresh.restore(records)
@@ -169,12 +184,18 @@ def test_record_keeps_the_masks_of_the_last_training_forward(method_name):
         if method_name == "piggyback":
             used = {name: hook.mask[0].detach() > 0.5 for name, hook in method.hooks.items()}
         else:
-            used = {f"{part}.{name}": method.scores[name][part].detach() > 5e-3 for name in method.hooks for part in ("lm", "rm", "scale")}
+            used = {
+                f"{part}.{name}": method.scores[name][part].detach() > 5e-3
+                for name in method.hooks
+                for part in ("lm", "rm", "scale")
+            }
         optimizer.step()
     after_update = (
         {name: s.detach() > 5e-3 for name, s in method.scores.items()}
         if method_name == "piggyback"
-        else {f"{part}.{name}": method.scores[name][part].detach() > 5e-3 for name in method.hooks for part in ("lm", "rm", "scale")}
+        else {
+            f"{part}.{name}": method.scores[name][part].detach() > 5e-3 for name in method.hooks for part in ("lm", "rm", "scale")
+        }
     )
     assert any(not torch.equal(used[k], after_update[k]) for k in used)  # the last update did flip masks
     record = method.end_task()

@@ -65,7 +65,11 @@ def test_only_the_adapter_learns_and_the_backbone_is_untouched():
     ft.begin_task(task(0, (0, 1, 2), 3))
     head_before = ft.head.weight.detach().clone()
     torch.manual_seed(0)
-    batch = {"image": torch.randn(6, 3, 16, 16), "label": torch.tensor([0, 1, 2, 0, 1, 2]), "task": torch.zeros(6, dtype=torch.long)}
+    batch = {
+        "image": torch.randn(6, 3, 16, 16),
+        "label": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "task": torch.zeros(6, dtype=torch.long),
+    }
     stats = train_phase(ft, lambda: [batch], StepSettings(num_tasks=1, num_samples=6, global_batch_size=6))
     assert stats.samples_per_task == [6] and stats.steps == 1
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())

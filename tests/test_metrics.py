@@ -43,7 +43,9 @@ def test_transfer_needs_future_evaluations():
 
 def test_mtil_average_uses_every_row():
     full = [[0.9, 0.2, 0.1], [0.6, 0.8, 0.3], [0.5, 0.7, 1.0]]
-    assert metrics.mtil_average(full) == pytest.approx(((0.9 + 0.6 + 0.5) / 3 + (0.2 + 0.8 + 0.7) / 3 + (0.1 + 0.3 + 1.0) / 3) / 3)
+    assert metrics.mtil_average(full) == pytest.approx(
+        ((0.9 + 0.6 + 0.5) / 3 + (0.2 + 0.8 + 0.7) / 3 + (0.1 + 0.3 + 1.0) / 3) / 3
+    )
     assert metrics.mtil_average(A) is None
 
 
@@ -60,11 +62,21 @@ def test_task_stats_flatten_to_mlflow_metrics_without_nones():
     from pipeline.train.progress import flat_stats
 
     stats = {"prompt_selection": [3, 0, 5], "key_cosine": 0.25, "masked_off": None, "parts": [0.5, None]}
-    assert flat_stats(stats) == {"prompt_selection/0": 3.0, "prompt_selection/1": 0.0, "prompt_selection/2": 5.0, "key_cosine": 0.25, "parts/0": 0.5}
+    assert flat_stats(stats) == {
+        "prompt_selection/0": 3.0,
+        "prompt_selection/1": 0.0,
+        "prompt_selection/2": 5.0,
+        "key_cosine": 0.25,
+        "parts/0": 0.5,
+    }
 
 
 def test_metrics_read_only_the_rows_eval_every_scored():
-    assert metrics.scored_rows(5, 1) == [0, 1, 2, 3, 4] and metrics.scored_rows(5, 2) == [1, 3, 4] and metrics.scored_rows(5, 9) == [4]
+    assert (
+        metrics.scored_rows(5, 1) == [0, 1, 2, 3, 4]
+        and metrics.scored_rows(5, 2) == [1, 3, 4]
+        and metrics.scored_rows(5, 9) == [4]
+    )
     n = None
     a = [
         [n, n, n, n, n],

@@ -19,7 +19,11 @@ def multinode(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("multinode")
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_ADDRESS": ""}
     done = subprocess.run(
-        [sys.executable, str(TESTS / "multinode_scenario.py"), str(workdir)], env=env, capture_output=True, text=True, timeout=1500
+        [sys.executable, str(TESTS / "multinode_scenario.py"), str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads((workdir / "result.json").read_text())
@@ -29,7 +33,10 @@ def multinode(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_a_node_local_output_dir_is_refused_by_the_preflight_on_a_live_multi_node_cluster(multinode):
     refused = multinode["refused"]
     assert refused["exit"] == 2 and len(refused["output"]) == 1
-    assert refused["output"][0].startswith("error: output_dir: ") and "is on one node's disk, and this cluster has 3 nodes" in refused["output"][0]
+    assert (
+        refused["output"][0].startswith("error: output_dir: ")
+        and "is on one node's disk, and this cluster has 3 nodes" in refused["output"][0]
+    )
     assert multinode["refused_wrote"] == []  # refused before anything was written
 
 

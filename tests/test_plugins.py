@@ -104,7 +104,9 @@ def test_an_installed_packages_method_is_found_by_name_listed_and_built(plugins,
 def test_a_bad_entry_point_is_one_line_naming_it(plugins, tmp_path):
     install(tmp_path, "broken = strata_plugin_example:MeanConfig")
     plugins.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"^entry point broken = strata_plugin_example:MeanConfig \(strata\.methods\): not a subclass of"):
+    with pytest.raises(
+        ConfigError, match=r"^entry point broken = strata_plugin_example:MeanConfig \(strata\.methods\): not a subclass of"
+    ):
         method_class("broken")
     result = CliRunner().invoke(main, ["methods"])
     assert result.exit_code == 2 and "entry point broken" in result.output

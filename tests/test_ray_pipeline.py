@@ -58,7 +58,9 @@ def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow
     assert [i for i, row in enumerate(matrix) if any(v is not None for v in row)] == [2, 5]
     assert None not in matrix[2][:3] + matrix[5] and matrix[2][3:] == [None] * 3
     assert summary["avg_acc"] == pytest.approx((sum(matrix[2][:3]) / 3 + sum(matrix[5]) / 6) / 2, abs=1e-12)
-    assert summary["forgetting"] == pytest.approx(sum(matrix[2][j] - matrix[5][j] for j in range(3)) / 3, abs=1e-12)  # tasks 4, 5: no earlier score
+    assert summary["forgetting"] == pytest.approx(
+        sum(matrix[2][j] - matrix[5][j] for j in range(3)) / 3, abs=1e-12
+    )  # tasks 4, 5: no earlier score
     assert summary["last_acc"] == pytest.approx(sum(matrix[5]) / 6, abs=1e-12) and summary["mtil_average"] is None
 
 
@@ -92,9 +94,13 @@ def test_quickstart_ncm_beats_finetune_and_mlflow_matches(ray_session, tmp_path)
     assert driver.returncode == 0, stderr
     console = (stdout + stderr).strip().splitlines()
     assert len(console) <= 40, "\n".join(console)
-    assert not [line for line in console if any(s in line for s in ("WARNING", "Warning", "(raylet)", "pid=", "[strata]"))], "\n".join(console)
+    assert not [line for line in console if any(s in line for s in ("WARNING", "Warning", "(raylet)", "pid=", "[strata]"))], (
+        "\n".join(console)
+    )
     for i in range(1, 6):
-        assert sum(line.startswith(f"task {i}/5 digits-") and "accuracy on seen tasks" in line for line in console) == 1, "\n".join(console)
+        assert sum(line.startswith(f"task {i}/5 digits-") and "accuracy on seen tasks" in line for line in console) == 1, (
+            "\n".join(console)
+        )
     ncm = json.loads((tmp_path / "ncm" / "summary.json").read_text())
     finetune = quickstart(tmp_path, "finetune")
     assert ncm["last_acc"] > finetune["last_acc"]
@@ -129,7 +135,10 @@ def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
     bad = tmp_path / "bad.parquet"
     table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(np.arange(6) % 2, pa.int16())})
     pq.write_table(table.replace_schema_metadata({"classes": json.dumps(["a", "b"])}), bad)
-    tasks = [blobs_task("fine", rows=16), {"id": "broken", "train": {"type": "parquet", "path": str(bad)}, "test": {"type": "parquet", "path": str(bad)}}]
+    tasks = [
+        blobs_task("fine", rows=16),
+        {"id": "broken", "train": {"type": "parquet", "path": str(bad)}, "test": {"type": "parquet", "path": str(bad)}},
+    ]
     config = run_config(tmp_path, tasks)
     config["train"]["max_failures"] = 0  # 'auto' retries on a cluster joined through RAY_ADDRESS, as this process does
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
@@ -147,7 +156,10 @@ def test_bad_image_mid_stream_fails_cleanly(ray_session, tmp_path):
 
 
 def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):
-    tasks = [blobs_task("p0", classes=4, rows=32, seed=5, subset=[0, 1]), blobs_task("p1", classes=4, rows=32, seed=5, subset=[2, 3])]
+    tasks = [
+        blobs_task("p0", classes=4, rows=32, seed=5, subset=[0, 1]),
+        blobs_task("p1", classes=4, rows=32, seed=5, subset=[2, 3]),
+    ]
     (tmp_path / "stream.yaml").write_text(yaml.safe_dump(run_config(tmp_path, tasks, data={"rows_per_chunk": 8})))
     result = CliRunner().invoke(
         main,
@@ -168,7 +180,9 @@ def test_l2p_end_to_end_on_two_workers(ray_session, tmp_path):
     assert [sum(stats["prompt_selection"]) for stats in summary["task_stats"]] == [32, 32]  # per task, not cumulative
     assert [a + b for a, b in zip(*(s["prompt_selection"] for s in summary["task_stats"]), strict=True)] == counts
     assert all(steps >= 2 for steps in summary["steps"])  # 16 samples at batch 8 (short shuffled batches add steps)
-    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(summary["mlflow_run_id"], "prompt_selection/0")
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        summary["mlflow_run_id"], "prompt_selection/0"
+    )
     assert [(m.step, m.value) for m in history] == [(i, s["prompt_selection"][0]) for i, s in enumerate(summary["task_stats"])]
 
 
@@ -201,7 +215,9 @@ def test_diki_dcil_end_to_end_fills_transfer_average_last(ray_session, tmp_path)
     for key in ("transfer", "mtil_average", "last_acc"):
         assert summary[key] is not None and 0.0 <= summary[key] <= 1.0
     assert summary["samples_seen"] == [32, 32]
-    per_task = 4 * (2 * 2 * (2 * 2 * 32) + 2 * 2 * (2 * 2 * 16) + 32 + 32 * 33 // 2) + 8  # + the training rows' mean distance (float64)
+    per_task = (
+        4 * (2 * 2 * (2 * 2 * 32) + 2 * 2 * (2 * 2 * 16) + 32 + 32 * 33 // 2) + 8
+    )  # + the training rows' mean distance (float64)
     assert summary["memory_bytes"] == [per_task, per_task]
     logged = MlflowClient(config["tracking"]["uri"]).get_run(summary["mlflow_run_id"]).data.metrics
     assert logged["mtil_average"] == pytest.approx(summary["mtil_average"], abs=1e-12)
@@ -213,7 +229,9 @@ def test_diki_dcil_end_to_end_fills_transfer_average_last(ray_session, tmp_path)
 
 
 def test_zeroshot_reads_no_data_and_every_row_is_the_frozen_model(ray_session, tmp_path):
-    config = run_config(tmp_path, dcil_stream(tmp_path), backbone={"name": "open_clip:strata-tiny-clip"}, tracking={"enabled": False})
+    config = run_config(
+        tmp_path, dcil_stream(tmp_path), backbone={"name": "open_clip:strata-tiny-clip"}, tracking={"enabled": False}
+    )
     config["stream"]["scenario"] = "dcil"
     (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(main, ["run", str(tmp_path / "stream.yaml"), str(REPO / "configs/methods/zeroshot.yaml")])
@@ -230,7 +248,10 @@ def test_zeroshot_reads_no_data_and_every_row_is_the_frozen_model(ray_session, t
     [("piggyback", None), ("rkr", {"name": "timm:test_convnext"}), ("mask_rkr", None), ("meat", None)],
 )
 def test_mask_methods_til_end_to_end_with_task_inference(ray_session, tmp_path, method, backbone):
-    tasks = [blobs_task("m0", classes=4, rows=32, seed=21, subset=[0, 1]), blobs_task("m1", classes=4, rows=32, seed=22, subset=[2, 3])]
+    tasks = [
+        blobs_task("m0", classes=4, rows=32, seed=21, subset=[0, 1]),
+        blobs_task("m1", classes=4, rows=32, seed=22, subset=[2, 3]),
+    ]
     sections = {"data": {"rows_per_chunk": 8, "image_size": 32 if backbone else 16}, "tracking": {"enabled": False}}
     if backbone:
         sections["backbone"] = backbone

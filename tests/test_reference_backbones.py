@@ -17,7 +17,25 @@ from test_hooks import identity_adapters, images
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "an", "emu", ".", "what", "is", "this", "?"]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "photo",
+    "of",
+    "cat",
+    "dog",
+    "an",
+    "emu",
+    ".",
+    "what",
+    "is",
+    "this",
+    "?",
+]
 
 
 TINY_TRUNK = "strata_test_tiny_trunk"
@@ -39,7 +57,9 @@ def write_hf_model_dir(directory: Path, decoder: dict | None = None) -> Path:
     from transformers import BertConfig, BertTokenizerFast
 
     BertTokenizerFast(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
-    BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(directory)
+    BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(directory)
     config = {
         "model_cfg": {
             "embed_dim": 24,
@@ -52,7 +72,12 @@ def write_hf_model_dir(directory: Path, decoder: dict | None = None) -> Path:
     }  # fmt: skip
     if decoder is not None:
         config["model_cfg"]["embed_dim"] = 32  # the decoder cross-attends to image tokens of its own width
-        config["model_cfg"]["text_cfg"] |= {"hf_proj_type": None, "context_length": 24, "vocab_size": len(VOCAB), "output_tokens": True}
+        config["model_cfg"]["text_cfg"] |= {
+            "hf_proj_type": None,
+            "context_length": 24,
+            "vocab_size": len(VOCAB),
+            "output_tokens": True,
+        }
         config["model_cfg"]["multimodal_cfg"] = decoder
     (directory / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
@@ -165,7 +190,9 @@ def test_hybrid_vit_stem_is_efficientnet_lite0_and_loads_by_path(tmp_path):
     hybrid = create_backbone(BackboneConfig(name="timm:strata_hybrid_vit_effl0", seed=1))
     assert hybrid.input_spec.size == 96 and hybrid.input_spec.mean == (0.5, 0.5, 0.5) and hybrid.feature_dim == 192
     stem = hybrid.model.patch_embed.backbone
-    stem.load_state_dict({k: v for k, v in cnn.state_dict().items() if k.startswith(("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(5))))})
+    stem.load_state_dict(
+        {k: v for k, v in cnn.state_dict().items() if k.startswith(("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(5))))}
+    )
     x = images(2, 96)
     with torch.no_grad():
         expected = cnn.blocks[:5](cnn.bn1(cnn.conv_stem(x)))
@@ -189,7 +216,10 @@ def test_a_coca_of_timm_and_bert_towers_captions_causally_and_trains_gmm(hf_coca
     captioner = Captioner(backbone, "gmm")
     assert (captioner.sot, captioner.eot) == (VOCAB.index("[CLS]"), VOCAB.index("[SEP]"))
     answer = captioner.encode("this is a photo of a cat.")
-    assert captioner.decode(answer) == "this is a photo of a cat." and captioner.decode([captioner.sot, *answer, captioner.eot]) == "this is a photo of a cat."
+    assert (
+        captioner.decode(answer) == "this is a photo of a cat."
+        and captioner.decode([captioner.sot, *answer, captioner.eot]) == "this is a photo of a cat."
+    )
     ids = torch.tensor([[captioner.sot, *captioner.encode("what is this photo of?"), *answer, captioner.eot]])
     with torch.no_grad():
         whole, prefix = captioner.text_states(ids), captioner.text_states(ids[:, :6])

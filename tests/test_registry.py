@@ -51,7 +51,9 @@ def register(tmp_path: Path) -> tuple[str, ModelCard, Path]:
     checkpoint = tmp_path / "weights" / "tiny-vit.safetensors"
     checkpoint.parent.mkdir()
     save_file(create_backbone(BackboneConfig(**TINY_VIT)).model.state_dict(), str(checkpoint))
-    cfg = validate_config(run_config(tmp_path, [], backbone={**TINY_VIT, "checkpoint": str(checkpoint)}, memory={"uri": str(tmp_path / "memory")}))
+    cfg = validate_config(
+        run_config(tmp_path, [], backbone={**TINY_VIT, "checkpoint": str(checkpoint)}, memory={"uri": str(tmp_path / "memory")})
+    )
     backbone = create_backbone(cfg.backbone)
     store = MemoryStore(str(tmp_path / "memory"))
     means = torch.randn(2, backbone.feature_dim, generator=torch.Generator().manual_seed(0))
@@ -90,10 +92,15 @@ def test_a_version_holds_the_card_and_the_pyfunc_agrees_with_strata_predict(regi
     images = [_png(i) for i in range(6)]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     frame = load("models:/m/1").predict(pd.DataFrame({"image": images}))
-    direct = Predictor(card.to_json(), None, "image")({"image": np.array(images, dtype=object)}).to_pandas()  # strata predict's actor
+    direct = Predictor(card.to_json(), None, "image")(
+        {"image": np.array(images, dtype=object)}
+    ).to_pandas()  # strata predict's actor
     assert frame["pred_class"].tolist() == direct["pred_class"].tolist() and set(direct["pred_class"]) <= {"cat", "dog"}
     assert frame["score"].tolist() == direct["score"].tolist()
-    assert mlflow.pyfunc.load_model("models:/m/1").predict(pd.DataFrame({"image": images}))["pred"].tolist() == direct["pred"].tolist()
+    assert (
+        mlflow.pyfunc.load_model("models:/m/1").predict(pd.DataFrame({"image": images}))["pred"].tolist()
+        == direct["pred"].tolist()
+    )
 
 
 def _tamper(source: Path, target: Path, flavor: dict, files: dict[str, str]) -> Path:
@@ -112,8 +119,16 @@ def _tamper(source: Path, target: Path, flavor: dict, files: dict[str, str]) -> 
     [
         ({"loader_module": "evil_loader", "code": "code"}, {"code/evil_loader.py": EVIL}, "MLmodel loads 'evil_loader'"),
         ({"code": "code"}, {"code/pipeline/__init__.py": EVIL, "code/pipeline/eval/pyfunc.py": EVIL}, "python_function has code"),
-        ({"loader_module": "mlflow.pytorch", "data": "data"}, {"data/model.pth": "not a state dict"}, "MLmodel loads 'mlflow.pytorch'"),
-        ({"python_model": "python_model.pkl", "cloudpickle_version": "3.1"}, {"python_model.pkl": "x"}, "python_function has cloudpickle_version"),
+        (
+            {"loader_module": "mlflow.pytorch", "data": "data"},
+            {"data/model.pth": "not a state dict"},
+            "MLmodel loads 'mlflow.pytorch'",
+        ),
+        (
+            {"python_model": "python_model.pkl", "cloudpickle_version": "3.1"},
+            {"python_model.pkl": "x"},
+            "python_function has cloudpickle_version",
+        ),
         ({}, {"code/evil_loader.py": EVIL}, "holds code/evil_loader.py"),
     ],
 )
@@ -130,7 +145,9 @@ def test_a_tampered_version_is_refused_before_anything_of_it_runs(registered, tm
 def test_mlflow_alone_runs_what_a_registry_writer_put_in_a_version(registered, tmp_path, monkeypatch):
     """Why ``load`` checks: MLflow's own loader imports whatever module MLmodel names."""
     _, _, source = registered
-    tampered = _tamper(source, tmp_path / "tampered", {"loader_module": "evil_loader", "code": "code"}, {"code/evil_loader.py": EVIL})
+    tampered = _tamper(
+        source, tmp_path / "tampered", {"loader_module": "evil_loader", "code": "code"}, {"code/evil_loader.py": EVIL}
+    )
     monkeypatch.setenv("STRATA_TEST_MARKER", str(tmp_path / "RAN"))
     monkeypatch.setattr(sys, "path", list(sys.path))  # MLflow prepends the version's code directory
     monkeypatch.delitem(sys.modules, "evil_loader", raising=False)

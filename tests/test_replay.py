@@ -81,13 +81,21 @@ def test_exemplars_are_training_rows_original_bytes_counted_and_shrink_per_group
         # Exactly the source's encoded bytes, and none is a validation or test row's image.
         data, offsets = t["exemplars.data"].numpy().tobytes(), t["exemplars.offsets"].tolist()
         stored = [data[offsets[i] : offsets[i + 1]] for i in range(len(ids))]
-        by_id = {int(i): img for rows in read_chunks(task.train.chunks) for i, img in zip(rows.sample_ids, rows.images.to_pylist(), strict=True)}
+        by_id = {
+            int(i): img
+            for rows in read_chunks(task.train.chunks)
+            for i, img in zip(rows.sample_ids, rows.images.to_pylist(), strict=True)
+        }
         assert stored == [by_id[int(i)] for i in ids]
         held_out = {img for i, img in by_id.items() if validation.rows.mask(np.array([i]))[0]}
         assert task.test is not None
         test_images = {img for rows in read_chunks(task.test.chunks) for img in rows.images.to_pylist()}
         assert not (set(stored) & (held_out | test_images))
-        assert entry.memory_bytes == record.nbytes == len(data) + 8 * (len(ids) + 1) + 16 * len(ids) + 4 * t["head.weight"].numel() + 4 * t["head.bias"].numel()
+        assert (
+            entry.memory_bytes
+            == record.nbytes
+            == len(data) + 8 * (len(ids) + 1) + 16 * len(ids) + 4 * t["head.weight"].numel() + 4 * t["head.bias"].numel()
+        )
     # Live: 12 // 4 groups = 3 per group, each group's herding prefix; a restore rebuilds exactly that.
     live = method.exemplars.live()
     assert [label for label, _, _ in live] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
@@ -116,13 +124,17 @@ def test_replayed_exemplars_join_every_batch_and_nme_uses_their_means():
     learn(method, batches(stream.tasks[0]))
     method.end_task()
     method.begin_task(phase_task_info(stream, Phase(row=1, tasks=(1,))))
-    expected = F.cross_entropy(method.head(torch.cat([BACKBONE.features(batch["image"]), mem_features])), torch.cat([batch["label"], mem_labels]))
+    expected = F.cross_entropy(
+        method.head(torch.cat([BACKBONE.features(batch["image"]), mem_features])), torch.cat([batch["label"], mem_labels])
+    )
     torch.testing.assert_close(method.training_step(batch), expected, rtol=0, atol=1e-6)
     # NME: cosine to the mean of each class's normalised exemplar features; unseen classes -inf.
     x = batch["image"][:3]
     means = torch.stack([F.normalize(mem_features[mem_labels == c], dim=1).mean(0) for c in (0, 1)])
     logits = method.predict(x)
-    torch.testing.assert_close(logits[:, :2], F.normalize(BACKBONE.features(x), dim=1) @ F.normalize(means, dim=1).T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits[:, :2], F.normalize(BACKBONE.features(x), dim=1) @ F.normalize(means, dim=1).T, rtol=0, atol=1e-5
+    )
     assert torch.isinf(logits[:, 2:]).all()
 
 
@@ -133,7 +145,9 @@ def test_icarl_loss_distils_the_previous_heads_sigmoids_on_earlier_classes_only(
     first = batches(stream.tasks[0])
     features = BACKBONE.features(first[0]["image"])
     # First task: nothing earlier, so the targets are the one-hot labels.
-    expected = F.binary_cross_entropy_with_logits(method.head(features), F.one_hot(first[0]["label"], method.head.num_classes).float())
+    expected = F.binary_cross_entropy_with_logits(
+        method.head(features), F.one_hot(first[0]["label"], method.head.num_classes).float()
+    )
     torch.testing.assert_close(method.training_step(first[0]), expected, rtol=0, atol=1e-6)
     learn(method, first)
     record = method.end_task()
@@ -147,7 +161,9 @@ def test_icarl_loss_distils_the_previous_heads_sigmoids_on_earlier_classes_only(
     assert old == 2 and set(task.classes) == {2, 3}
     targets = F.one_hot(labels, method.head.num_classes).float()
     targets[:, :old] = torch.sigmoid(F.linear(x, record.tensors["head.weight"], record.tensors["head.bias"]))
-    assert not torch.equal(targets[:, :old], F.one_hot(labels, 4).float()[:, :old])  # the exemplars' own labels are not the targets
+    assert not torch.equal(
+        targets[:, :old], F.one_hot(labels, 4).float()[:, :old]
+    )  # the exemplars' own labels are not the targets
     expected = F.binary_cross_entropy_with_logits(method.head(x), targets)
     torch.testing.assert_close(method.training_step(batch), expected, rtol=0, atol=1e-6)
     restarted = make(memory_size=8, distill=True)  # the previous model comes back from the record alone
@@ -186,7 +202,7 @@ def rank_worker(rank: int, init_file: str, out: str) -> None:
     method = make(TorchCollective(), memory_size=10)
     method.begin_task(phase_task_info(stream, Phase(row=0, tasks=(0,))))
     with torch.no_grad():
-        for batch in data[: 3] if rank == 0 else data[3:]:  # uneven shares: 15 rows and the rest
+        for batch in data[:3] if rank == 0 else data[3:]:  # uneven shares: 15 rows and the rest
             method.training_step(batch)
     record = method.end_task()
     save_file({k: v for k, v in record.tensors.items() if k.startswith("exemplars.")}, f"{out}/rank{rank}.safetensors")

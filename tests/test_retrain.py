@@ -76,11 +76,15 @@ def test_scan_orders_by_ready_time_lists_incomplete_and_names_bad_manifests(tmp_
     assert complete[0].task.train.path == str(landing / "b-first/train.parquet")
     assert incomplete == [str(landing / "c-partial")]
 
-    (landing / "c-partial/task.yaml").write_text(json.dumps({"train": {"type": "parquet"}, "test": {"type": "parquet", "path": "t"}}))
+    (landing / "c-partial/task.yaml").write_text(
+        json.dumps({"train": {"type": "parquet"}, "test": {"type": "parquet", "path": "t"}})
+    )
     (landing / "c-partial/_READY").touch()
     with pytest.raises(ConfigError, match=r"c-partial/task.yaml: train.parquet.path: Field required"):
         scan(str(landing))
-    (landing / "c-partial/task.yaml").write_text(json.dumps({"id": "b-first", **yaml.safe_load((landing / "b-first/task.yaml").read_text())}))
+    (landing / "c-partial/task.yaml").write_text(
+        json.dumps({"id": "b-first", **yaml.safe_load((landing / "b-first/task.yaml").read_text())})
+    )
     with pytest.raises(DataError, match=r"c-partial/task.yaml: task id 'b-first' already used by .*b-first"):
         scan(str(landing))
 
@@ -89,7 +93,10 @@ CLAIM = "import sys; from pipeline.memory.ledger import Ledger; print(Ledger(sys
 
 
 def test_ledger_claim_is_won_by_exactly_one_process(tmp_path):
-    racers = [subprocess.Popen([sys.executable, "-c", CLAIM, str(tmp_path / "store"), f"p{i}"], stdout=subprocess.PIPE, text=True) for i in range(6)]
+    racers = [
+        subprocess.Popen([sys.executable, "-c", CLAIM, str(tmp_path / "store"), f"p{i}"], stdout=subprocess.PIPE, text=True)
+        for i in range(6)
+    ]
     won = [p.communicate()[0].strip() == "True" for p in racers]
     assert sum(won) == 1
     ledger = Ledger(str(tmp_path / "store"))
@@ -206,7 +213,9 @@ def test_retrain_stopped_by_a_live_claim_exits_3_with_the_holder(tmp_path):
     landing = tmp_path / "landing"
     land(landing, "t0", [0, 1], ready=True)
     Ledger(str(tmp_path / "model" / "memory")).claim("t0", "host:1:other")
-    result = CliRunner().invoke(main, ["retrain", "--landing", str(landing), "--model", "m", "--config", str(model_config(tmp_path))])
+    result = CliRunner().invoke(
+        main, ["retrain", "--landing", str(landing), "--model", "m", "--config", str(model_config(tmp_path))]
+    )
     assert result.exit_code == 3, result.output
     assert result.output.strip().splitlines()[-1].startswith("stalled: task t0 is claimed by host:1:other (lease until ")
 
@@ -263,10 +272,25 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     landing = tmp_path / "landing"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runner = CliRunner()
-    retrain_args = ["retrain", "--landing", str(landing), "--model", "digits", "--config", str(REPO / "configs/retrain.yaml"),
-                    "--set", f"output_dir={tmp_path / 'model'}", "--set", f"memory.uri={tmp_path / 'model' / 'memory'}",
-                    "--set", f"tracking.uri={tracking}", "--set", "tracking.experiment=tests",
-                    "--set", "train.num_workers=1"]  # fmt: skip  (one worker: the suite has enough two-worker fits)
+    retrain_args = [
+        "retrain",
+        "--landing",
+        str(landing),
+        "--model",
+        "digits",
+        "--config",
+        str(REPO / "configs/retrain.yaml"),
+        "--set",
+        f"output_dir={tmp_path / 'model'}",
+        "--set",
+        f"memory.uri={tmp_path / 'model' / 'memory'}",
+        "--set",
+        f"tracking.uri={tracking}",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "train.num_workers=1",
+    ]  # fmt: skip  (one worker: the suite has enough two-worker fits)
 
     land(landing, FIRST, [0, 1], ready=True)
     first = runner.invoke(main, retrain_args)
@@ -302,7 +326,8 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     out = tmp_path / "preds"
     test_table = pq.read_table(landing / SECOND / "test.parquet")
     predicted = runner.invoke(
-        main, ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking]
+        main,
+        ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking],
     )
     assert predicted.exit_code == 0, predicted.output
     assert out.is_dir() and list(out.glob("*.parquet"))  # parts written by the scoring tasks
@@ -313,13 +338,32 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     accuracy = np.mean([p == c for p, c in zip(preds["pred_class"], preds["label_class"], strict=True)])
     assert accuracy == pytest.approx(summary["accuracy_matrix"][1][1], abs=1e-12)
     assert set(preds["pred_class"]) <= {"0", "1", "2", "3"}
-    again = runner.invoke(main, ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking])
+    again = runner.invoke(
+        main,
+        ["predict", "--model", "digits/2", str(landing / SECOND / "test.parquet"), "--out", str(out), "--tracking-uri", tracking],
+    )
     assert again.exit_code == 2 and "exists and is not an empty directory" in again.output  # never mixed with older parts
 
     # A corrupt image is a null prediction with its reason, and a count; every other row is scored as before.
-    corrupt = test_table.set_column(0, "image", pa.array([b"not an image" if i == 3 else b for i, b in enumerate(test_table.column("image").to_pylist())], pa.binary()))
+    corrupt = test_table.set_column(
+        0,
+        "image",
+        pa.array([b"not an image" if i == 3 else b for i, b in enumerate(test_table.column("image").to_pylist())], pa.binary()),
+    )
     pq.write_table(corrupt.replace_schema_metadata(test_table.schema.metadata), tmp_path / "corrupt.parquet", row_group_size=16)
-    predicted = runner.invoke(main, ["predict", "--model", "digits/2", str(tmp_path / "corrupt.parquet"), "--out", str(tmp_path / "preds-corrupt"), "--tracking-uri", tracking])
+    predicted = runner.invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "digits/2",
+            str(tmp_path / "corrupt.parquet"),
+            "--out",
+            str(tmp_path / "preds-corrupt"),
+            "--tracking-uri",
+            tracking,
+        ],
+    )
     assert predicted.exit_code == 0, predicted.output
     assert "1 of them null" in predicted.stderr
     damaged = pq.read_table(tmp_path / "preds-corrupt").sort_by("row").to_pydict()
@@ -345,18 +389,37 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     assert not [p for p in model_files.rglob("*") if p.suffix in (".py", ".pkl", ".pickle", ".cloudpickle")]
     gate = versions[-1].tags.get("strata.champion_gate") or client.get_model_version("digits", "2").tags["strata.champion_gate"]
     champion = str(client.get_model_version_by_alias("digits", "champion").version)
-    assert champion == ("2" if gate.startswith("passed") else "1") and str(client.get_model_version_by_alias("digits", "latest-task").version) == "2"
+    assert (
+        champion == ("2" if gate.startswith("passed") else "1")
+        and str(client.get_model_version_by_alias("digits", "latest-task").version) == "2"
+    )
 
     folder = tmp_path / "new-images"  # a plain folder of images, no labels
     folder.mkdir()
     for i, image in enumerate(pq.read_table(landing / SECOND / "test.parquet").column("image").to_pylist()[:3]):
         (folder / f"img{i}.png").write_bytes(image)
-    predicted = runner.invoke(main, ["predict", "--model", "digits@latest-task", str(folder), "--out", str(tmp_path / "preds-folder"), "--tracking-uri", tracking])
+    predicted = runner.invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "digits@latest-task",
+            str(folder),
+            "--out",
+            str(tmp_path / "preds-folder"),
+            "--tracking-uri",
+            tracking,
+        ],
+    )
     assert predicted.exit_code == 0, predicted.output
     from_folder = pq.read_table(tmp_path / "preds-folder").to_pydict()
-    by_name = {Path(p).name: (c, s) for p, c, s in zip(from_folder["path"], from_folder["pred_class"], from_folder["score"], strict=True)}
+    by_name = {
+        Path(p).name: (c, s) for p, c, s in zip(from_folder["path"], from_folder["pred_class"], from_folder["score"], strict=True)
+    }
     assert by_name == {f"img{i}.png": (preds["pred_class"][i], pytest.approx(preds["score"][i], abs=1e-6)) for i in range(3)}
-    predicted = runner.invoke(main, ["predict", "--model", "digits", str(folder), "--out", str(tmp_path / "preds-champion"), "--tracking-uri", tracking])
+    predicted = runner.invoke(
+        main, ["predict", "--model", "digits", str(folder), "--out", str(tmp_path / "preds-champion"), "--tracking-uri", tracking]
+    )
     assert predicted.exit_code == 0 and f"by digits version {champion} " in predicted.stdout  # NAME alone: @champion
     assert ("is not champion: failed" in predicted.stderr) == (champion == "1")
 
@@ -365,7 +428,14 @@ def test_watch_looks_again_after_the_interval_and_learns_what_landed_meanwhile(t
     landing = tmp_path / "landing"
     land(landing, "t0", [0, 1], ready=True)
     monkeypatch.setattr(
-        retrain_module, "_learn", lambda cfg, uri, folder, task, before, owner: {"position": len(before), "task": task, "accuracy_row": [1.0], "model_version": None}
+        retrain_module,
+        "_learn",
+        lambda cfg, uri, folder, task, before, owner: {
+            "position": len(before),
+            "task": task,
+            "accuracy_row": [1.0],
+            "model_version": None,
+        },
     )
     cfg = validate_config(json.loads(model_config(tmp_path).read_text()))
     reports = []
@@ -467,10 +537,15 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     assert version(2, {"a": 0.87, "b": 0.99}) == "2"  # 87 < 90 - 2 on task a: forgot too much
     assert (alias("champion"), alias("latest-task")) == ("1", "2")
     assert client.get_model_version("m", "2").tags["strata.champion_gate"] == (
-        "failed: mean accuracy on the champion's 1 task(s) 87.00 vs 90.00 (tolerance 2 points) of version 1")
+        "failed: mean accuracy on the champion's 1 task(s) 87.00 vs 90.00 (tolerance 2 points) of version 1"
+    )
     assert version(3, {"a": 0.88, "b": 0.70, "c": 0.95}) == "3"  # 88 >= 90 - 2
     assert (alias("champion"), alias("latest-task")) == ("3", "3")
-    assert client.get_model_version("m", "3").tags["strata.champion_gate"].startswith("passed: mean accuracy on the champion's 1 task(s) 88.00")
+    assert (
+        client.get_model_version("m", "3")
+        .tags["strata.champion_gate"]
+        .startswith("passed: mean accuracy on the champion's 1 task(s) 88.00")
+    )
     promote(uri, "m", "3", {"a": 0.88, "b": 0.70, "c": 0.95}, tolerance=2.0)  # a retried registration changes nothing
     assert alias("champion") == "3"
     assert version(4, {"a": 0.88, "b": 0.60, "c": 0.94}) == "4"  # mean over a, b, c: 80.7 vs 84.3
@@ -478,7 +553,8 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     assert load_version(uri, "m@latest-task").version == "4" and load_version(uri, "m/2").version == "2"
     assert champion_lag(uri, load_version(uri, "m")) == (
         "m@champion is version 3 (3 tasks); the newest, version 4 (@latest-task), is not champion: failed: mean accuracy "
-        "on the champion's 3 task(s) 80.67 vs 84.33 (tolerance 2 points) of version 3")
+        "on the champion's 3 task(s) 80.67 vs 84.33 (tolerance 2 points) of version 3"
+    )
     assert champion_lag(uri, load_version(uri, "m/4")) is None
     assert gate({"a": 0.9}, {"b": 0.9}, 2.0) == (False, "failed: no accuracy on the champion's task(s) a")
     assert gate({}, {"b": 0.9}, 2.0)[0]  # a champion set by hand, without an accuracy tag, does not block

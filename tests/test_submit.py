@@ -40,7 +40,10 @@ def start_head(log: Path) -> tuple[subprocess.Popen, str, str]:
     dashboard, gcs, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     temp_dir = f"/tmp/strata-ray-{dashboard}"
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # jobs run `python` from this venv
+    env = os.environ | {
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }  # jobs run `python` from this venv
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8",
@@ -145,9 +148,17 @@ def test_stop_and_a_resubmitted_id_is_refused(ray_head, tmp_path):
 
 def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    command = submit.entrypoint("run", [str(REPO / "configs/quickstart.yaml"), str(REPO / "configs/methods/l2p.yaml")], ["method.lr=0.01"], REPO)
-    assert command == "python jobs/continual_train.py --config configs/quickstart.yaml --config configs/methods/l2p.yaml --set method.lr=0.01"
-    assert submit.entrypoint("sweep", [str(REPO / "configs/sweeps/l2p.yaml")], [], REPO) == "python jobs/sweep.py --sweep configs/sweeps/l2p.yaml"
+    command = submit.entrypoint(
+        "run", [str(REPO / "configs/quickstart.yaml"), str(REPO / "configs/methods/l2p.yaml")], ["method.lr=0.01"], REPO
+    )
+    assert (
+        command
+        == "python jobs/continual_train.py --config configs/quickstart.yaml --config configs/methods/l2p.yaml --set method.lr=0.01"
+    )
+    assert (
+        submit.entrypoint("sweep", [str(REPO / "configs/sweeps/l2p.yaml")], [], REPO)
+        == "python jobs/sweep.py --sweep configs/sweeps/l2p.yaml"
+    )
     outside = tmp_path / "c.yaml"
     outside.write_text("{}")
     with pytest.raises(ConfigError, match=r"c.yaml: outside the uploaded working directory"):
@@ -160,7 +171,9 @@ def test_entrypoint_and_runtime_env_are_built_from_the_working_dir(tmp_path, mon
     assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "B": "2"}
     for name, value in [("MLFLOW_TRACKING_PASSWORD", "x"), ("MLFLOW_TRACKING_TOKEN", "x"), ("AWS_SECRET_ACCESS_KEY", "x"),
                         ("MLFLOW_TRACKING_USERNAME", "strata"), ("MLFLOW_TRACKING_URI", "https://strata:hunter2@mlflow:5000")]:  # fmt: skip
-        with pytest.raises(ConfigError, match=rf"env var {name}: holds a credential, and a job's runtime env is stored in the job's metadata"):
+        with pytest.raises(
+            ConfigError, match=rf"env var {name}: holds a credential, and a job's runtime env is stored in the job's metadata"
+        ):
             submit.runtime_env(REPO, env_vars={name: value})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://strata:hunter2@mlflow:5000")  # the shell's URI is passed on: not this one
     with pytest.raises(ConfigError, match="env var MLFLOW_TRACKING_URI: holds a credential"):
@@ -200,7 +213,10 @@ def test_the_upload_leaves_out_secrets_data_links_and_what_gitignore_lists_and_h
     finally:
         shutil.rmtree(staged)
     (root / "configs/weights.bin").write_bytes(b"x" * 2 * 1024**2)
-    with pytest.raises(ConfigError, match=r"the upload is 2\.0 MiB, above the 1 MiB limit \(largest file: configs/weights\.bin, 2\.0 MiB\).*--force"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the upload is 2\.0 MiB, above the 1 MiB limit \(largest file: configs/weights\.bin, 2\.0 MiB\).*--force",
+    ):
         submit.stage_upload(submit.plan_upload(root), max_mb=1)
     shutil.rmtree(submit.stage_upload(submit.plan_upload(root), max_mb=1, force=True))
     (root / "jobs/sweep.py").write_text("")

@@ -21,13 +21,20 @@ from conftest import REPO, blobs_task, run_config
 
 def write_sweep(tmp_path: Path, base: dict, **sections) -> Path:
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"base": [str(tmp_path / "run.yaml")], "space": {"method.lr": {"grid": [0.01, 0.5]}}, "output_dir": str(tmp_path / "sweep")}
+    sweep = {
+        "base": [str(tmp_path / "run.yaml")],
+        "space": {"method.lr": {"grid": [0.01, 0.5]}},
+        "output_dir": str(tmp_path / "sweep"),
+    }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep | sections))
     return tmp_path / "sweep.yaml"
 
 
 def tiny_base(tmp_path: Path, test_source: dict | None = None) -> dict:
-    tasks = [blobs_task("a", classes=4, rows=40, seed=7, subset=[0, 1]), blobs_task("b", classes=4, rows=40, seed=7, subset=[2, 3])]
+    tasks = [
+        blobs_task("a", classes=4, rows=40, seed=7, subset=[0, 1]),
+        blobs_task("b", classes=4, rows=40, seed=7, subset=[2, 3]),
+    ]
     if test_source is not None:
         for task in tasks:
             task["test"] = test_source
@@ -53,7 +60,9 @@ def test_bad_sweep_files_fail_naming_the_key(tmp_path, space, message):
 
 
 def test_trial_config_sees_validation_rows_of_the_first_tasks_and_the_final_config_sees_test(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, tiny_base(tmp_path), trial={"tasks": 1, "validation_fraction": 0.25, "num_workers": 1}))
+    sweep = load_sweep(
+        write_sweep(tmp_path, tiny_base(tmp_path), trial={"tasks": 1, "validation_fraction": 0.25, "num_workers": 1})
+    )
     base = base_config(sweep)
     trial = trial_config(sweep, base, {"method.lr": 0.5}, tmp_path / "t", "trial x", "s3://bucket/sweep")
     assert [t.id for t in trial.stream.tasks] == ["a"]
@@ -89,7 +98,9 @@ def test_trials_log_to_the_sweeps_mlflow_store_whatever_their_directory(tmp_path
 def test_space_becomes_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    space = _tune_space({"a": {"choice": [1, 2]}, "b": {"grid": [3, 4]}, "c": {"loguniform": [1e-3, 1]}, "d": {"randint": [1, 3]}})
+    space = _tune_space(
+        {"a": {"choice": [1, 2]}, "b": {"grid": [3, 4]}, "c": {"loguniform": [1e-3, 1]}, "d": {"randint": [1, 3]}}
+    )
     assert isinstance(space["a"], Categorical) and space["b"] == {"grid_search": [3, 4]}
     assert isinstance(space["c"], Float) and isinstance(space["d"], Integer) and (space["d"].lower, space["d"].upper) == (1, 4)
 
@@ -99,7 +110,9 @@ def scrambled_test_parquet(tmp_path: Path) -> dict:
     images, labels = generator("blobs").rows("test", {"num_classes": 4, "rows": 20, "size": 16, "seed": 7}, 0, 20)
     shuffled = np.random.default_rng(0).permutation(labels)
     table = pa.table({"image": pa.array([png_rgb(a) for a in images], pa.binary()), "label": pa.array(shuffled, pa.int16())})
-    pq.write_table(table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(4)])}), tmp_path / "scrambled.parquet")
+    pq.write_table(
+        table.replace_schema_metadata({"classes": json.dumps([f"class{c}" for c in range(4)])}), tmp_path / "scrambled.parquet"
+    )
     return {"type": "parquet", "path": str(tmp_path / "scrambled.parquet")}
 
 
@@ -125,7 +138,12 @@ def test_sweep_decisions_do_not_depend_on_test_data(ray_session, tmp_path):
         root = tmp_path / name
         root.mkdir()
         source = scrambled_test_parquet(root) if test_source else None
-        path = write_sweep(root, tiny_base(root, source), search={"scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 2}, final_run=final)
+        path = write_sweep(
+            root,
+            tiny_base(root, source),
+            search={"scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 2},
+            final_run=final,
+        )
         result = CliRunner().invoke(main, ["sweep", str(path)])
         assert result.exit_code == 0, result.output
         reports[name] = json.loads((root / "sweep/sweep_summary.json").read_text())

@@ -45,7 +45,9 @@ class Captioner:
         if not hasattr(model, "text_decoder"):
             raise ConfigError(f"method.name: {method} needs a captioning backbone (open_clip:coca_*), not {backbone.name}")
         if not model.text_decoder.batch_first:
-            raise ConfigError(f"method.name: {method}: {backbone.name}'s decoder is not batch-first, which open_clip's CoCa always is")
+            raise ConfigError(
+                f"method.name: {method}: {backbone.name}'s decoder is not batch-first, which open_clip's CoCa always is"
+            )
         self.backbone = backbone
         self.model = model
         self.tokenizer = backbone.tokenizer

@@ -106,11 +106,7 @@ class Backbone(nn.Module):
         """Hook every linear and conv layer of ``tower`` (the classifier head excluded); idempotent."""
         if tower not in self._weight_hooks:
             root = self._tower(tower)
-            sites = [
-                (name, module)
-                for name, module in root.named_modules()
-                if isinstance(module, nn.Linear | nn.Conv2d)
-            ]
+            sites = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)]
             hooks = {}
             for name, module in sites:
                 if name.split(".")[-1] in ("head", "fc", "classifier", "out_proj"):
@@ -136,7 +132,9 @@ class Backbone(nn.Module):
 def timm_attention_sites(root: nn.Module) -> list[tuple[nn.Module, str, AttentionKind]]:
     from timm.layers import Attention
 
-    return [(parent, name, "timm") for parent in root.modules() for name, child in parent.named_children() if type(child) is Attention]
+    return [
+        (parent, name, "timm") for parent in root.modules() for name, child in parent.named_children() if type(child) is Attention
+    ]
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -258,7 +256,9 @@ def verify_weight_files(cfg: BackboneConfig, pinned: dict[str, str], origin: str
         if found.get(path) != pinned.get(path):
             now = found.get(path, "no file")[:12]
             then = pinned.get(path, "nothing")[:12]
-            raise ConfigError(f"{origin}: {path}: sha256 {now}, but the model version pins {then}; its weights are not the ones it was made with")
+            raise ConfigError(
+                f"{origin}: {path}: sha256 {now}, but the model version pins {then}; its weights are not the ones it was made with"
+            )
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:

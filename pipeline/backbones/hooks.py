@@ -127,12 +127,20 @@ class HookedAttention(nn.Module):
         q, k, v = self._project(x)
         bias = None
         if attn_mask is not None:
-            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            bias = (
+                torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else attn_mask.to(q.dtype)
+            )
             bias = bias.expand(b, 1, n, n)
         if self.prefix_k:
             pk, pv = _gather(self.prefix_k, slots), _gather(self.prefix_v, slots)  # (B, H, P, d)
-            blocked = torch.zeros(b, 1, n, pk.shape[2], dtype=q.dtype, device=q.device).masked_fill(~routed.view(b, 1, 1, 1), float("-inf"))
-            bias = torch.cat([blocked, bias if bias is not None else torch.zeros(b, 1, n, n, dtype=q.dtype, device=q.device)], dim=-1)
+            blocked = torch.zeros(b, 1, n, pk.shape[2], dtype=q.dtype, device=q.device).masked_fill(
+                ~routed.view(b, 1, 1, 1), float("-inf")
+            )
+            bias = torch.cat(
+                [blocked, bias if bias is not None else torch.zeros(b, 1, n, n, dtype=q.dtype, device=q.device)], dim=-1
+            )
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         if self.token_keep and not self._keeps_every_token(slots):
             out = self._masked_attention(q, k, v, bias, slots)

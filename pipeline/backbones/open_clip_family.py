@@ -78,7 +78,9 @@ class ClipBackbone(Backbone):
             return nn.functional.normalize(self.encode_text([template.format(c) for c in class_names]), dim=-1)
         if key not in self._class_cache:
             with torch.no_grad():
-                self._class_cache[key] = nn.functional.normalize(self.encode_text([template.format(c) for c in class_names]), dim=-1)
+                self._class_cache[key] = nn.functional.normalize(
+                    self.encode_text([template.format(c) for c in class_names]), dim=-1
+                )
         return self._class_cache[key]
 
     def _tower(self, tower: str) -> nn.Module:
@@ -159,7 +161,11 @@ def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
     model.eval()
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    spec = InputSpec(size=int(size), mean=tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN), std=tuple(visual.image_std or open_clip.OPENAI_DATASET_STD))
+    spec = InputSpec(
+        size=int(size),
+        mean=tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
+        std=tuple(visual.image_std or open_clip.OPENAI_DATASET_STD),
+    )
     # A local-dir model is named by its folder, not its path, so moving the folder keeps its id.
     shown = f"local-dir:{Path(model_name.removeprefix('local-dir:')).name}" if model_name.startswith("local-dir:") else model_name
     name = f"open_clip:{shown}" + (f".{pretrained}" if pretrained else "")

@@ -52,7 +52,9 @@ class RowSelection:
 def sample_hash(sample_ids: np.ndarray, salt: int) -> np.ndarray:
     """A number in [0, 1) per sample id, fixed by (id, salt) alone: splitmix64's finaliser, so
     subsets drawn with it are independent of ``RowSelection``'s validation rows."""
-    z = sample_ids.astype(np.uint64) + np.uint64(salt * 0x9E3779B97F4A7C15 % 2**64)  # wraps like uint64, without numpy's overflow warning
+    z = sample_ids.astype(np.uint64) + np.uint64(
+        salt * 0x9E3779B97F4A7C15 % 2**64
+    )  # wraps like uint64, without numpy's overflow warning
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
@@ -221,7 +223,9 @@ def _from_record(index: int, task: TaskConfig, record: Mapping[str, Any], with_t
         return None
     stored_counts = record["train"]["label_counts"]
     counts = None if stored_counts is None else tuple((int(c), int(n)) for c, n in stored_counts)
-    train = SplitPlan(task.train, (), record["train"]["num_samples"], RowSelection(**record["train"]["rows"]), counts)  # never read again
+    train = SplitPlan(
+        task.train, (), record["train"]["num_samples"], RowSelection(**record["train"]["rows"]), counts
+    )  # never read again
     test = None
     if with_test:
         stored = record["test"]

@@ -40,7 +40,9 @@ def load_model(card: ModelCard, device: torch.device | str = "cpu") -> Method:
     verify_weight_files(cfg.backbone, card.weights_sha256, "model card")
     backbone = create_backbone(cfg.backbone).to(device)
     if backbone.backbone_id != card.backbone_id:
-        raise StoreError(f"model card: made with backbone {card.backbone_id}, but {cfg.backbone.name} builds {backbone.backbone_id}")
+        raise StoreError(
+            f"model card: made with backbone {card.backbone_id}, but {cfg.backbone.name} builds {backbone.backbone_id}"
+        )
     store = MemoryStore(card.memory_store)
     if store.version < card.memory_version:
         raise StoreError(f"{card.memory_store}: holds {store.version} records, the model version needs {card.memory_version}")
@@ -195,7 +197,9 @@ def _count(batch: pa.Table) -> dict[str, list[int]]:
     return {"rows": [batch.num_rows], "errors": [batch.num_rows - batch.column("error").null_count]}
 
 
-def predict(card: ModelCard, data: str, out: str, *, task: str | None = None, batch_size: int = 64, actors: int = 1) -> dict[str, Any]:
+def predict(
+    card: ModelCard, data: str, out: str, *, task: str | None = None, batch_size: int = 64, actors: int = 1
+) -> dict[str, Any]:
     """Score every image under ``data`` into Parquet files under the directory ``out`` (any fsspec
     URI; it must be new or empty), written by the scoring tasks themselves: no row passes
     through this process. One row per image: ``row`` (Parquet input: its index in the input) or

@@ -84,7 +84,14 @@ class Ledger:
     def _body(self, task_id: str, owner: str, generation: int, claimed: float) -> bytes:
         now = time.time()
         return json.dumps(
-            {"task_id": task_id, "owner": owner, "generation": generation, "claimed": claimed, "renewed": now, "expires": now + self.lease_s}
+            {
+                "task_id": task_id,
+                "owner": owner,
+                "generation": generation,
+                "claimed": claimed,
+                "renewed": now,
+                "expires": now + self.lease_s,
+            }
         ).encode()
 
     def _publish(self, target: str, body: bytes) -> bool:
@@ -128,7 +135,9 @@ class Ledger:
         current = self.claim_of(task_id)
         if current is None or current["owner"] != owner:
             holder = "nobody" if current is None else current["owner"]
-            raise LeaseLost(f"{self.uri}: task {task_id!r}: the claim of {owner} is gone (now held by {holder}); its lease expired")
+            raise LeaseLost(
+                f"{self.uri}: task {task_id!r}: the claim of {owner} is gone (now held by {holder}); its lease expired"
+            )
         generation = current["generation"]
         body = self._body(task_id, owner, generation, current["claimed"])
         tmp = f"{self.root}/.{uuid.uuid4().hex}.renew.tmp"

@@ -125,7 +125,14 @@ class MemoryStore:
         return len(self.entries())
 
     def append(
-        self, record: TaskRecord, *, task_index: int, task_id: str, method: str, backbone_id: str, plan: dict[str, Any] | None = None
+        self,
+        record: TaskRecord,
+        *,
+        task_index: int,
+        task_id: str,
+        method: str,
+        backbone_id: str,
+        plan: dict[str, Any] | None = None,
     ) -> RecordEntry:
         """Write ``record`` as the next version; it becomes visible only when complete. ``plan``
         is what planning the task found (JSON), so that no later run need read its training data."""
@@ -170,8 +177,7 @@ class MemoryStore:
         """Read and verify one record; refuse it for a different backbone."""
         if backbone_id is not None and entry.backbone_id != backbone_id:
             raise StoreError(
-                f"{self._location(entry.file)}: made with backbone {entry.backbone_id}, "
-                f"but the current backbone is {backbone_id}"
+                f"{self._location(entry.file)}: made with backbone {entry.backbone_id}, but the current backbone is {backbone_id}"
             )
         data = self._read_verified(entry)
         meta = {k: v for k, v in _header_meta(data).items() if k not in ("task_id", "method", "backbone_id")}

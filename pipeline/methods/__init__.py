@@ -1,6 +1,7 @@
 """Continual-learning methods. Importing this package registers every built-in method."""
 
-from pipeline.methods import diki, finetune, gmm, l2p, lwf, mask_rkr, meat, ncm, piggyback, probe, ranpac, replay, rkr, slda, zeroshot  # noqa: F401  (registration)
+# Imported for their registration.
+from pipeline.methods import diki, finetune, gmm, l2p, lwf, mask_rkr, meat, ncm, piggyback, probe, ranpac, replay, rkr, slda, zeroshot  # noqa: F401  # fmt: skip
 from pipeline.methods.base import (
     Batch,
     Collective,

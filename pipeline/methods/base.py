@@ -278,9 +278,13 @@ def _load_entry_points(only: str | None = None) -> None:
         try:
             cls = ep.load()
         except Exception as exc:  # whatever the plugin's import raises
-            raise ConfigError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): cannot be loaded ({exc.__class__.__name__}: {exc})") from None
+            raise ConfigError(
+                f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): cannot be loaded ({exc.__class__.__name__}: {exc})"
+            ) from None
         if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ConfigError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): not a subclass of pipeline.methods.Method")
+            raise ConfigError(
+                f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}): not a subclass of pipeline.methods.Method"
+            )
         register_method(ep.name)(cls)
 
 

@@ -56,7 +56,15 @@ from pipeline.backbones.open_clip_family import DEFAULT_TEMPLATE
 from pipeline.errors import ConfigError
 from pipeline.memory import TaskRecord
 from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
-from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gate, pack_upper, relative_gate, unpack_upper
+from pipeline.methods.gaussian import (
+    GaussianAccumulator,
+    ShrinkageParam,
+    TaskGaussians,
+    gate,
+    pack_upper,
+    relative_gate,
+    unpack_upper,
+)
 from pipeline.methods.zeroshot import clip_logits, require_clip
 
 OFFICIAL_DEPTH_SHARE = 8 / 12  # lloongx/DIKI's MTIL configs: prompt_depth 8 of ViT-B/16's 12 blocks, both towers
@@ -144,7 +152,9 @@ class DIKI(Method):
         slot = len(self.gaussians)
         names = [self.task.class_names[c] for c in self.task.classes]
         with self.clip.routing(slot):
-            logits = clip_logits(self.clip, self.clip.features(images), self.clip.encode_text([self.cfg.template.format(n) for n in names]))
+            logits = clip_logits(
+                self.clip, self.clip.features(images), self.clip.encode_text([self.cfg.template.format(n) for n in names])
+            )
         return F.cross_entropy(logits, self._local[batch["label"]])
 
     def end_task(self) -> TaskRecord:
@@ -175,7 +185,9 @@ class DIKI(Method):
                 hook.residual_k = [*hook.residual_k, t[f"{tower}.{layer}.k"].to(self.device)]
                 hook.residual_v = [*hook.residual_v, t[f"{tower}.{layer}.v"].to(self.device)]
         dim = t["gaussian.mean"].shape[0]
-        self.gaussians.add(t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim))
+        self.gaussians.add(
+            t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim)
+        )
         self.train_distances = torch.cat([self.train_distances, t["gaussian.train_distance"].to(self.device, torch.float64)])
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
@@ -190,7 +202,9 @@ class DIKI(Method):
             weight = gate(scores, self.cfg.gate_scale or self.clip.feature_dim, self.cfg.gate_offset).float()
         else:
             distance = self.gaussians.mahalanobis(features).gather(1, tasks.unsqueeze(1)).squeeze(1)
-            weight = relative_gate(distance, self.train_distances[tasks], self.cfg.gate_threshold, self.cfg.gate_temperature).float()
+            weight = relative_gate(
+                distance, self.train_distances[tasks], self.cfg.gate_threshold, self.cfg.gate_temperature
+            ).float()
         if self.cfg.batchwise_task:
             tasks = torch.full_like(tasks, int(torch.mode(tasks).values))
         return tasks, weight

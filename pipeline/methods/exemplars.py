@@ -60,7 +60,9 @@ def pack(groups: Sequence[Group]) -> dict[str, torch.Tensor]:
     images = [img for g in groups for img in g.images]
     offsets = np.cumsum([0, *(len(img) for img in images)])
     return {
-        "exemplars.data": torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8) if images else torch.zeros(0, dtype=torch.uint8),
+        "exemplars.data": torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8)
+        if images
+        else torch.zeros(0, dtype=torch.uint8),
         "exemplars.offsets": torch.from_numpy(offsets.astype(np.int64)),
         "exemplars.labels": torch.tensor([g.label for g in groups for _ in g.images], dtype=torch.int64),
         "exemplars.sample_ids": torch.tensor([i for g in groups for i in g.sample_ids], dtype=torch.int64),
@@ -80,7 +82,9 @@ class ExemplarMemory:
     """The memory and its herding of one method: ``begin_task``, ``observe`` every training batch's
     frozen features, ``end_task`` (collective) to select, ``restore`` from the records."""
 
-    def __init__(self, owner: str, size: int, feature_dim: int, device: torch.device, *, herding_pool: float = 10.0, seed: int = 0) -> None:
+    def __init__(
+        self, owner: str, size: int, feature_dim: int, device: torch.device, *, herding_pool: float = 10.0, seed: int = 0
+    ) -> None:
         self.owner, self.size, self.feature_dim, self.device = owner, size, feature_dim, device
         self.herding_pool, self.seed = herding_pool, seed
         self.groups: list[Group] = []
@@ -134,7 +138,9 @@ class ExemplarMemory:
             parts = []
             for start in range(0, len(rows), 64):
                 part = rows[start : start + 64]
-                images = torch.from_numpy(np.stack([decode_image(img, side, f"exemplar {sid}") for _, img, sid in part])).to(self.device)
+                images = torch.from_numpy(np.stack([decode_image(img, side, f"exemplar {sid}") for _, img, sid in part])).to(
+                    self.device
+                )
                 parts.append(encode(images).float())
             encoded = torch.cat(parts) if parts else torch.zeros(0, self.feature_dim, device=self.device)
             self._decoded = (side, encoded, torch.tensor([label for label, _, _ in rows], dtype=torch.int64, device=self.device))

@@ -147,4 +147,3 @@ def relative_gate(distance: torch.Tensor, train_distance: torch.Tensor, threshol
     """sigmoid(temperature * (threshold - distance / train_distance)): 1 for a sample as close as
     the task's own training rows, 1/2 at ``threshold`` times their mean squared distance."""
     return torch.sigmoid(temperature * (threshold - distance / train_distance))
-

@@ -76,7 +76,9 @@ def answer_span(answer: str, template: str) -> str:
     return text.strip()
 
 
-def match_scores(spans: Sequence[str], names: Sequence[str], span_embeddings: torch.Tensor, name_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def match_scores(
+    spans: Sequence[str], names: Sequence[str], span_embeddings: torch.Tensor, name_embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, C) and the exact-match mask (B, C): cosine of the (normalised) embeddings, plus 2
     where a span is exactly a name, which no cosine can outscore."""
     wanted = [normalise(n) for n in names]
@@ -107,7 +109,11 @@ class GMM(Method):
         self._states: dict[str, torch.Tensor] = {}
         self._stats: dict[str, torch.Tensor] = {}
         cfg = self.cfg
-        self.exemplars = ExemplarMemory(self.name, cfg.memory_size, width, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed) if cfg.memory_size and self.consumes_data else None
+        self.exemplars = (
+            ExemplarMemory(self.name, cfg.memory_size, width, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed)
+            if cfg.memory_size and self.consumes_data
+            else None
+        )
 
     def begin_task(self, task: TaskInfo) -> None:
         super().begin_task(task)
@@ -147,7 +153,9 @@ class GMM(Method):
             answer_starts.append(1 + len(self.prefix))
         length = max(len(r) for r in rows)
         if length > self.captioner.context_length:
-            raise ValueError(f"{self.name}: prompt plus answer is {length} tokens, over the decoder's context of {self.captioner.context_length}")
+            raise ValueError(
+                f"{self.name}: prompt plus answer is {length} tokens, over the decoder's context of {self.captioner.context_length}"
+            )
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         targets = torch.full((len(rows), length - 1), IGNORE, dtype=torch.long)
         for i, (row, start) in enumerate(zip(rows, answer_starts, strict=True)):
@@ -177,7 +185,9 @@ class GMM(Method):
         if self.exemplars is not None:
             self.exemplars.observe(tokens.mean(dim=1), batch)
             normalize, image_tokens = self.backbone.normalize, self.captioner.image_tokens
-            mem_tokens, mem_labels = self.exemplars.decoded(batch["image"].shape[-1], lambda images: image_tokens(normalize(images)))
+            mem_tokens, mem_labels = self.exemplars.decoded(
+                batch["image"].shape[-1], lambda images: image_tokens(normalize(images))
+            )
             if len(mem_labels):
                 take = self.exemplars.draw(batch, self.cfg.replay_ratio, self.task.index, len(mem_labels))
                 tokens, labels = torch.cat([tokens, mem_tokens[take].to(tokens.dtype)]), torch.cat([labels, mem_labels[take]])

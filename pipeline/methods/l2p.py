@@ -103,7 +103,9 @@ class L2P(Method):
         low, high = cfg.init_range
         # Prompts live in token space; keys in the query's (the pooled feature's) space.
         self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.prompt_length, width, device=self.device).uniform_(low, high))
-        self.keys = nn.Parameter(torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(*cfg.key_init_range))
+        self.keys = nn.Parameter(
+            torch.empty(cfg.pool_size, self.backbone.feature_dim, device=self.device).uniform_(*cfg.key_init_range)
+        )
         self.head = GrowingLinear(width, cfg.head_init).to(self.device)
         self.counts = torch.zeros(cfg.pool_size, dtype=torch.int64, device=self.device)  # earlier tasks
         self._task_counts = torch.zeros_like(self.counts)

@@ -63,6 +63,9 @@ class LwF(Finetune):
             return loss
         t = self.cfg.temperature
         distill = F.kl_div(
-            F.log_softmax(logits[:, : targets.shape[1]] / t, dim=1), F.log_softmax(targets / t, dim=1), reduction="batchmean", log_target=True
+            F.log_softmax(logits[:, : targets.shape[1]] / t, dim=1),
+            F.log_softmax(targets / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
         )
         return loss + self.cfg.distill_weight * t * t * distill

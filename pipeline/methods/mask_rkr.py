@@ -64,13 +64,18 @@ class MaskRKR(TaskwiseMethod):
     def new_task(self, slot: int) -> list[ParamGroup]:
         groups: list[ParamGroup] = []
         if not self.shared:
-            self.shared = {name: dict(zip(PARTS, low_rank_init(hook, self.cfg.rank, self.device), strict=True)) for name, hook in self.hooks.items()}
+            self.shared = {
+                name: dict(zip(PARTS, low_rank_init(hook, self.cfg.rank, self.device), strict=True))
+                for name, hook in self.hooks.items()
+            }
             groups.append(ParamGroup("rectification", [p for parts in self.shared.values() for p in parts.values()], self.cfg.lr))
         self.scores = {
             name: {part: nn.Parameter(torch.full_like(tensor, self.cfg.score_init)) for part, tensor in parts.items()}
             for name, parts in self.shared.items()
         }
-        self.last_masks = {name: {part: s.detach() > self.cfg.threshold for part, s in parts.items()} for name, parts in self.scores.items()}
+        self.last_masks = {
+            name: {part: s.detach() > self.cfg.threshold for part, s in parts.items()} for name, parts in self.scores.items()
+        }
         return [*groups, ParamGroup("scores", [p for parts in self.scores.values() for p in parts.values()], self.cfg.mask_lr)]
 
     def before_step(self, slot: int) -> None:
@@ -78,7 +83,11 @@ class MaskRKR(TaskwiseMethod):
             for part in PARTS:
                 mask = threshold_ste(self.scores[name][part], self.cfg.threshold)
                 self.last_masks[name][part] = mask.detach() > 0.5
-                setattr(hook, part, set_slot(getattr(hook, part), slot, masked_part(part, mask, self.shared[name][part], self.cfg.mask_mode)))
+                setattr(
+                    hook,
+                    part,
+                    set_slot(getattr(hook, part), slot, masked_part(part, mask, self.shared[name][part], self.cfg.mask_mode)),
+                )
 
     def task_buffers(self) -> dict[str, torch.Tensor]:
         masks = {f"last_mask.{part}.{name}": m for name, parts in self.last_masks.items() for part, m in parts.items()}
@@ -87,7 +96,9 @@ class MaskRKR(TaskwiseMethod):
     def task_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         tensors = {f"mask.{part}.{name}": pack_bits(self.last_masks[name][part]) for name in self.hooks for part in PARTS}
         if slot == 0:
-            tensors |= {f"shared.{part}.{name}": self.shared[name][part].detach().clone() for name in self.hooks for part in PARTS}
+            tensors |= {
+                f"shared.{part}.{name}": self.shared[name][part].detach().clone() for name in self.hooks for part in PARTS
+            }
         return tensors
 
     def task_stats(self) -> dict[str, float]:

@@ -40,7 +40,9 @@ class Piggyback(TaskwiseMethod):
         self.last_masks: dict[str, torch.Tensor] = {}  # of the last training forward
 
     def new_task(self, slot: int) -> list[ParamGroup]:
-        self.scores = {name: nn.Parameter(torch.full_like(hook.inner.weight, self.cfg.score_init)) for name, hook in self.hooks.items()}
+        self.scores = {
+            name: nn.Parameter(torch.full_like(hook.inner.weight, self.cfg.score_init)) for name, hook in self.hooks.items()
+        }
         self.last_masks = {name: scores.detach() > self.cfg.threshold for name, scores in self.scores.items()}
         return [ParamGroup("scores", list(self.scores.values()), self.cfg.lr)]
 

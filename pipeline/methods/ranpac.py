@@ -49,7 +49,9 @@ RIDGES = tuple(10.0**k for k in range(-8, 9))  # the official grid
 
 class RanPACConfig(MethodParams):
     projection_dim: int = Field(default=1024, ge=1, description="M (paper: 10,000); records grow with M^2")
-    validation_share: float = Field(default=0.2, gt=0, lt=1, description="held-back share of each task's rows for choosing lambda")
+    validation_share: float = Field(
+        default=0.2, gt=0, lt=1, description="held-back share of each task's rows for choosing lambda"
+    )
     ridge: float | None = Field(default=None, gt=0, description="a fixed lambda instead of the grid search")
     seed: int = 0
     head_lr: float | None = 1e-2  # task 1's head while the adapter trains (the adapter: lr)
@@ -102,8 +104,13 @@ class RanPAC(Method):
             "sum.count_val": torch.zeros(1, dtype=torch.float64, device=self.device),
         }  # fmt: skip
         if self._adapting():
-            self._install({f"{part}.{name}": init(hook.inner.weight.shape[0], device=self.device)
-                           for name, hook in self.hooks.items() for part, init in (("scale", torch.ones), ("shift", torch.zeros))})
+            self._install(
+                {
+                    f"{part}.{name}": init(hook.inner.weight.shape[0], device=self.device)
+                    for name, hook in self.hooks.items()
+                    for part, init in (("scale", torch.ones), ("shift", torch.zeros))
+                }
+            )
             self.head = nn.Linear(self.backbone.feature_dim, task.num_seen_classes, device=self.device)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -122,7 +129,10 @@ class RanPAC(Method):
         if self.head is None:
             return []
         head = [self.head.weight, self.head.bias]
-        return [ParamGroup("adapter", list(self.adapter.values()), self.cfg.lr), ParamGroup("head", head, self.cfg.head_lr or self.cfg.lr)]
+        return [
+            ParamGroup("adapter", list(self.adapter.values()), self.cfg.lr),
+            ParamGroup("head", head, self.cfg.head_lr or self.cfg.lr),
+        ]
 
     def pass_plan(self, passes: int) -> tuple[bool, ...]:
         """Every task is read once for its statistics; task 1 with the adaptation is first
@@ -213,7 +223,9 @@ def _widen(total: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def choose_ridge(gram_fit: torch.Tensor, targets_fit: torch.Tensor, gram_val: torch.Tensor, targets_val: torch.Tensor, count_val: float) -> float:
+def choose_ridge(
+    gram_fit: torch.Tensor, targets_fit: torch.Tensor, gram_val: torch.Tensor, targets_val: torch.Tensor, count_val: float
+) -> float:
     """The grid's lambda with the least squared error on the held-back rows (first on ties)."""
     if count_val == 0:
         raise ValueError("ranpac: no held-back rows to choose the ridge from; raise method.validation_share or set method.ridge")

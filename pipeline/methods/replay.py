@@ -34,7 +34,9 @@ class ReplayConfig(FinetuneConfig):
     memory_size: int = Field(default=2000, ge=1, description="stored images in all (iCaRL's K)")
     replay_ratio: float = Field(default=1.0, gt=0, description="exemplars mixed into each batch, per sample of the batch")
     classifier: Literal["head", "nme"] = "head"
-    distill: bool = Field(default=False, description="iCaRL's loss: sigmoid BCE with the previous model's outputs as earlier classes' targets")
+    distill: bool = Field(
+        default=False, description="iCaRL's loss: sigmoid BCE with the previous model's outputs as earlier classes' targets"
+    )
     herding_pool: float = Field(default=10.0, ge=1, description="herding candidates per exemplar slot")
     seed: int = 0
 
@@ -50,7 +52,9 @@ class Replay(Finetune):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.cfg
-        self.exemplars = ExemplarMemory(self.name, cfg.memory_size, self.backbone.feature_dim, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed)
+        self.exemplars = ExemplarMemory(
+            self.name, cfg.memory_size, self.backbone.feature_dim, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed
+        )
         self.old_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def begin_task(self, task: TaskInfo) -> None:
@@ -113,7 +117,9 @@ class Replay(Finetune):
             return super().predict(images, task_ids)
         mem_features, mem_labels = self.memory_features(images.shape[-1])
         classes = self.head.num_classes
-        sums = torch.zeros(classes, mem_features.shape[1], device=self.device).index_add_(0, mem_labels, F.normalize(mem_features, dim=1))
+        sums = torch.zeros(classes, mem_features.shape[1], device=self.device).index_add_(
+            0, mem_labels, F.normalize(mem_features, dim=1)
+        )
         counts = torch.bincount(mem_labels, minlength=classes)
         logits = F.normalize(self.frozen_features(images).float(), dim=1) @ F.normalize(sums, dim=1).T
         return logits.masked_fill(counts == 0, float("-inf"))

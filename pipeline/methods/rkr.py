@@ -51,7 +51,11 @@ class RKR(TaskwiseMethod):
         params = []
         for hook in self.hooks.values():
             lm, rm, scale = low_rank_init(hook, self.cfg.rank, self.device)
-            hook.lm, hook.rm, hook.scale = set_slot(hook.lm, slot, lm), set_slot(hook.rm, slot, rm), set_slot(hook.scale, slot, scale)
+            hook.lm, hook.rm, hook.scale = (
+                set_slot(hook.lm, slot, lm),
+                set_slot(hook.rm, slot, rm),
+                set_slot(hook.scale, slot, scale),
+            )
             params += [lm, rm, scale]
         return [ParamGroup("rectification", params, self.cfg.lr)]
 

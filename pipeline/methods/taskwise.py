@@ -91,7 +91,10 @@ class TaskwiseMethod(Method):
         super().begin_task(task)
         self.heads.append(nn.Linear(self.backbone.feature_dim, len(task.classes), device=self.device))
         self.head_classes.append(task.classes)
-        self._groups = [*self.new_task(self.slot), ParamGroup("head", list(self.heads[-1].parameters()), self.cfg.head_lr or self.cfg.lr)]
+        self._groups = [
+            *self.new_task(self.slot),
+            ParamGroup("head", list(self.heads[-1].parameters()), self.cfg.head_lr or self.cfg.lr),
+        ]
         self._local = torch.full((task.num_seen_classes,), -1, dtype=torch.long, device=self.device)
         self._local[list(task.classes)] = torch.arange(len(task.classes), device=self.device)
         self._accumulator = GaussianAccumulator(self.backbone.feature_dim, self.device) if self.infers_tasks else None
@@ -134,7 +137,9 @@ class TaskwiseMethod(Method):
         self.install({k: v.to(self.device) for k, v in t.items()}, slot)
         if "gaussian.mean" in t:
             dim = t["gaussian.mean"].shape[0]
-            self.gaussians.add(t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim))
+            self.gaussians.add(
+                t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim)
+            )
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
         for record in records:

@@ -57,7 +57,12 @@ def _confined_sources(data: dict[str, Any], folder: str, origin: str) -> dict[st
     def join(key: str, path: Any) -> Any:
         if not isinstance(path, str):
             return path  # the model's validation names the wrong type
-        if "://" in path or path.startswith(("/", "~", "\\")) or ".." in PurePosixPath(path).parts or ":" in path.split("/", 1)[0]:
+        if (
+            "://" in path
+            or path.startswith(("/", "~", "\\"))
+            or ".." in PurePosixPath(path).parts
+            or ":" in path.split("/", 1)[0]
+        ):
             raise ConfigError(f"{origin}: {key} {path!r} must be a relative path inside the task folder")
         return f"{folder.rstrip('/')}/{path}"
 

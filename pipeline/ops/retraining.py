@@ -101,7 +101,9 @@ def retrain(
             holder = ledger.claim_of(task.id) or {}
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("expires", 0)))
             report.busy = task.id
-            report.busy_reason = f"task {task.id} is claimed by {holder.get('owner')} (lease until {until}); tasks are learned in order"
+            report.busy_reason = (
+                f"task {task.id} is claimed by {holder.get('owner')} (lease until {until}); tasks are learned in order"
+            )
             log.info("%s", report.busy_reason)
             break
         try:

@@ -29,7 +29,18 @@ import yaml
 from pipeline.errors import ConfigError
 
 ENTRYPOINTS = {"run": "jobs/continual_train.py", "sweep": "jobs/sweep.py", "retrain": "jobs/retrain.py"}
-DEFAULT_EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "bench/cache", "**/__pycache__", ".pytest_cache"]
+DEFAULT_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "bench/cache",
+    "**/__pycache__",
+    ".pytest_cache",
+]
 # Data that belongs in object storage, not in a job's code (small Parquet samples under configs/ may go).
 DATA = ["landing/", "runs/", "*.parquet", "!configs/**/*.parquet"]
 # Never uploaded, whatever a runtime env or a .gitignore says: applied last, nothing re-includes them.
@@ -85,7 +96,9 @@ def runtime_env(
             raise ConfigError(f"--runtime-env {runtime_env_file}: the top level must be a mapping")
         for key in ("working_dir", "py_modules"):  # Ray would upload those without strata's filter
             if key in loaded:
-                raise ConfigError(f"--runtime-env {runtime_env_file}: {key} is not allowed; the working dir is --working-dir, filtered")
+                raise ConfigError(
+                    f"--runtime-env {runtime_env_file}: {key} is not allowed; the working dir is --working-dir, filtered"
+                )
         env["excludes"] += loaded.pop("excludes", [])
         env |= loaded
     if pip:
@@ -149,7 +162,9 @@ class Upload:
             by_top[top] = by_top.get(top, 0) + size
         largest = sorted(by_top.items(), key=lambda kv: -kv[1])[:6]
         parts = ", ".join(f"{name} {_size(size)}" for name, size in largest)
-        return f"uploading {self.root}: {len(self.files)} files, {_size(self.total)} ({parts}{', ...' if len(by_top) > 6 else ''})"
+        return (
+            f"uploading {self.root}: {len(self.files)} files, {_size(self.total)} ({parts}{', ...' if len(by_top) > 6 else ''})"
+        )
 
 
 def _size(n: float) -> str:
@@ -232,13 +247,17 @@ def submit(
     for config in configs:
         rel = _relative(config, root)
         if rel not in uploaded:
-            raise ConfigError(f"{config}: excluded from the upload (.gitignore, runs/, data or secrets), so the job could not read it")
+            raise ConfigError(
+                f"{config}: excluded from the upload (.gitignore, runs/, data or secrets), so the job could not read it"
+            )
     jobs = client(address)
     if on_upload is not None:
         on_upload(upload)
     staged = stage_upload(upload, max_upload_mb, force)
     try:
-        return _submit_when_ready(jobs, command, env | {"working_dir": str(staged)}, submission_id, entrypoint_num_cpus, entrypoint_num_gpus, kind)
+        return _submit_when_ready(
+            jobs, command, env | {"working_dir": str(staged)}, submission_id, entrypoint_num_cpus, entrypoint_num_gpus, kind
+        )
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 

@@ -260,7 +260,9 @@ def _card_text(source: str, tracking_uri: str) -> str:
     """The card of a version: its pyfunc model's data file (read as data, never run)."""
     with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{CARD_DATA}", dst_path=tmp, tracking_uri=tracking_uri)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{CARD_DATA}", dst_path=tmp, tracking_uri=tracking_uri
+            )
         except (MlflowException, OSError):
             raise ConfigError(f"{source}: holds no {CARD_DATA}") from None
         return Path(local).read_text()

@@ -175,8 +175,14 @@ class PhaseDataset:
         consumed = self.checkpoints.consumed(self.phase_index)
         datasets = [
             split_dataset(
-                split, label_map=label_map, task_index=task, size=self.size, decode_cpus=self.decode_cpus,
-                decode_tasks=self.decode_tasks, shuffle_seed=seed, consumed=consumed.get(task),
+                split,
+                label_map=label_map,
+                task_index=task,
+                size=self.size,
+                decode_cpus=self.decode_cpus,
+                decode_tasks=self.decode_tasks,
+                shuffle_seed=seed,
+                consumed=consumed.get(task),
             )  # fmt: skip
             for split, label_map, task, seed in self.parts
         ]

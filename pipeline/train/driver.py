@@ -34,7 +34,14 @@ from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
 from pipeline.train.live import Listener, ProgressBoard, drain
 from pipeline.train.outputs import OutputDir
-from pipeline.train.preflight import alive_nodes, check_resources, check_shared_storage, check_tracking, check_writable, shared_dirs
+from pipeline.train.preflight import (
+    alive_nodes,
+    check_resources,
+    check_shared_storage,
+    check_tracking,
+    check_writable,
+    shared_dirs,
+)
 from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
 from pipeline.train.progress import Progress, make_phases
 from pipeline.train.worker import WorkerJob, train_loop_per_worker
@@ -112,7 +119,9 @@ def _learned_tasks(
     for entry, task in zip(entries, plan.tasks, strict=False):
         where = f"{cfg.memory_uri}/{entry.file}"
         if entry.task_id != task.id:
-            raise StoreError(f"{where}: record {entry.version} is task {entry.task_id!r}, but stream task {entry.task_index} is {task.id!r}")
+            raise StoreError(
+                f"{where}: record {entry.version} is task {entry.task_id!r}, but stream task {entry.task_index} is {task.id!r}"
+            )
         if entry.method != cfg.method.name:
             raise StoreError(f"{where}: made by method {entry.method}, not {cfg.method.name}")
         if entry.backbone_id != backbone_id:
@@ -141,7 +150,9 @@ def _open_run(cfg: StrataConfig, out: OutputDir, store: MemoryStore, fresh: bool
     same = state.config_sha256 == config_sha256(cfg)
     if state.status == "finished":
         if same:
-            raise ConfigError(f"{out}: this run has finished ({out.join('summary.json')}); pass --fresh to train it again, or use another output_dir")
+            raise ConfigError(
+                f"{out}: this run has finished ({out.join('summary.json')}); pass --fresh to train it again, or use another output_dir"
+            )
         return RunState.new(cfg), False
     if not same:
         raise ConfigError(
@@ -353,8 +364,11 @@ def run(
         _close(run_, state, out, "killed", store)
         if own_ray:
             ray.shutdown()
-        raise RunInterrupted(exc.signum, f"{out}: stopped by {exc.signal_name}; {store.version} finished tasks are in {store.uri}; "
-                             "run the same command again to continue") from None
+        raise RunInterrupted(
+            exc.signum,
+            f"{out}: stopped by {exc.signal_name}; {store.version} finished tasks are in {store.uri}; "
+            "run the same command again to continue",
+        ) from None
     except Exception as exc:
         _close(run_, state, out, "failed", store)
         user_error = find_user_error(exc)
@@ -440,17 +454,31 @@ def _trainer(cfg: StrataConfig, job: WorkerJob, use_gpu: bool, storage: str, nam
     )
 
 
-def _write_outputs(cfg: StrataConfig, plan: StreamPlan, summary: dict[str, Any], store: MemoryStore, out: OutputDir, run_: TrackedRun | None) -> None:
+def _write_outputs(
+    cfg: StrataConfig, plan: StreamPlan, summary: dict[str, Any], store: MemoryStore, out: OutputDir, run_: TrackedRun | None
+) -> None:
     """summary.json, the memory manifest and the accuracy matrix (CSV, heatmap) in OUTPUT_DIR and,
     with tracking, in the MLflow run with the final metrics."""
     out.write_text("summary.json", jsonout.dumps(summary, indent=2))
     out.write_text("memory_manifest.json", json.dumps([e.to_dict() for e in store.entries()], indent=1))
     write_matrix_csv(out.local / "accuracy_matrix.csv", summary["tasks"], summary["accuracy_matrix"])
-    write_heatmap(out.local / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}")
+    write_heatmap(
+        out.local / "accuracy_matrix.png", summary["tasks"], summary["accuracy_matrix"], f"{cfg.method.name} on {plan.scenario}"
+    )
     out.publish("accuracy_matrix.csv")
     out.publish("accuracy_matrix.png")
     if run_:
-        final = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer", "mtil_average", "wall_s", "cil_last_acc", "task_inference_acc")
+        final = (
+            "avg_acc",
+            "last_acc",
+            "forgetting",
+            "bwt",
+            "transfer",
+            "mtil_average",
+            "wall_s",
+            "cil_last_acc",
+            "task_inference_acc",
+        )
         final += tuple(k for k in summary if k.endswith(("_learned_mean", "_unlearned_mean")))
         run_.log_metrics({k: summary.get(k) for k in final})
         for name in ("summary.json", "accuracy_matrix.csv", "accuracy_matrix.png"):
@@ -458,7 +486,9 @@ def _write_outputs(cfg: StrataConfig, plan: StreamPlan, summary: dict[str, Any],
         run_.log_artifact(out.local / "memory_manifest.json")
 
 
-def _close(run_: TrackedRun | None, state: RunState, out: OutputDir, status: Literal["finished", "failed", "killed"], store: MemoryStore) -> None:
+def _close(
+    run_: TrackedRun | None, state: RunState, out: OutputDir, status: Literal["finished", "failed", "killed"], store: MemoryStore
+) -> None:
     """End the MLflow run and the run file with the same status."""
     if run_ is not None:
         run_.finish(status.upper())

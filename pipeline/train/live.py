@@ -60,7 +60,15 @@ class ProgressPoster:
             self._last = now
 
     def task_finished(
-        self, *, row: int, num_tasks: int, task_id: str, accuracy: Sequence[float | None], avg_seen_acc: float | None, loss: float | None, wall_s: float
+        self,
+        *,
+        row: int,
+        num_tasks: int,
+        task_id: str,
+        accuracy: Sequence[float | None],
+        avg_seen_acc: float | None,
+        loss: float | None,
+        wall_s: float,
     ) -> None:
         self._post(
             {

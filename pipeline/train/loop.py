@@ -199,7 +199,9 @@ class _Phase:
         self.method, self.settings, self.policy, self.on_step = method, settings, policy, on_step
         self.collective = method.collective
         self.params = method.trainable_parameters()
-        self.lockstep = bool(self.params) or policy is not None  # a checkpoint is a collective: every rank must reach it at the same step
+        self.lockstep = (
+            bool(self.params) or policy is not None
+        )  # a checkpoint is a collective: every rank must reach it at the same step
         self.lead = self.collective.rank == 0
         self.plan = method.pass_plan(settings.passes)
         self.tally = _Tally.start(settings.num_tasks, method.device, policy.source_rows if policy else {})
@@ -231,7 +233,9 @@ class _Phase:
         for pass_index, trains in enumerate(self.plan):
             self.method.begin_pass(pass_index)
             stepping = self.opt is not None and trains
-            for batch, global_n, time_due in _agreed_batches(make_batches(), self.collective, self.method.device, self.lockstep, self.save_due):
+            for batch, global_n, time_due in _agreed_batches(
+                make_batches(), self.collective, self.method.device, self.lockstep, self.save_due
+            ):
                 self.step(batch, global_n, stepping)
                 self.after_step(stepping, time_due)
         tally = self.tally

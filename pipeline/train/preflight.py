@@ -49,7 +49,9 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
         except requests.RequestException as exc:
-            raise ConfigError(f"tracking.uri: {uri} does not answer ({exc.__class__.__name__}); start the server or fix the URI") from None
+            raise ConfigError(
+                f"tracking.uri: {uri} does not answer ({exc.__class__.__name__}); start the server or fix the URI"
+            ) from None
     elif parsed.scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         parent = path.rsplit("/", 1)[0] if "/" in path else "."
@@ -84,7 +86,11 @@ def check_resources(cfg: StrataConfig, use_gpu: bool) -> None:
         if time.monotonic() >= deadline:
             break
         if not waited:
-            log.info("waiting up to %.0fs for the cluster to offer %d workers (train.resources_timeout_s)", train.resources_timeout_s, train.num_workers)
+            log.info(
+                "waiting up to %.0fs for the cluster to offer %d workers (train.resources_timeout_s)",
+                train.resources_timeout_s,
+                train.num_workers,
+            )
             waited = True
         time.sleep(RESOURCE_POLL_S)
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)

@@ -90,7 +90,6 @@ class Progress:
         (directory / PROGRESS_FILE).write_text(jsonout.dumps(asdict(self)))
 
 
-
 def flat_stats(stats: dict[str, Any]) -> dict[str, float]:
     """A method's task stats as MLflow metrics: scalars as they are, lists as ``name/i``; None
     (nothing to report, e.g. a task that saw no rows) is left out."""
@@ -109,7 +108,10 @@ def phase_metrics(progress: Progress, phase: Phase) -> dict[str, float]:
     row = phase.row
     acc = progress.accuracy_matrix[row]
     filled = [(i, r) for i, r in enumerate(progress.accuracy_matrix[: row + 1]) if r[i] is not None]  # rows scored
-    metrics: dict[str, float | None] = {"train_loss": progress.train_loss[row], "samples": float(sum(progress.samples_seen[i] for i in phase.tasks))}
+    metrics: dict[str, float | None] = {
+        "train_loss": progress.train_loss[row],
+        "samples": float(sum(progress.samples_seen[i] for i in phase.tasks)),
+    }
     if acc[row] is not None:  # this row was scored (eval.every)
         metrics["avg_seen_acc"] = sum(v for v in acc[: row + 1] if v is not None) / (row + 1)  # last_acc if the stream ends here
         metrics["running_avg_acc"] = sum(sum(r[: i + 1]) / (i + 1) for i, r in filled) / len(filled)  # avg_acc if it ends here

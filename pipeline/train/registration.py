@@ -23,7 +23,13 @@ from pipeline.train.progress import Phase, Progress, phase_metrics
 
 
 def model_card(
-    cfg: StrataConfig, plan: StreamPlan, row: int, records_sha256: list[str], backbone: Backbone, label_space: str, weights: dict[str, str]
+    cfg: StrataConfig,
+    plan: StreamPlan,
+    row: int,
+    records_sha256: list[str],
+    backbone: Backbone,
+    label_space: str,
+    weights: dict[str, str],
 ) -> ModelCard:
     """The registry card of the model after the task that fills accuracy row ``row``; it pins the
     checksums of the store records and of the backbone's local ``weights`` files it is made of."""

@@ -52,7 +52,9 @@ class RunState:
         try:
             return cls(**json.loads(text))
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{output_dir.join(RUN_FILE)}: not a strata run file ({exc.__class__.__name__}); remove it or pass --fresh") from None
+            raise ConfigError(
+                f"{output_dir.join(RUN_FILE)}: not a strata run file ({exc.__class__.__name__}); remove it or pass --fresh"
+            ) from None
 
     def save(self, output_dir: OutputDir) -> RunState:
         output_dir.write_text(RUN_FILE, jsonout.dumps(asdict(self), indent=1))

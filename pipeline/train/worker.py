@@ -154,7 +154,9 @@ class _WorkerStream:
 
     def register(self) -> None:
         if self.run is not None and self.cfg.tracking.model_name:
-            register_finished(self.run, self.cfg, self.plan, self.job.phases, self.progress, self.store, self.backbone, self.label_space)
+            register_finished(
+                self.run, self.cfg, self.plan, self.job.phases, self.progress, self.store, self.backbone, self.label_space
+            )
 
     def phase(self, phase_index: int) -> None:
         started = time.perf_counter()
@@ -164,9 +166,16 @@ class _WorkerStream:
         stats, record = self.train(phase_index, phase, info, label)
         self.progress.train_wall_s.append(time.perf_counter() - started)
         if self.rank == 0:
-            task_plan = task_plan_record(self.plan.tasks[phase.row], self.cfg.stream.tasks[phase.row]) if len(phase.tasks) == 1 else None
+            task_plan = (
+                task_plan_record(self.plan.tasks[phase.row], self.cfg.stream.tasks[phase.row]) if len(phase.tasks) == 1 else None
+            )
             self.store.append(
-                record, task_index=phase.row, task_id=info.id, method=self.method.name, backbone_id=self.backbone.backbone_id, plan=task_plan
+                record,
+                task_index=phase.row,
+                task_id=info.id,
+                method=self.method.name,
+                backbone_id=self.backbone.backbone_id,
+                plan=task_plan,
             )
         self.evaluate(phase, info)
         progress = self.progress
@@ -190,13 +199,19 @@ class _WorkerStream:
         method.begin_task(info)
         broadcast_parameters(method.trainable_parameters(), self.collective)
         # A method with nothing to learn does not read its data.
-        split = PhaseSplit.open(phase_dataset(self.job, phase_index), f"train_{phase_index}", rank, self.world) if method.consumes_data else None
+        split = (
+            PhaseSplit.open(phase_dataset(self.job, phase_index), f"train_{phase_index}", rank, self.world)
+            if method.consumes_data
+            else None
+        )
         seed = cfg.seed * 1000 + phase_index * 16 + rank
 
         def batches() -> Iterator[Batch]:
             if split is None:
                 return iter(())
-            return (self.prepare(b) for b in train_batches(split.shard, self.local_batch, cfg.data.shuffle_buffer, seed, self.device))
+            return (
+                self.prepare(b) for b in train_batches(split.shard, self.local_batch, cfg.data.shuffle_buffer, seed, self.device)
+            )
 
         def save(state: PhaseState) -> None:
             report(self.progress, {"task_index": phase.row, "step": float(state.steps)}, rank, state)
@@ -213,7 +228,9 @@ class _WorkerStream:
             passes=cfg.train.passes, amp=cfg.train.amp, log_every=cfg.train.log_every, label=label, phase_index=phase_index,
         )  # fmt: skip
         checkpoints = policy if method.consumes_data and len(method.pass_plan(cfg.train.passes)) == 1 else None
-        stats = train_phase(method, batches, settings, checkpoints=checkpoints, resume=resume, on_step=self.poster.step if rank == 0 else None)
+        stats = train_phase(
+            method, batches, settings, checkpoints=checkpoints, resume=resume, on_step=self.poster.step if rank == 0 else None
+        )
         if split is not None:
             split.close()
         trained = bool(method.trainable_parameters())  # before end_task, which may drop them (RanPAC's Phase 1 head)

@@ -72,7 +72,9 @@ class TrialSettings(StrictModel):
 class SweepConfig(StrictModel):
     base: list[str] = Field(min_length=1, description="run config files, merged in order like `strata run A B`")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides of the run config, for every trial")
-    space: dict[str, dict[str, Any]] = Field(min_length=1, description="dotted key -> {choice|grid|uniform|loguniform|randint: ...}")
+    space: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="dotted key -> {choice|grid|uniform|loguniform|randint: ...}"
+    )
     search: SearchSettings = SearchSettings()
     trial: TrialSettings = TrialSettings()
     final_run: bool = Field(default=True, description="re-run the best config on the test sets")
@@ -87,7 +89,9 @@ class SweepConfig(StrictModel):
             kind, args = next(iter(spec.items()))
             if kind in ("choice", "grid") and not (isinstance(args, list) and args):
                 raise ValueError(f"space.{key}: {kind} takes a non-empty list")
-            if kind in ("uniform", "loguniform", "randint") and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+            if kind in ("uniform", "loguniform", "randint") and not (
+                isinstance(args, list) and len(args) == 2 and args[0] < args[1]
+            ):
                 raise ValueError(f"space.{key}: {kind} takes [low, high] with low < high")
             if kind == "loguniform" and args[0] <= 0:
                 raise ValueError(f"space.{key}: loguniform needs low > 0")
@@ -180,12 +184,18 @@ def trial_config(
         data["train"]["gpus_per_worker"] = t.gpus_per_worker
     data["output_dir"] = str(output_dir)
     data["memory"] = {"uri": None, "resume": False}
-    data["train"] |= {"storage_path": storage, "checkpoint_every": 0, "checkpoint_every_s": 0}  # Tune sees every task's report, no others
+    data["train"] |= {
+        "storage_path": storage,
+        "checkpoint_every": 0,
+        "checkpoint_every_s": 0,
+    }  # Tune sees every task's report, no others
     data["tracking"] |= {"run_name": run_name, "model_name": None}  # trials are not versions of the model
     return validate_config(data, f"trial {run_name}")
 
 
-def final_config(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: str, storage: str) -> dict[str, Any]:
+def final_config(
+    sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any], output_dir: str, storage: str
+) -> dict[str, Any]:
     """The chosen configuration as a complete run config: the whole stream, scored on test.
 
     It trains on the same rows the trials did (the validation rows stay held out), so the test
@@ -246,7 +256,9 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     base = base_config(sweep_cfg)
     base_cfg = validate_config(base, "sweep base")
     if base_cfg.eval.every > 1:
-        raise ConfigError("eval.every: a sweep scores and stops trials by their validation accuracy after every task; it needs eval.every 1")
+        raise ConfigError(
+            "eval.every: a sweep scores and stops trials by their validation accuracy after every task; it needs eval.every 1"
+        )
     num_tasks = sweep_cfg.trial.tasks or len(base_cfg.stream.tasks)
     root = OutputDir(absolute_path(sweep_cfg.output_dir, Path.cwd()))  # trials run in folders of their own
     # Tune's own state lives in the sweep's folder; every trial's and the final run's checkpoints
@@ -301,7 +313,9 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     return report
 
 
-def _tuner(sweep_cfg: SweepConfig, base: dict[str, Any], root: OutputDir, storage: str, parent: TrackedRun | None, num_tasks: int) -> Any:
+def _tuner(
+    sweep_cfg: SweepConfig, base: dict[str, Any], root: OutputDir, storage: str, parent: TrackedRun | None, num_tasks: int
+) -> Any:
     """The Tuner: a trial per point of the space, each a full run on validation rows; ASHA (or
     FIFO) over the per-task reports."""
     from ray import tune
@@ -311,7 +325,12 @@ def _tuner(sweep_cfg: SweepConfig, base: dict[str, Any], root: OutputDir, storag
     # max_t one past the last task: ASHA stops a trial that reaches max_t, which would kill a
     # finished trial before its run is closed and its summary written.
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=num_tasks + 1, grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=num_tasks + 1,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
         if search.scheduler == "asha"
         else FIFOScheduler()
     )
@@ -353,7 +372,12 @@ def _trials(grid: Any, metric: str) -> list[dict[str, Any]]:
 
 
 def _close_parent(
-    parent: TrackedRun, report: dict[str, Any], trials: list[dict[str, Any]], sweep_cfg: SweepConfig, root: OutputDir, num_tasks: int
+    parent: TrackedRun,
+    report: dict[str, Any],
+    trials: list[dict[str, Any]],
+    sweep_cfg: SweepConfig,
+    root: OutputDir,
+    num_tasks: int,
 ) -> None:
     """The sweep's MLflow run: stopped trials marked, the best validation and final test metrics, the artifacts."""
     _mark_stopped_trials(parent, trials, num_tasks)
