@@ -158,8 +158,8 @@ class DataConfig(StrictModel):
     decode_tasks: int | None = Field(
         default=None,
         ge=1,
-        description="most decode tasks one dataset runs at once; default: the CPUs of the whole cluster "
-        "(more only start more Python workers that wait for the same cores)",
+        description="most decode tasks one dataset runs at once; default: the CPUs of the whole cluster, on a "
+        "one-node cluster its cores (more only start more Python workers that wait for the same cores)",
     )
     shuffle_chunks: bool = Field(
         default=True,

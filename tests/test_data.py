@@ -319,12 +319,21 @@ def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():
 
 @pytest.mark.ray
 def test_decode_concurrency_defaults_to_the_clusters_cpus(ray_session):
+    import os
+
     from pipeline.data.ray_data import decode_concurrency
 
-    assert (
-        decode_concurrency(None) == int(ray_session.cluster_resources()["CPU"]) == 8
-    )  # conftest's logical CPUs, not the 2 cores
+    assert decode_concurrency(None) == min(8, os.cpu_count())  # one node: its cores, not conftest's 8 logical CPUs
     assert decode_concurrency(3) == 3
+
+
+def test_decode_tasks_default_to_every_alive_nodes_cpus_and_one_nodes_cores():
+    from pipeline.data.ray_data import cluster_cpus
+
+    node = {"Alive": True, "Resources": {"CPU": 8.0}}
+    assert cluster_cpus([node, node, node | {"Alive": False}], local_cores=2) == 16
+    assert cluster_cpus([node], local_cores=2) == 2 and cluster_cpus([node], local_cores=32) == 8
+    assert cluster_cpus([node | {"Resources": {}}], local_cores=4) == 1
 
 
 def test_a_learned_task_is_planned_from_its_record_without_its_training_data(tmp_path):

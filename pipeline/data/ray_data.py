@@ -15,7 +15,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,13 +97,22 @@ def load_rows(
             yield decode_rows(table, size=size)
 
 
+def cluster_cpus(nodes: Sequence[Mapping[str, Any]], local_cores: int) -> int:
+    """The CPUs decoding may use: the alive nodes' CPUs together; on a cluster of one node, no
+    more than its cores (a local Ray declares more logical CPUs than cores, and tasks beyond the
+    cores only start Python workers that wait for them)."""
+    alive = [n for n in nodes if n.get("Alive")]
+    cpus = int(sum(n.get("Resources", {}).get("CPU", 0) for n in alive))
+    return max(1, min(cpus, local_cores) if len(alive) == 1 else cpus)
+
+
 def decode_concurrency(cap: int | None) -> int:
-    """Decode tasks one dataset runs at once: ``cap`` if set, else the CPUs of the whole cluster
-    (from this process, the CPUs of this node when no Ray is running)."""
+    """Decode tasks one dataset runs at once: ``cap`` if set, else ``cluster_cpus`` (this node's
+    cores when no Ray is running)."""
     if cap is not None:
         return cap
-    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
-    return max(1, int(cpus) or os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    return cluster_cpus(ray.nodes(), cores) if ray.is_initialized() else cores
 
 
 def split_dataset(
