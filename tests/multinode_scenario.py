@@ -9,10 +9,10 @@ cluster by address, as a user's would. In WORKDIR it writes ``result.json``:
 
 - ``refused``: exit code and last line of a run whose output_dir is node-local (no
   STRATA_SHARED_DIRS), from the real preflight against the live cluster;
-- ``whole`` / ``lost``: the summaries of the same one-task run, uninterrupted and with the node
-  of the first worker to reach step 4 removed mid-task (a replacement node joins first, as an
-  autoscaler would add one), plus each rank's node per worker-group start and the visits every
-  sample got.
+- ``whole`` / ``lost``: the summaries of the same one-task run, uninterrupted and with a
+  worker's node removed mid-task, once a checkpoint is in (a replacement node joins first, as
+  an autoscaler would add one; never the node the driver joined, where Train's controller
+  runs), plus each rank's node per worker-group start and the visits every sample got.
 
 Each node offers 2 CPUs and a worker takes 1.5, so two workers cannot share a node; the head
 offers 1 CPU (Ray Data's tasks, no worker).
@@ -41,12 +41,12 @@ from pipeline.memory import MemoryStore  # noqa: E402
 from pipeline.train.preflight import SHARED_DIRS_ENV  # noqa: E402
 
 NODE = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
-ROWS = 48
+ROWS = 96
 
 
-def config(workdir: Path, name: str, kill_step: int) -> Path:
+def config(workdir: Path, name: str) -> Path:
     cfg = run_config(workdir / name, [blobs_task("a", rows=ROWS)], method={
-        "name": "kill_at", "kill_task": 0, "kill_step": kill_step, "marker": str(workdir / name / "marker"), "node_loss": True})  # fmt: skip
+        "name": "kill_at", "kill_task": 0, "marker": str(workdir / name / "marker"), "node_loss": True})  # fmt: skip
     cfg["train"] |= {"num_workers": 2, "cpus_per_worker": 1.5, "batch_size": 8, "checkpoint_every": 2, "max_failures": 1}
     cfg["tracking"] = {"enabled": False}  # a multi-node run needs an MLflow server; the run's summary is what is checked
     cfg["data"] = {"rows_per_chunk": 8}
@@ -78,6 +78,28 @@ def strata_run(cluster: Cluster, config_path: Path, shared: Path | None) -> subp
     )
 
 
+def arm_a_worker_node(rundir: Path, driver: subprocess.Popen[str], dashboard: str) -> str | None:
+    """Once the run has reported a checkpoint inside its task, name the node of a worker that is
+    not the driver's (Train's controller runs there, and the driver joined this host's raylets
+    at random) in ``marker.arm``: that worker waits there mid-step for its node to go."""
+    from ray.util.state import list_actors
+
+    def reported() -> bool:
+        return any("checkpoint_" in p.read_text() for p in (rundir / "out" / "ray").glob("*/checkpoint_manager_snapshot.json"))
+
+    nodes_file = rundir / "marker.nodes"
+    while driver.poll() is None and not (reported() and nodes_file.exists() and len(nodes_file.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    if driver.poll() is not None:
+        return None
+    controller = list_actors(address=dashboard, filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+    driver_node = controller[0].node_id
+    workers = [line.split()[2] for line in nodes_file.read_text().splitlines()]
+    victim = next(node for node in workers if node != driver_node)
+    (rundir / "marker.arm").write_text(victim)
+    return victim
+
+
 def outcome(workdir: Path, name: str, driver: subprocess.Popen[str]) -> dict[str, Any]:
     output, _ = driver.communicate(timeout=900)
     if driver.returncode != 0:
@@ -107,7 +129,7 @@ def main() -> int:
         cluster.wait_for_nodes()
         result: dict[str, Any] = {"head": cluster.head_node.node_id}
 
-        refused = strata_run(cluster, config(workdir, "refused", kill_step=0), shared=None)
+        refused = strata_run(cluster, config(workdir, "refused"), shared=None)
         output, _ = refused.communicate(timeout=600)
         result["refused"] = {"exit": refused.returncode, "output": output.strip().splitlines()[-1:]}
         result["refused_wrote"] = sorted(
@@ -115,17 +137,18 @@ def main() -> int:
         )
 
         # Every raylet is on this host, so the work directory is shared by all nodes.
-        result["whole"] = outcome(workdir, "whole", strata_run(cluster, config(workdir, "whole", kill_step=0), shared=workdir))
-        lost = strata_run(cluster, config(workdir, "lost", kill_step=4), shared=workdir)
-        marker = workdir / "lost" / "marker"
-        while lost.poll() is None and not (marker.exists() and marker.read_text()):
-            time.sleep(0.2)
+        result["whole"] = outcome(workdir, "whole", strata_run(cluster, config(workdir, "whole"), shared=workdir))
+        lost = strata_run(cluster, config(workdir, "lost"), shared=workdir)
         removed = []
-        if lost.poll() is None:
-            victim = next(n for n in cluster.worker_nodes if n.node_id == marker.read_text())
+        victim_id = arm_a_worker_node(workdir / "lost", lost, f"http://127.0.0.1:{dashboard_port}")
+        marker = workdir / "lost" / "marker"
+        while victim_id is not None and lost.poll() is None and not (marker.exists() and marker.read_text()):
+            time.sleep(0.1)
+        if victim_id is not None and lost.poll() is None:
+            victim = next(n for n in cluster.worker_nodes if n.node_id == victim_id)
             cluster.add_node(**NODE)  # the replacement, as an autoscaler would add it
             cluster.remove_node(victim, allow_graceful=False)
-            removed.append(victim.node_id)
+            removed.append(victim_id)
         result["lost"] = outcome(workdir, "lost", lost)
         result["removed"] = removed
         (workdir / "result.json").write_text(json.dumps(result))

@@ -141,7 +141,9 @@ class KillAtConfig(MethodParams):
     kill_task: int = 1  # on rank 1, at this task's step `kill_step`, the worker process SIGKILLs itself
     kill_step: int = 0  # 0: never
     marker: str = ""  # written before the kill: the restarted group does not kill again; reads are logged next to it
-    node_loss: bool = False  # instead: the first rank at `kill_step` writes its node id to `marker` and waits for the node to go
+    node_loss: bool = (
+        False  # instead: the rank on the node named in `marker`.arm writes that id to `marker`, then waits for the node to go
+    )
 
 
 @register_method("kill_at")
@@ -174,16 +176,15 @@ class KillAt(NCM):
         self.steps += 1
         marker = Path(self.cfg.marker)
         due = self.task.index == self.cfg.kill_task and self.steps == self.cfg.kill_step and not marker.exists()
-        if due and self.cfg.node_loss:  # the first rank to reach the step, whichever: ranks take blocks as they ask
-            time.sleep(3.0)  # long enough for Train's controller to register the last checkpoint (it polls workers)
-            try:
-                with open(f"{marker}.claim", "x"):
-                    pass
-            except FileExistsError:
-                return self._step(batch, marker)
-            marker.write_text(ray.get_runtime_context().get_node_id())
-            time.sleep(300.0)  # the test removes this node: the process dies with it
-            raise AssertionError(f"node {marker.read_text()} was not removed")
+        if self.cfg.node_loss and self.task.index == self.cfg.kill_task:
+            time.sleep(0.3)  # slow enough for the test to choose a node while the task runs
+            arm = Path(f"{marker}.arm")  # the test writes the node to remove, once a checkpoint is in
+            node = ray.get_runtime_context().get_node_id()
+            if arm.exists() and arm.read_text() == node and not marker.exists():
+                marker.write_text(node)
+                time.sleep(300.0)  # the test removes this node mid-step: the process dies with it
+                raise AssertionError(f"node {node} was not removed")
+            return self._step(batch, marker)
         if due and self.collective.rank == 1:
             marker.write_text(str(os.getpid()))
             time.sleep(3.0)  # long enough for Train's controller to register the last checkpoint (it polls workers)

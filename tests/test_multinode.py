@@ -43,8 +43,8 @@ def test_a_node_local_output_dir_is_refused_by_the_preflight_on_a_live_multi_nod
 @pytest.mark.ray
 def test_workers_spread_over_the_nodes_and_a_lost_node_resumes_from_the_in_task_checkpoint(multinode):
     """Two workers that cannot share a node run on the two worker nodes; removing a worker's node
-    mid-task restarts the group (max_failures 1) on the survivor and the replacement node, from
-    the step-2 checkpoint: every sample is trained on once, and the class means (NCM, sums in
+    mid-task, after a checkpoint, restarts the group (max_failures 1) on the survivor and the
+    replacement node, from that checkpoint: every sample is trained on once, and the class means (NCM, sums in
     any order) are exactly the uninterrupted run's."""
     whole, lost = multinode["whole"], multinode["lost"]
     head = multinode["head"]
@@ -56,6 +56,6 @@ def test_workers_spread_over_the_nodes_and_a_lost_node_resumes_from_the_in_task_
     assert removed in {n["node"] for n in before} and head not in {n["node"] for n in before}
     assert sorted(n["rank"] for n in after) == [0, 1] and removed not in {n["node"] for n in after}
     assert lost["resumes"] == 1 and whole["resumes"] == 0
-    assert lost["samples_seen"] == whole["samples_seen"] == [48]
-    assert lost["visits"] == whole["visits"] == [[1] * 48]
+    assert lost["samples_seen"] == whole["samples_seen"] == [96]
+    assert lost["visits"] == whole["visits"] == [[1] * 96]
     assert lost["accuracy_matrix"] == whole["accuracy_matrix"]

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,14 @@ from pipeline.data.stream import ALL_ROWS, RowSelection, SplitPlan
 from pipeline.errors import DataError
 
 OUTPUT_ROWS = 128
+
+# The decode stage's task cap is an upper bound sized to the cluster: a task whose rows come in
+# fewer blocks uses fewer tasks, as intended. Ray Data warns about that in whichever process
+# runs the stage (a worker, a split coordinator), and each of them imports this module to
+# unpickle the stage's function.
+warnings.filterwarnings(
+    "ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(decode_rows\)'", category=UserWarning
+)
 
 
 def decode_image(data: bytes, size: int, location: str) -> np.ndarray:
