@@ -84,11 +84,14 @@ def read_rows(
             })  # fmt: skip
 
 
-def decode_rows(batch: pa.Table, *, size: int) -> dict[str, np.ndarray]:
-    """``map_batches`` UDF, the decode stage: encoded rows -> uint8 images (N, 3, size, size)."""
+def decode_rows(batch: pa.Table, *, size: int) -> Iterator[dict[str, np.ndarray]]:
+    """``map_batches`` UDF, the decode stage: encoded rows -> uint8 images (N, 3, size, size).
+    A generator, as the read stage is: Ray Data hands a generator's exception (a DataError naming
+    the bad image) on as the error's cause, where a plain function's reaches the driver as a bare
+    "UDF failed to process a data block"."""
     encoded, where, row = batch.column("encoded").to_pylist(), batch.column("where").to_pylist(), batch.column("row").to_numpy()
     images = [decode_image(data, size, w if r < 0 else f"{w} row {r}") for data, w, r in zip(encoded, where, row, strict=True)]
-    return {
+    yield {
         "image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
         "label": batch.column("label").to_numpy(),
         "task": batch.column("task").to_numpy(),
@@ -103,7 +106,7 @@ def load_rows(
     for unit in read_units(chunks):
         batch = {"unit": np.array([json.dumps([dataclasses.asdict(c) for c in unit])], dtype=object)}
         for table in read_rows(batch, label_map=label_map, task_index=task_index, rows=rows):
-            yield decode_rows(table, size=size)
+            yield from decode_rows(table, size=size)
 
 
 def cluster_cpus(nodes: Sequence[Mapping[str, Any]], local_cores: int) -> int:
