@@ -12,7 +12,7 @@ reader needs, goes to ``bench/results/STREAM__ROW__BACKBONE__seedS.json`` (``see
 run's seed: model init, chunk order, shuffle buffer); RESULTS.md is generated from those files
 only, one row per (stream, row, backbone) with the mean ± sample standard deviation over the
 seeds it has. Every method runs on each stream whose scenario it supports, on the
-backbones it fits: CLIP methods on clip-offline, captioning methods (gmm) on coca-offline,
+backbones it fits: CLIP methods on clip-offline (zeroshot on coca-offline too), captioning methods (gmm) on coca-offline,
 ViT-only methods on hybrid-vit, the rest on hybrid-vit and, on til-mix, also on effl0 (the CNN). The CPU profile subsamples each source
 with ``every`` to at least ``--train-rows`` / ``--test-rows`` rows per task (deterministic,
 class-balanced; the whole source where it is smaller) and uses one batch size for every method,
@@ -62,6 +62,9 @@ EXEMPLARS_PER_CLASS = 20  # replay's budget: iCaRL's 20 per class (K = 2000 on C
 
 
 def backbones_for(method: str, stream: str) -> list[str]:
+    if method == "zeroshot":
+        # the captioner's own towers read contrastively: the reference its gmm rows compare to
+        return ["clip-offline", "coca-offline"]
     if method in CLIP_METHODS:
         return ["clip-offline"]
     if method in CAPTION_METHODS:
