@@ -312,9 +312,16 @@ def test_contiguous_shares_cut_the_rows_evenly_and_cover_them_once():
         Chunk("parquet", {"path": "p", "row_group": i // 2, "start": 4 * (i % 2)}, 4 * i, 4 if i < 7 else 2) for i in range(8)
     )
     shares = [contiguous_share(chunks, r, 2) for r in range(2)]
-    assert [[c.first_id for c in s] for s in shares] == [[0, 4, 8], [12, 16, 20, 24, 28]]
+    assert [[c.first_id for c in s] for s in shares] == [[0, 4, 8, 12], [16, 20, 24, 28]]  # 16 and 14 rows
     thirds = [contiguous_share(chunks, r, 3) for r in range(3)]
     assert [c for s in thirds for c in s] == list(chunks) and [sum(c.num_rows for c in s) for s in thirds] == [8, 12, 10]
+    # a long first chunk and a short last one (PACS photo's test split): one each, not 0 and 327 rows
+    pair = (
+        Chunk("parquet", {"path": "p", "row_group": 0, "start": 0}, 0, 256),
+        Chunk("parquet", {"path": "p", "row_group": 0, "start": 256}, 256, 71),
+    )
+    assert [contiguous_share(pair, r, 2) for r in range(2)] == [pair[:1], pair[1:]]
+    assert [contiguous_share(pair[:1], r, 2) for r in range(2)] == [(), pair[:1]]  # one chunk: one rank reads it
 
 
 @pytest.mark.ray

@@ -38,10 +38,18 @@ def evaluate_task(
     return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
 
 
-def reduce_eval_stats(method: Method) -> dict[str, float]:
-    """Means over the whole test set of what the method's ``score`` accumulated since the last call."""
-    means = {}
-    for name, sums in sorted(method.take_eval_stats().items()):
+def reduce_eval_stats(method: Method) -> dict[str, float | None]:
+    """Means over the whole test set of what the method's ``score`` accumulated since the last
+    call. Every rank reduces every name the method declares (``eval_stat_names``), whether or not
+    its share of the test set held a row: a rank with none has nothing to report, and skipping its
+    reduction would pair the ranks' collectives wrongly (and hang them)."""
+    stats = method.take_eval_stats()
+    undeclared = sorted(set(stats) - set(method.eval_stat_names))
+    if undeclared:
+        raise RuntimeError(f"{method.name}: take_eval_stats reported {undeclared}, which eval_stat_names does not declare")
+    means: dict[str, float | None] = {}
+    for name in method.eval_stat_names:
+        sums = stats.get(name, torch.zeros(2, dtype=torch.float64))
         total = method.collective.all_reduce_(sums.to(method.device, torch.float64).clone())
         means[name] = float(total[0] / total[1]) if total[1] > 0 else None
     return means

@@ -118,6 +118,7 @@ class Method(ABC):
     trains_jointly: ClassVar[bool] = False  # one training phase over every task's data (the upper bound)
     zero_shot: ClassVar[bool] = False  # can score classes it has not seen: future tasks are evaluated too
     consumes_data: ClassVar[bool] = True  # False: nothing to learn from training data (zero-shot baseline)
+    eval_stat_names: ClassVar[tuple[str, ...]] = ()  # what take_eval_stats may report (reduced on every rank)
 
     def __init__(self, cfg: MethodParams, backbone: Backbone, collective: Collective | None = None) -> None:
         self.cfg = cfg

@@ -102,6 +102,7 @@ class DIKI(Method):
     scenarios = frozenset({"dcil", "cil", "dil"})
     Config = DIKIConfig
     zero_shot = True
+    eval_stat_names = ("gate",)
     cfg: DIKIConfig
 
     def __init__(self, *args, **kwargs) -> None:

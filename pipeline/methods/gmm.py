@@ -94,6 +94,7 @@ class GMM(Method):
     scenarios = frozenset({"cil", "dil", "dcil"})
     Config = GMMConfig
     zero_shot = True
+    eval_stat_names = ("exact_match", "similarity_match")
     cfg: GMMConfig
 
     def __init__(self, *args, **kwargs) -> None:

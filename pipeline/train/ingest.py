@@ -79,10 +79,15 @@ def contiguous_share(chunks: tuple[Chunk, ...], rank: int, world: int) -> tuple[
     """Rank ``rank``'s share of ``chunks``: a contiguous run holding about 1/world of the rows, so
     a read unit (a Parquet row group) is read by one rank, or at most two where a cut falls in it
     (interleaved chunks would make every rank read every row group)."""
-    ends = np.cumsum([c.num_rows for c in chunks])
-    total = int(ends[-1]) if len(ends) else 0
-    lo, hi = (int(np.searchsorted(ends, total * r // world, side="right")) for r in (rank, rank + 1))
-    return chunks[lo:hi] if rank < world - 1 else chunks[lo:]
+    rows = np.array([c.num_rows for c in chunks], dtype=np.int64)
+    total = int(rows.sum())
+    if total == 0:
+        return chunks if rank == world - 1 else ()
+    # A chunk goes to the rank whose 1/world of the rows holds its middle row: the owners rise
+    # with the chunk index (contiguous shares), and no rank is left empty while another holds
+    # two chunks' worth (cutting at chunk ends gave a 256-row first chunk of 327 rows to nobody).
+    owner = np.minimum((np.cumsum(rows) - rows / 2) * world // total, world - 1).astype(np.int64)
+    return tuple(c for c, o in zip(chunks, owner, strict=True) if o == rank)
 
 
 class TestSets:
