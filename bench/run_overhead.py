@@ -86,7 +86,7 @@ def stream_config(data: Path, args: argparse.Namespace, output_dir: Path, worker
 
 def strata_run(data: Path, args: argparse.Namespace, workers: int = 1) -> dict[str, Any]:
     from pipeline.config import validate_config
-    from pipeline.train import run
+    from pipeline.run import run
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(validate_config(stream_config(data, args, Path(tmp) / "out", workers)))
@@ -393,7 +393,7 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from pipeline.train import init_ray
+    from pipeline.run import init_ray
 
     folder = Path(tempfile.mkdtemp(prefix="strata-overhead-"))
     data = write_parquet(args.rows, folder)

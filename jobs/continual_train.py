@@ -11,7 +11,7 @@ import sys
 
 from pipeline.config import load_config
 from pipeline.errors import RunInterrupted, StrataError
-from pipeline.train import init_ray, run
+from pipeline.run import init_ray, run
 
 
 def main(argv: list[str] | None = None) -> int:

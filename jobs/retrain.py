@@ -13,7 +13,7 @@ import sys
 from pipeline.config import load_config
 from pipeline.errors import StrataError
 from pipeline.ops import retrain
-from pipeline.train import init_ray
+from pipeline.run import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import json
 import sys
 
 from pipeline.errors import StrataError
-from pipeline.train import init_ray
+from pipeline.run import init_ray
 from pipeline.tune import load_sweep, sweep
 
 

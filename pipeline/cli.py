@@ -55,7 +55,7 @@ def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool, v
     a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json. Run again
     after an interruption, the same command continues where the run stopped."""
     from pipeline.config import load_config
-    from pipeline.train import run
+    from pipeline.run import run
 
     cfg = load_config(configs, overrides)
     with _TaskBars(console) as bars:
@@ -431,11 +431,12 @@ def predict_cmd(
     a folder of images) with a registered version of a continual model; the scoring tasks write
     Parquet parts under --out. An image that cannot be decoded gets a null prediction and the
     reason in column 'error'. The same version loads with
-    pipeline.eval.pyfunc.load("models:/NAME@champion") and predicts the same."""
+    pipeline.serve.pyfunc.load("models:/NAME@champion") and predicts the same."""
     from pipeline.config import TrackingConfig
-    from pipeline.eval.predict import predict
-    from pipeline.tracking import champion_lag, load_version, resolve_tracking_uri
-    from pipeline.train import init_ray
+    from pipeline.serve.predict import predict
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.serve import champion_lag, load_version
+    from pipeline.run import init_ray
 
     uri = resolve_tracking_uri(TrackingConfig(uri=tracking_uri))
     version = load_version(uri, model_spec)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import load_config
-from pipeline.train.preflight import worker_slots
+from pipeline.run.preflight import worker_slots
 from pipeline.tune import load_sweep
 
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -38,7 +38,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from conftest import blobs_task, run_config  # noqa: E402
 from pipeline.memory import MemoryStore  # noqa: E402
-from pipeline.train.preflight import SHARED_DIRS_ENV  # noqa: E402
+from pipeline.run.preflight import SHARED_DIRS_ENV  # noqa: E402
 
 NODE = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
 ROWS = 96

@@ -257,7 +257,7 @@ def test_json_outputs_write_null_for_non_finite_numbers():
 
 
 def test_worker_slots_count_whole_workers_per_node():
-    from pipeline.train.preflight import worker_slots
+    from pipeline.run.preflight import worker_slots
 
     assert worker_slots([{"CPU": 8.0}], 0.5, 0.0) == 16
     assert worker_slots([{"CPU": 1.5}, {"CPU": 1.5}], 1.0, 0.0) == 2  # 3 CPUs in all, but no node holds two workers

@@ -10,8 +10,8 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.ops import land_task, scan
-from pipeline.tracking import ModelCard
-from pipeline.train.preflight import check_shared_storage, is_node_local
+from pipeline.serve import ModelCard
+from pipeline.run.preflight import check_shared_storage, is_node_local
 
 CARD = {
     "config": {"backbone": {"name": "timm:vit_tiny_patch16_224", "key_remap": None}},

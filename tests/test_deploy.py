@@ -127,7 +127,7 @@ def test_every_rayjob_keeps_its_state_under_the_one_shared_store():
     """The memory store, Train's storage, outputs and landing zones all under $STRATA_STORE from
     strata-env, which is not one node's disk: strata's own multi-node check passes for each."""
     from pipeline.config import load_config
-    from pipeline.train.preflight import check_shared_storage, is_node_local
+    from pipeline.run.preflight import check_shared_storage, is_node_local
     from pipeline.tune import load_sweep
 
     store = strata_store()

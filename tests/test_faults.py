@@ -113,9 +113,9 @@ def test_a_driver_stopped_mid_task_again_and_again_continues_with_the_same_comma
 def test_fresh_forgets_the_run_file_the_train_checkpoint_and_the_store(tmp_path):
     from pipeline.config import validate_config, with_absolute_paths
     from pipeline.memory import TaskRecord
-    from pipeline.train.driver import _open_run
-    from pipeline.train.outputs import OutputDir
-    from pipeline.train.run_state import RunState
+    from pipeline.run.driver import _open_run
+    from pipeline.run.outputs import OutputDir
+    from pipeline.run.run_state import RunState
 
     cfg = with_absolute_paths(validate_config(run_config(tmp_path, [blobs_task("a")])))
     out = Path(cfg.output_dir)
@@ -136,7 +136,7 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
     """Rank 1 SIGKILLs itself at step 4 of the task; the group restarts from the step-2 checkpoint
     and reads only the rows that checkpoint does not hold."""
     from pipeline.config import validate_config
-    from pipeline.train import run
+    from pipeline.run import run
 
     def config(name: str, kill_step: int) -> dict:
         cfg = run_config(tmp_path / name, [blobs_task("a", rows=48)], method={
@@ -170,8 +170,8 @@ def test_an_output_dir_in_object_storage_keeps_the_run_file_for_the_next_driver(
     import fsspec
 
     from pipeline.config import validate_config
-    from pipeline.train.outputs import OutputDir
-    from pipeline.train.run_state import RunState
+    from pipeline.run.outputs import OutputDir
+    from pipeline.run.run_state import RunState
 
     uri = f"memory://strata-tests/{os.getpid()}/out"
     first = OutputDir(uri)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.config import validate_config
 from pipeline.memory import MemoryStore
-from pipeline.train import run
+from pipeline.run import run
 
 from conftest import REPO, blobs_task, run_config, strata_process
 from test_data import png

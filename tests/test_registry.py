@@ -22,11 +22,11 @@ from pipeline.backbones import create_backbone, weight_files
 from pipeline.backbones import factory
 from pipeline.config import BackboneConfig, validate_config
 from pipeline.errors import ConfigError
-from pipeline.eval.predict import Predictor
-from pipeline.eval.pyfunc import LOADER_MODULE, load
+from pipeline.serve.predict import Predictor
+from pipeline.serve.pyfunc import LOADER_MODULE, load
 from pipeline.memory import MemoryStore, TaskRecord
-from pipeline.tracking import ModelCard, load_version, register_version
-from pipeline.tracking.registry import CARD_DATA
+from pipeline.serve import ModelCard, load_version, register_version
+from pipeline.serve.registry import CARD_DATA
 
 from conftest import TINY_VIT, run_config
 
@@ -86,7 +86,7 @@ def test_a_version_holds_the_card_and_the_pyfunc_agrees_with_strata_predict(regi
     assert files == ["MLmodel", "conda.yaml", CARD_DATA, "python_env.yaml", "requirements.txt"]
     assert not [f for f in files if f.endswith((".py", ".pkl", ".pickle"))]
     pyfunc = yaml.safe_load((source / "MLmodel").read_text())["flavors"]["python_function"]
-    assert pyfunc["loader_module"] == "pipeline.eval.pyfunc" and pyfunc.get("code") is None and "python_model" not in pyfunc
+    assert pyfunc["loader_module"] == "pipeline.serve.pyfunc" and pyfunc.get("code") is None and "python_model" not in pyfunc
     assert load_version(tracking, "m/1").card == card  # what strata predict reads, field for field
 
     images = [_png(i) for i in range(6)]
@@ -118,7 +118,11 @@ def _tamper(source: Path, target: Path, flavor: dict, files: dict[str, str]) -> 
     ("flavor", "files", "refusal"),
     [
         ({"loader_module": "evil_loader", "code": "code"}, {"code/evil_loader.py": EVIL}, "MLmodel loads 'evil_loader'"),
-        ({"code": "code"}, {"code/pipeline/__init__.py": EVIL, "code/pipeline/eval/pyfunc.py": EVIL}, "python_function has code"),
+        (
+            {"code": "code"},
+            {"code/pipeline/__init__.py": EVIL, "code/pipeline/serve/pyfunc.py": EVIL},
+            "python_function has code",
+        ),
         (
             {"loader_module": "mlflow.pytorch", "data": "data"},
             {"data/model.pth": "not a state dict"},

@@ -30,7 +30,7 @@ from pipeline.memory.ledger import LeaseLost
 from pipeline.memory.store import safe_name
 from pipeline.ops import retraining as retrain_module
 from pipeline.ops import scan
-from pipeline.train import run
+from pipeline.run import run
 
 from conftest import REPO, blobs_task, run_config
 
@@ -377,7 +377,7 @@ def test_retrain_twice_learns_the_complete_task_once_and_predict_matches_evaluat
     import mlflow.artifacts
     import pandas as pd
 
-    from pipeline.eval.pyfunc import load
+    from pipeline.serve.pyfunc import load
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     pyfunc = load("models:/digits/2")
@@ -450,8 +450,8 @@ def test_watch_looks_again_after_the_interval_and_learns_what_landed_meanwhile(t
 
 
 def test_predict_candidates_follow_the_model_scenario():
-    from pipeline.eval.predict import candidates_for
-    from pipeline.tracking import ModelCard
+    from pipeline.serve.predict import candidates_for
+    from pipeline.serve import ModelCard
 
     tasks = [{"id": "a", "classes": [0, 1], "domain": None}, {"id": "b", "classes": [2, 3], "domain": None}]
     card = ModelCard(config={}, backbone_id="x", memory_store="m", memory_version=2, scenario="til", label_space="task",
@@ -473,8 +473,9 @@ def test_registration_is_idempotent_and_the_card_pins_the_records(tmp_path):
     registering again finds the same version; a store trained again no longer serves it."""
     from pipeline.backbones import create_backbone
     from pipeline.data.stream import resolve_stream
-    from pipeline.eval.predict import load_model
-    from pipeline.tracking import TrackedRun, load_version
+    from pipeline.serve.predict import load_model
+    from pipeline.tracking import TrackedRun
+    from pipeline.serve import load_version
     from pipeline.config import with_absolute_paths
     from pipeline.train.progress import Progress, make_phases
     from pipeline.train.registration import register_finished
@@ -512,9 +513,10 @@ def test_champion_moves_only_to_a_version_that_passes_the_regression_gate(tmp_pa
     """@latest-task follows every version; @champion only one whose mean accuracy on the
     champion's tasks is within champion_tolerance points; a failed version says why."""
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import ModelCard, TrackedRun, champion_lag, load_version, promote, register_version
-    from pipeline.tracking.registry import ACCURACY_TAG, gate
-    from pipeline.eval.pyfunc import LOADER_MODULE
+    from pipeline.tracking import TrackedRun
+    from pipeline.serve import ModelCard, champion_lag, load_version, promote, register_version
+    from pipeline.serve.registry import ACCURACY_TAG, gate
+    from pipeline.serve.pyfunc import LOADER_MODULE
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrackedRun.start(TrackingConfig(uri=uri, experiment="tests"))

@@ -23,8 +23,9 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.memory import Ledger, MemoryStore
 from pipeline.memory.ledger import DEFAULT_LEASE_S, LeaseLost
 from pipeline.ops.landing import scan
-from pipeline.tracking import latest_version, resolve_tracking_uri
-from pipeline.train import run
+from pipeline.tracking import resolve_tracking_uri
+from pipeline.serve import latest_version
+from pipeline.run import run
 
 log = logging.getLogger("strata")
 

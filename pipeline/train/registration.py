@@ -15,10 +15,11 @@ import json
 from pipeline.backbones import Backbone, weight_files
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
-from pipeline.eval.pyfunc import LOADER_MODULE
+from pipeline.serve.pyfunc import LOADER_MODULE
 from pipeline.memory import MemoryStore
-from pipeline.tracking import ModelCard, TrackedRun, promote, register_version
-from pipeline.tracking.registry import ACCURACY_TAG
+from pipeline.tracking import TrackedRun
+from pipeline.serve import ModelCard, promote, register_version
+from pipeline.serve.registry import ACCURACY_TAG
 from pipeline.train.progress import Phase, Progress, phase_metrics
 
 

@@ -39,8 +39,8 @@ from pipeline.config import (
 from pipeline.errors import ConfigError
 from pipeline.methods import resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
-from pipeline.train.outputs import OutputDir
-from pipeline.train.preflight import alive_nodes, check_shared_storage, shared_dirs
+from pipeline.run.outputs import OutputDir
+from pipeline.run.preflight import alive_nodes, check_shared_storage, shared_dirs
 
 log = logging.getLogger("strata")
 
@@ -240,7 +240,7 @@ def _run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import run
+    from pipeline.run import run
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -251,7 +251,7 @@ def _run_trial(
 
 def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
     """Run the sweep, pick the best finished trial on validation, re-run it on test; return the report."""
-    from pipeline.train import init_ray, run
+    from pipeline.run import init_ray, run
 
     base = base_config(sweep_cfg)
     base_cfg = validate_config(base, "sweep base")

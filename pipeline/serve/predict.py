@@ -31,7 +31,7 @@ from pipeline.data.sources import IMAGE_SUFFIXES, Chunk, ParquetReader, read_chu
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import MemoryStore
 from pipeline.methods import Method, TaskInfo, create_method, resolve_method_params
-from pipeline.tracking import ModelCard
+from pipeline.serve.registry import ModelCard
 
 
 def load_model(card: ModelCard, device: torch.device | str = "cpu") -> Method:

@@ -33,8 +33,8 @@ from pipeline.methods import Method, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
 from pipeline.train.live import Listener, ProgressBoard, drain
-from pipeline.train.outputs import OutputDir
-from pipeline.train.preflight import (
+from pipeline.run.outputs import OutputDir
+from pipeline.run.preflight import (
     alive_nodes,
     check_resources,
     check_shared_storage,
@@ -42,7 +42,7 @@ from pipeline.train.preflight import (
     check_writable,
     shared_dirs,
 )
-from pipeline.train.run_state import RUN_FILE, RunState, config_sha256
+from pipeline.run.run_state import RUN_FILE, RunState, config_sha256
 from pipeline.train.progress import Progress, make_phases
 from pipeline.train.worker import WorkerJob, train_loop_per_worker
 

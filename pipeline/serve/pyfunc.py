@@ -5,7 +5,7 @@ A registry version holds data only: its ``MLmodel`` names this module as the pyf
 no pickle. Load a version with :func:`load`, which checks that the downloaded model directory is
 exactly what strata registers before MLflow loads it:
 
-    from pipeline.eval.pyfunc import load
+    from pipeline.serve.pyfunc import load
     model = load("models:/digits@champion")
     model.predict(pandas.DataFrame({"image": [png_bytes, ...]}))            # every seen class
     model.predict(frame, params={"task": "2026-11-08"})                      # one task's classes
@@ -27,9 +27,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline.eval.predict import Predictor, load_model
-from pipeline.tracking import ModelCard
-from pipeline.tracking.registry import download_model, verify_model_dir
+from pipeline.serve.predict import Predictor, load_model
+from pipeline.serve.registry import ModelCard
+from pipeline.serve.registry import download_model, verify_model_dir
 
 LOADER_MODULE = __name__
 

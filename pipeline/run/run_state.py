@@ -18,7 +18,7 @@ from typing import Literal
 from pipeline import jsonout
 from pipeline.config import StrataConfig, dump_config
 from pipeline.errors import ConfigError
-from pipeline.train.outputs import OutputDir
+from pipeline.run.outputs import OutputDir
 
 RUN_FILE = "run.json"
 Status = Literal["running", "finished", "failed", "killed"]
