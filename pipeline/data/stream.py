@@ -260,48 +260,70 @@ def resolve_stream(
     space: list[str] = []
     tasks: list[TaskPlan] = []
     for index, task in enumerate(cfg.tasks):
-        record = learned[index] if index < len(learned) else None
-        restored = _from_record(index, task, record, with_test) if record is not None and not holdout else None
-        if restored is not None:
-            grown = space + [name for name in restored.class_names if name not in space]
-            if tuple(grown.index(name) for name in restored.class_names) == restored.classes:
-                space[:] = grown
-                tasks.append(restored)
-                continue
-        names = _source_classes(task, with_test)
-        kept = _kept_labels(task, names)
-        task_names = tuple(task.rename.get(names[lab], names[lab]) for lab in kept)
-        unknown = set(task.rename) - set(names)
-        if unknown:
-            raise DataError(f"task '{task.id}': rename names class {sorted(unknown)[0]!r}, which is not among {names}")
-        for name in task_names:
-            if name not in space:
-                space.append(name)
-        label_map = np.full(len(names), -1, dtype=np.int64)
-        for lab, name in zip(kept, task_names, strict=True):
-            label_map[lab] = space.index(name)
-        selections = {"train": RowSelection(task.train.every, holdout, "fit" if holdout else "all", seed)}
-        if holdout:
-            selections["validation"] = RowSelection(task.train.every, holdout, "validation", seed)
-        if with_test:
-            selections["test"] = RowSelection(task.test.every)
-        splits: dict[str, SplitPlan] = {}
-        for split, rows in selections.items():
-            source = task.test if split == "test" else task.train
-            chunks = tuple(reader_for(source.type).chunks(source, rows_per_chunk))
-            counts = _count(task, split, label_map, rows)
-            splits[split] = SplitPlan(source, chunks, sum(n for _, n in counts), rows, counts)
-        tasks.append(
-            TaskPlan(
-                index=index,
-                id=task.id,
-                domain=task.domain,
-                class_names=task_names,
-                classes=tuple(int(label_map[lab]) for lab in kept),
-                label_map=tuple(int(v) for v in label_map),
-                train=splits["train"],
-                test=splits.get("test"),
-                validation=splits.get("validation"),
-            )
-        )
+        record = learned[index] if index < len(learned) and not holdout else None
+        restored = _restored(index, task, record, with_test, space) if record is not None else None
+        selections = {} if restored is not None else _selections(task, holdout, seed, with_test)
+        tasks.append(restored or _plan_task(index, task, rows_per_chunk, selections, with_test, space))
     return StreamPlan(scenario=cfg.scenario, tasks=tuple(tasks), class_names=tuple(space))
+
+
+def _restored(index: int, task: TaskConfig, record: Mapping[str, Any], with_test: bool, space: list[str]) -> TaskPlan | None:
+    """The task planned from its record, or None when the record no longer fits: its config
+    changed, or its classes would land elsewhere in the label space as planned so far. ``space``
+    grows by the task's new classes when the record is used."""
+    restored = _from_record(index, task, record, with_test)
+    if restored is None:
+        return None
+    grown = space + [name for name in restored.class_names if name not in space]
+    if tuple(grown.index(name) for name in restored.class_names) != restored.classes:
+        return None
+    space[:] = grown
+    return restored
+
+
+def _selections(task: TaskConfig, holdout: float, seed: int, with_test: bool) -> dict[str, RowSelection]:
+    """The rows of each split planned for a task: training (less the validation rows), validation, test."""
+    selections = {"train": RowSelection(task.train.every, holdout, "fit" if holdout else "all", seed)}
+    if holdout:
+        selections["validation"] = RowSelection(task.train.every, holdout, "validation", seed)
+    if with_test:
+        selections["test"] = RowSelection(task.test.every)
+    return selections
+
+
+def _plan_task(
+    index: int,
+    task: TaskConfig,
+    rows_per_chunk: int,
+    selections: Mapping[str, RowSelection],
+    with_test: bool,
+    space: list[str],
+) -> TaskPlan:
+    """A task planned from its sources; ``space`` (the stream's label space) grows by its new classes."""
+    names = _source_classes(task, with_test)
+    kept = _kept_labels(task, names)
+    task_names = tuple(task.rename.get(names[lab], names[lab]) for lab in kept)
+    unknown = set(task.rename) - set(names)
+    if unknown:
+        raise DataError(f"task '{task.id}': rename names class {sorted(unknown)[0]!r}, which is not among {names}")
+    space.extend(dict.fromkeys(name for name in task_names if name not in space))
+    label_map = np.full(len(names), -1, dtype=np.int64)
+    for lab, name in zip(kept, task_names, strict=True):
+        label_map[lab] = space.index(name)
+    splits: dict[str, SplitPlan] = {}
+    for split, rows in selections.items():
+        source = task.test if split == "test" else task.train
+        chunks = tuple(reader_for(source.type).chunks(source, rows_per_chunk))
+        counts = _count(task, split, label_map, rows)
+        splits[split] = SplitPlan(source, chunks, sum(n for _, n in counts), rows, counts)
+    return TaskPlan(
+        index=index,
+        id=task.id,
+        domain=task.domain,
+        class_names=task_names,
+        classes=tuple(int(label_map[lab]) for lab in kept),
+        label_map=tuple(int(v) for v in label_map),
+        train=splits["train"],
+        test=splits.get("test"),
+        validation=splits.get("validation"),
+    )
