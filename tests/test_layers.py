@@ -1,18 +1,20 @@
-"""The import rule: cli, jobs > deploy > tune, ops > train > eval > methods > backbones, data, memory, tracking > config."""
+"""The import rule: cli, jobs > deploy > tune, ops > run > train > serve, eval > methods >
+backbones, data, memory, tracking > config."""
 
 import ast
 from pathlib import Path
 
 PIPELINE = Path(__file__).parent.parent / "pipeline"
 RANK = {
-    "cli": 6, "jobs": 6,
-    "deploy": 5,
-    "tune": 4, "ops": 4,
-    "train": 3,
-    "eval": 2,
-    "methods": 1,
-    "backbones": 0, "data": 0, "memory": 0, "tracking": 0,
-    "config": -1, "errors": -1, "jsonout": -1,
+    "cli": 8, "jobs": 8,
+    "deploy": 7,
+    "tune": 6, "ops": 6,
+    "run": 5,
+    "train": 4,
+    "serve": 3, "eval": 3,
+    "methods": 2,
+    "backbones": 1, "data": 1, "memory": 1, "tracking": 1,
+    "config": 0, "errors": 0, "jsonout": 0,
 }  # fmt: skip
 
 
