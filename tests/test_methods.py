@@ -92,3 +92,18 @@ def test_record_restores_exact_predictions():
     fresh.restore([record])
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(fresh.predict(x), ft.predict(x))
+
+
+def test_a_method_says_before_it_is_built_whether_it_infers_tasks():
+    from pipeline.methods import method_class
+
+    backbone = flat_backbone()
+    for name, params, infers in (
+        ("probe", {"task_inference": True}, True),
+        ("probe", {}, False),
+        ("piggyback", {"task_inference": True}, True),
+        ("finetune", {}, False),
+    ):
+        cfg = resolve_method_params(MethodConfig(name=name, **params))
+        assert method_class(name).infers_tasks_with(cfg) is infers
+        assert method(name, backbone, **params).infers_tasks is infers

@@ -126,11 +126,16 @@ class Method(ABC):
         self.collective: Collective = collective or LocalCollective()
         self.task: TaskInfo | None = None
 
+    @classmethod
+    def infers_tasks_with(cls, cfg: MethodParams) -> bool:
+        """Whether a method of this config tells a test sample's task itself (task-incremental
+        methods with task inference): evaluation then also scores without task ids, and a
+        prediction needs no task id. Asked of the class, so a caller can know before building."""
+        return False
+
     @property
     def infers_tasks(self) -> bool:
-        """Whether it tells a test sample's task itself (task-incremental methods with task
-        inference): evaluation then also scores without task ids."""
-        return False
+        return type(self).infers_tasks_with(self.cfg)
 
     @property
     def device(self) -> torch.device:

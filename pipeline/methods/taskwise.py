@@ -56,9 +56,9 @@ class TaskwiseMethod(Method):
         self._accumulator: GaussianAccumulator | None = None
         self._groups: list[ParamGroup] = []
 
-    @property
-    def infers_tasks(self) -> bool:
-        return self.cfg.task_inference
+    @classmethod
+    def infers_tasks_with(cls, cfg: MethodParams) -> bool:
+        return isinstance(cfg, TaskwiseParams) and cfg.task_inference
 
     @property
     def slot(self) -> int:

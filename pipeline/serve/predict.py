@@ -30,7 +30,7 @@ from pipeline.data.ray_data import decode_image
 from pipeline.data.sources import IMAGE_SUFFIXES, Chunk, ParquetReader, read_chunks, read_units
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.memory import MemoryStore
-from pipeline.methods import Method, TaskInfo, create_method, resolve_method_params
+from pipeline.methods import Method, TaskInfo, create_method, method_class, resolve_method_params
 from pipeline.serve.registry import ModelCard
 
 
@@ -207,7 +207,8 @@ def predict(
     (stream class id), ``pred_class``, ``score`` (softmax over the candidates), ``task``, and
     ``error``: null, or why the image could not be decoded (its prediction is then null)."""
     # A bad --task, or a til model without one, fails here, before Ray starts work.
-    candidates_for(card, task, infers_tasks=bool(card.config["method"].get("task_inference", False)))
+    params = resolve_method_params(MethodConfig.model_validate(card.config["method"]))
+    candidates_for(card, task, infers_tasks=method_class(params.name).infers_tasks_with(params))
     fs, out_path = fsspec.core.url_to_fs(out)
     if fs.exists(out_path) and (not fs.isdir(out_path) or fs.ls(out_path)):
         raise DataError(f"{out}: exists and is not an empty directory; predictions go to a new directory")
