@@ -257,3 +257,7 @@ class GMMZeroShot(GMM):
 
     def end_task(self) -> TaskRecord:
         return TaskRecord({})
+
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        """Nothing was learned: the captioner as built is the model after any number of tasks."""
+        return None
