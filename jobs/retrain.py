@@ -2,6 +2,7 @@
 
 Learns every complete landed task not in the model's ledger yet, in arrival order, and exits;
 safe to run on any schedule and in parallel (each task is claimed atomically, learned once).
+Exit codes as ``strata retrain``'s: 2 bad input, 3 stalled (a task claimed elsewhere for too long).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import json
 import sys
 
+from pipeline.cli import one_line_errors
 from pipeline.config import load_config
-from pipeline.errors import StrataError
 from pipeline.ops import retrain
 from pipeline.run import init_ray
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, action="append", help="the model's config YAML (repeat to merge)")
@@ -24,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--lease", dest="lease_s", type=float, default=600.0, help="seconds a task's claim lasts without renewal")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        init_ray()
-        report = retrain(cfg, args.landing, args.model, lease_s=args.lease_s)
-    except StrataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    init_ray()
+    report = retrain(cfg, args.landing, args.model, lease_s=args.lease_s)
     trained = [{k: r[k] for k in ("task_id", "model_version", "mlflow_run_id")} for r in report.trained]
     print(json.dumps({"trained": trained, "incomplete": report.incomplete, "busy": report.busy}))
     if report.stalled:

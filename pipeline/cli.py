@@ -21,8 +21,9 @@ from pipeline.errors import RunInterrupted, StrataError
 console = Console()
 
 
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends the command with one line on stderr and exit code 2, not a traceback."""
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends the command with one line on stderr and exit code 2, not a traceback; SIGINT
+    or SIGTERM with 128 + the signal. The jobs/ entrypoints end the same way."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,7 +50,7 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @click.option("--fresh", is_flag=True, help="start over: forget an earlier run in OUTPUT_DIR and the memory store's records")
 @click.option("--verbose", "-v", is_flag=True, help="also show Ray's own output and the workers' log lines")
-@_one_line_errors
+@one_line_errors
 def run_cmd(configs: tuple[str, ...], overrides: tuple[str, ...], fresh: bool, verbose: bool) -> None:
     """Train and evaluate the task stream in CONFIGS (later files merge over earlier ones, e.g.
     a stream config then configs/methods/l2p.yaml); writes OUTPUT_DIR/summary.json. Run again
@@ -134,7 +135,7 @@ def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a sweep-file value, e.g. search.num_samples=4"
 )
-@_one_line_errors
+@one_line_errors
 def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
     """Search the hyperparameters in SWEEP_FILE with Ray Tune on validation rows, then re-run the
     best configuration on the test sets; writes OUTPUT_DIR/best_config.yaml and sweep_summary.json."""
@@ -167,7 +168,7 @@ def sweep_cmd(sweep_file: str, overrides: tuple[str, ...]) -> None:
 
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@_one_line_errors
+@one_line_errors
 def methods_cmd(as_json: bool) -> None:
     """List the registered continual-learning methods and their scenarios: strata's own and those
     installed packages declare in the `strata.methods` entry-point group."""
@@ -192,7 +193,7 @@ def methods_cmd(as_json: bool) -> None:
 @click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--repo", type=click.Path(exists=True, file_okay=False), default=".", show_default=True,
               help="the project the image was built from: entrypoint paths under the image root map onto it")  # fmt: skip
-@_one_line_errors
+@one_line_errors
 def check_manifests_cmd(manifests: tuple[str, ...], repo: str) -> None:
     """Check that every RayJob in MANIFESTS (the RayJob templates a CronJob's ConfigMap holds
     included) asks for workers that fit the largest cluster it may grow to; exit 1 if one does not.
@@ -215,7 +216,7 @@ def memory_group() -> None:
 @memory_group.command("show")
 @click.argument("uri")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@_one_line_errors
+@one_line_errors
 def memory_show(uri: str, as_json: bool) -> None:
     """List the records of the memory store at URI, verifying every checksum."""
     from pipeline.memory import MemoryStore
@@ -280,7 +281,7 @@ def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--wait", is_flag=True, help="follow the job's log until it ends; exit 1 unless it succeeded")
 @click.option("--max-upload-mb", type=float, default=100.0, show_default=True, help="refuse a larger working-dir upload")
 @click.option("--force", is_flag=True, help="upload even above --max-upload-mb")
-@_one_line_errors
+@one_line_errors
 def submit_cmd(
     configs: tuple[str, ...],
     address: str | None,
@@ -354,7 +355,7 @@ _address = click.option("--address", envvar="RAY_ADDRESS", help="Ray dashboard a
 @click.argument("job_id")
 @_address
 @click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS", help="poll until the job ends (or SECONDS pass)")
-@_one_line_errors
+@one_line_errors
 def jobs_status(job_id: str, address: str | None, wait_s: float | None) -> None:
     """Print the job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
     from pipeline.ops import submit
@@ -367,7 +368,7 @@ def jobs_status(job_id: str, address: str | None, wait_s: float | None) -> None:
 @click.argument("job_id")
 @_address
 @click.option("--follow", is_flag=True, help="keep printing until the job ends")
-@_one_line_errors
+@one_line_errors
 def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
     """Print the job's driver log."""
     from pipeline.ops import submit
@@ -382,7 +383,7 @@ def jobs_logs(job_id: str, address: str | None, follow: bool) -> None:
 @jobs_group.command("stop")
 @click.argument("job_id")
 @_address
-@_one_line_errors
+@one_line_errors
 def jobs_stop(job_id: str, address: str | None) -> None:
     """Ask the cluster to stop the job."""
     from pipeline.ops import submit
@@ -392,7 +393,7 @@ def jobs_stop(job_id: str, address: str | None) -> None:
 
 @jobs_group.command("list")
 @_address
-@_one_line_errors
+@one_line_errors
 def jobs_list(address: str | None) -> None:
     """List the cluster's submitted jobs."""
     from pipeline.ops import submit
@@ -423,7 +424,7 @@ _tracking_uri = click.option(
 @click.option("--task", help="score only this task's classes, with its task id (til)")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--actors", type=int, default=1, show_default=True, help="model replicas scoring in parallel")
-@_one_line_errors
+@one_line_errors
 def predict_cmd(
     data: str, model_spec: str, out: str, tracking_uri: str | None, task: str | None, batch_size: int, actors: int
 ) -> None:
@@ -499,7 +500,7 @@ def _print_retrain(report: Any) -> None:
 @main.command("retrain")
 @_retrain_options
 @click.option("--max-tasks", type=int, help="learn at most this many new tasks")
-@_one_line_errors
+@one_line_errors
 def retrain_cmd(
     landing: str, model_name: str, configs: tuple[str, ...], overrides: tuple[str, ...], lease_s: float, max_tasks: int | None
 ) -> None:
@@ -516,7 +517,7 @@ def retrain_cmd(
 @_retrain_options
 @click.option("--interval", type=float, default=300, show_default=True, help="seconds between looks at the landing zone")
 @click.option("--iterations", type=int, help="stop after this many looks (default: run until interrupted)")
-@_one_line_errors
+@one_line_errors
 def watch_cmd(
     landing: str,
     model_name: str,

@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -55,3 +57,26 @@ def test_rank_zero_posts_steps_at_most_every_interval_and_the_console_draws_each
         for event in posted:
             bars.on_event(event)
     assert console.export_text().strip() == "task 1/2 a: accuracy on seen tasks 0.5000 [0.500]  loss 0.1250  1.2s"
+
+
+@pytest.mark.parametrize(
+    "job,argv",
+    [
+        ("continual_train", ["--config", "{missing}"]),
+        ("sweep", ["--sweep", "{missing}"]),
+        ("retrain", ["--config", "{missing}", "--landing", "{tmp}", "--model", "m"]),
+    ],
+)
+def test_a_job_entrypoint_ends_bad_input_like_the_cli(job, argv, tmp_path, capsys):
+    """The jobs/ entrypoints are the CLI's commands as Ray jobs: exit 2 and one line, before Ray starts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{job}", Path(__file__).parent.parent / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([a.format(missing=missing, tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing.yaml" in err[0]
