@@ -119,6 +119,7 @@ class Method(ABC):
     zero_shot: ClassVar[bool] = False  # can score classes it has not seen: future tasks are evaluated too
     consumes_data: ClassVar[bool] = True  # False: nothing to learn from training data (zero-shot baseline)
     eval_stat_names: ClassVar[tuple[str, ...]] = ()  # what take_eval_stats may report (reduced on every rank)
+    record_holds_state: ClassVar[bool] = False  # True: a task's record is the whole state (running totals)
 
     def __init__(self, cfg: MethodParams, backbone: Backbone, collective: Collective | None = None) -> None:
         self.cfg = cfg
@@ -217,13 +218,25 @@ class Method(ABC):
     def end_task(self) -> TaskRecord:
         """Reduce statistics across workers, apply and return the task's record."""
 
-    @abstractmethod
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        """Rebuild the state after ``len(records)`` tasks from their records, in order."""
+    def apply_record(self, record: TaskRecord) -> None:
+        """Add one task's record to the state (``end_task`` applies its own record this way)."""
+        raise NotImplementedError(f"{self.name}: defines neither apply_record nor restore")
 
-    @abstractmethod
+    def restore(self, records: Sequence[TaskRecord]) -> None:
+        """Rebuild the state after ``len(records)`` tasks from their records: each applied in
+        order, or with ``record_holds_state`` the last alone (it holds the running totals)."""
+        for record in records[-1:] if self.record_holds_state else records:
+            self.apply_record(record)
+
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, num_seen_classes); ``task_ids`` only in task-incremental evaluation."""
+        """Logits (B, num_seen_classes); ``task_ids`` only in task-incremental evaluation. A
+        classifier defines it; a method that scores classes by name defines ``score`` instead,
+        and this scores every seen class by its name."""
+        if type(self).score is Method.score:
+            raise NotImplementedError(f"{self.name}: defines neither predict nor score")
+        assert self.task is not None
+        names = self.task.class_names
+        return self.score(images, range(len(names)), names, task_ids)
 
     def score(
         self,

@@ -45,7 +45,6 @@ chosen layer of both towers, the Gaussian mean and the covariance's upper triang
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -61,9 +60,8 @@ from pipeline.methods.gaussian import (
     ShrinkageParam,
     TaskGaussians,
     gate,
-    pack_upper,
+    gaussian_record,
     relative_gate,
-    unpack_upper,
 )
 from pipeline.methods.zeroshot import clip_logits, require_clip
 
@@ -170,30 +168,22 @@ class DIKI(Method):
             for layer, hook in zip(layers, self.hooks[tower], strict=True)
             for kv in ("k", "v")
         }
-        tensors |= {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float(),
-                    "gaussian.train_distance": torch.tensor([train_distance], dtype=torch.float64)}  # fmt: skip
+        tensors |= gaussian_record(mean, cov) | {"gaussian.train_distance": torch.tensor([train_distance], dtype=torch.float64)}
         record = TaskRecord(tensors)
         for hooks in self.hooks.values():  # drop the trainable copies; the record is the state
             for hook in hooks:
                 hook.residual_k, hook.residual_v = hook.residual_k[:slot], hook.residual_v[:slot]
-        self._apply(record)
+        self.apply_record(record)
         return record
 
-    def _apply(self, record: TaskRecord) -> None:
+    def apply_record(self, record: TaskRecord) -> None:
         t = record.tensors
         for tower, layers in self.layers.items():
             for layer, hook in zip(layers, self.hooks[tower], strict=True):
                 hook.residual_k = [*hook.residual_k, t[f"{tower}.{layer}.k"].to(self.device)]
                 hook.residual_v = [*hook.residual_v, t[f"{tower}.{layer}.v"].to(self.device)]
-        dim = t["gaussian.mean"].shape[0]
-        self.gaussians.add(
-            t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim)
-        )
+        self.gaussians.add_record(t, self.device)
         self.train_distances = torch.cat([self.train_distances, t["gaussian.train_distance"].to(self.device, torch.float64)])
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        for record in records:
-            self._apply(record)
 
     def infer_tasks(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(task per sample, gate per sample) from the Gaussians of the learned tasks."""
@@ -234,8 +224,3 @@ class DIKI(Method):
         """{"gate": (sum of gates, samples)} scored since the last call; {} if none."""
         stats, self._gate_stats = self._gate_stats, None
         return {} if stats is None else {"gate": stats}
-
-    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        assert self.task is not None
-        names = self.task.class_names
-        return self.score(images, range(len(names)), names, task_ids)

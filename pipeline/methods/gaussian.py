@@ -25,6 +25,7 @@ dimensions), less with shrinkage. DIKI's relative gate measures distances in it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import torch
@@ -112,6 +113,11 @@ def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
     return cov + cov.T - torch.diag(cov.diagonal())
 
 
+def gaussian_record(mean: torch.Tensor, cov: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A task's Gaussian as record tensors: its mean and its covariance's upper triangle (float32)."""
+    return {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float()}
+
+
 class TaskGaussians:
     """Per-task Gaussians; ``log_likelihood(x)`` and ``mahalanobis(x)`` are (B, tasks)."""
 
@@ -123,6 +129,11 @@ class TaskGaussians:
 
     def add(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
         self.distributions.append(MultivariateNormal(mean.double(), scale_tril=torch.linalg.cholesky(cov.double())))
+
+    def add_record(self, tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        """Add the Gaussian ``gaussian_record`` wrote into a task's record."""
+        mean = tensors["gaussian.mean"].to(device)
+        self.add(mean, unpack_upper(tensors["gaussian.cov_upper"].to(device).double(), mean.shape[0]))
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
         x = features.double()

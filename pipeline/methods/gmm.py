@@ -236,11 +236,6 @@ class GMM(Method):
         stats, self._stats = self._stats, {}
         return stats
 
-    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        assert self.task is not None
-        names = self.task.class_names
-        return self.score(images, range(len(names)), names, task_ids)
-
 
 @register_method("gmm_zeroshot")
 class GMMZeroShot(GMM):
@@ -259,5 +254,4 @@ class GMMZeroShot(GMM):
         return TaskRecord({})
 
     def restore(self, records: Sequence[TaskRecord]) -> None:
-        """Nothing was learned: the captioner as built is the model after any number of tasks."""
-        return None
+        return None  # nothing is learned: the captioner as built is the model after any number of tasks

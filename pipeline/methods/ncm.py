@@ -9,7 +9,6 @@ and every later restore hold exactly the same means.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,18 +59,14 @@ class NCM(Method):
         total = old + counts[classes]
         merged = (self.means[classes].double() * old.unsqueeze(1) + sums[classes]) / total.unsqueeze(1)
         record = TaskRecord({"classes": classes.cpu(), "means": merged.float().cpu(), "counts": total.cpu()})
-        self._apply(record)
+        self.apply_record(record)
         return record
 
-    def _apply(self, record: TaskRecord) -> None:
+    def apply_record(self, record: TaskRecord) -> None:
         classes = record.tensors["classes"].to(self.device)
         self._grow(int(classes.max()) + 1)
         self.means[classes] = record.tensors["means"].to(self.device)
         self.counts[classes] = record.tensors["counts"].to(self.device)
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        for record in records:
-            self._apply(record)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:

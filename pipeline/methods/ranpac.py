@@ -72,6 +72,7 @@ class RanPAC(Method):
     """Random projection + ReLU of frozen features, ridge regression from the running Gram matrix."""
 
     scenarios = frozenset({"cil", "dil", "til"})
+    record_holds_state = True  # each record holds the running totals of every task so far
     Config = RanPACConfig
     cfg: RanPACConfig
 
@@ -187,13 +188,13 @@ class RanPAC(Method):
              **{f"adapter.{name}": p.detach().clone() for name, p in self.adapter.items()}},
             meta={"ridge": ridge},
         )  # fmt: skip
-        self._apply(record)
+        self.apply_record(record)
         return record
 
     def task_stats(self) -> dict[str, float | None]:
         return {"ridge": self.ridge}
 
-    def _apply(self, record: TaskRecord) -> None:
+    def apply_record(self, record: TaskRecord) -> None:
         t = {k: v.to(self.device) for k, v in record.tensors.items()}
         m = self.cfg.projection_dim
         self.gram, self.gram_val = unpack_upper(t["gram"], m), unpack_upper(t["gram_val"], m)
@@ -206,10 +207,6 @@ class RanPAC(Method):
             for p in self.adapter.values():
                 p.requires_grad_(False)
         self.head = None
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        if records:
-            self._apply(records[-1])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:

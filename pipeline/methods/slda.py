@@ -14,7 +14,6 @@ running totals (class sums and counts, the outer-product sum's upper triangle).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -33,6 +32,7 @@ class SLDA(Method):
     """Streaming LDA: running class means, one shared covariance, the LDA linear rule."""
 
     scenarios = frozenset({"cil", "dil", "til"})
+    record_holds_state = True  # each record holds the running totals of every task so far
     Config = SLDAConfig
     cfg: SLDAConfig
 
@@ -71,10 +71,10 @@ class SLDA(Method):
         sums[: len(self.counts)] += self.sums
         counts[: len(self.counts)] += self.counts
         record = TaskRecord({"sums": sums, "counts": counts, "outer": pack_upper(self.outer + t["sum.outer"])})
-        self._apply(record)
+        self.apply_record(record)
         return record
 
-    def _apply(self, record: TaskRecord) -> None:
+    def apply_record(self, record: TaskRecord) -> None:
         t = {k: v.to(self.device) for k, v in record.tensors.items()}
         self.sums, self.counts = t["sums"], t["counts"]
         self.outer = unpack_upper(t["outer"], self.backbone.feature_dim)
@@ -86,10 +86,6 @@ class SLDA(Method):
         shrunk = (1 - eps) * scatter / total + eps * torch.eye(len(scatter), dtype=scatter.dtype, device=scatter.device)
         self.weight = torch.linalg.solve(shrunk, means.T).T  # mu_c^T Lambda (Sigma is symmetric)
         self.bias = torch.where(seen, -0.5 * (self.weight * means).sum(1), torch.full_like(self.counts, float("-inf")))
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        if records:
-            self._apply(records[-1])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:

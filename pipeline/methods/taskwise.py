@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.memory import TaskRecord
 from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo
-from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, pack_upper, unpack_upper
+from pipeline.methods.gaussian import GaussianAccumulator, ShrinkageParam, TaskGaussians, gaussian_record
 
 
 class TaskwiseParams(MethodParams):
@@ -121,13 +121,13 @@ class TaskwiseMethod(Method):
         if self._accumulator is not None:
             self._accumulator.reduce(self.collective)
             mean, cov = self._accumulator.finalize(self.cfg.gaussian_eps, self.cfg.gaussian_shrinkage)
-            tensors |= {"gaussian.mean": mean.float(), "gaussian.cov_upper": pack_upper(cov).float()}
+            tensors |= gaussian_record(mean, cov)
         record = TaskRecord(tensors, meta={"classes": list(self.head_classes[slot])})
         self.heads.pop(), self.head_classes.pop()
-        self._apply(record)
+        self.apply_record(record)
         return record
 
-    def _apply(self, record: TaskRecord) -> None:
+    def apply_record(self, record: TaskRecord) -> None:
         t = record.tensors
         slot = len(self.heads)
         head = nn.Linear(t["head.weight"].shape[1], t["head.weight"].shape[0], device=self.device).requires_grad_(False)
@@ -136,14 +136,7 @@ class TaskwiseMethod(Method):
         self.head_classes.append(tuple(record.meta["classes"]))
         self.install({k: v.to(self.device) for k, v in t.items()}, slot)
         if "gaussian.mean" in t:
-            dim = t["gaussian.mean"].shape[0]
-            self.gaussians.add(
-                t["gaussian.mean"].to(self.device), unpack_upper(t["gaussian.cov_upper"].to(self.device).double(), dim)
-            )
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        for record in records:
-            self._apply(record)
+            self.gaussians.add_record(t, self.device)
 
     @torch.no_grad()
     def infer_tasks(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ an empty record per task, so its accuracy matrix is the frozen model's on every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +53,9 @@ class ZeroShot(Method):
     def end_task(self) -> TaskRecord:
         return TaskRecord({})
 
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        return None
+    def apply_record(self, record: TaskRecord) -> None:
+        return None  # nothing is learned: the records are empty
 
     @torch.no_grad()
     def score(self, images, candidates, candidate_names, task_ids=None) -> torch.Tensor:
         return clip_logits(self.clip, self.clip.features(images), self.clip.class_embeddings(candidate_names, self.cfg.template))
-
-    def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        assert self.task is not None
-        names = self.task.class_names
-        return self.score(images, range(len(names)), names, task_ids)
