@@ -39,6 +39,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "zeroshot": ({}, "clip"),
     "gmm_zeroshot": ({}, "coca"),
     "rkr@convnext": ({"task_inference": True}, "convnext"),  # residuals on convolutions as well as linears
+    "gmm@exemplars": ({"lora_rank": 2, "memory_size": 8}, "coca"),  # the exemplar memory as a part of the method
 }
 LIBRARY = sorted(name for name, cls in available_methods().items() if cls.__module__.startswith("pipeline."))
 

@@ -74,6 +74,19 @@ class LocalCollective:
         return tensor
 
 
+class MethodPart(Protocol):
+    """State a method composes (the exemplar memory): the base calls its hooks beside the
+    method's own -- at a task's start, for the task's checkpointed buffers and statistics, for its
+    share of the task's record (``parts_record``), and on restore."""
+
+    stats: dict[str, Any]
+
+    def begin_task(self, task: TaskInfo) -> None: ...
+    def buffers(self) -> dict[str, torch.Tensor]: ...
+    def end_task(self, task: TaskInfo, collective: Collective) -> TaskRecord: ...
+    def restore(self, records: Sequence[TaskRecord]) -> None: ...
+
+
 class MethodParams(BaseModel):
     """Hyperparameters every method has; a method's own config subclasses this.
 
@@ -126,6 +139,7 @@ class Method(ABC):
         self.backbone = backbone
         self.collective: Collective = collective or LocalCollective()
         self.task: TaskInfo | None = None
+        self.parts: list[MethodPart] = []
 
     @classmethod
     def infers_tasks_with(cls, cfg: MethodParams) -> bool:
@@ -148,6 +162,8 @@ class Method(ABC):
 
     def begin_task(self, task: TaskInfo) -> None:
         self.task = task
+        for part in self.parts:
+            part.begin_task(task)
 
     def param_groups(self) -> list[ParamGroup]:
         """The trainable parameters of the current task, by learning-rate group."""
@@ -169,14 +185,14 @@ class Method(ABC):
 
     def task_stats(self) -> dict[str, Any]:
         """Diagnostics of the task just ended (JSON-able), for the summary and MLflow."""
-        return {}
+        return {k: v for part in self.parts for k, v in part.stats.items()}
 
     def task_buffers(self) -> dict[str, torch.Tensor]:
         """The current task's tensors besides its trainable parameters that a checkpoint inside
         the task must keep, as the live tensors (restored in place). Names starting ``sum.`` are
         per-rank partial sums that ``end_task`` all-reduces (statistics of the rows this rank
         has seen); the others are identical on every rank."""
-        return {}
+        return {k: v for part in self.parts for k, v in part.buffers().items()}
 
     def task_state(self) -> dict[str, torch.Tensor]:
         """Everything the current task has learned so far, identical on every rank: the trainable
@@ -222,9 +238,18 @@ class Method(ABC):
         """Add one task's record to the state (``end_task`` applies its own record this way)."""
         raise NotImplementedError(f"{self.name}: defines neither apply_record nor restore")
 
+    def parts_record(self) -> dict[str, torch.Tensor]:
+        """The parts' share of the task's record, each part's state after the task applied.
+        Collective: ``end_task`` calls it on every rank."""
+        assert self.task is not None
+        return {k: v for part in self.parts for k, v in part.end_task(self.task, self.collective).tensors.items()}
+
     def restore(self, records: Sequence[TaskRecord]) -> None:
-        """Rebuild the state after ``len(records)`` tasks from their records: each applied in
-        order, or with ``record_holds_state`` the last alone (it holds the running totals)."""
+        """Rebuild the state after ``len(records)`` tasks from their records: the parts from
+        theirs, then each record applied in order, or with ``record_holds_state`` the last alone
+        (it holds the running totals, or the whole state)."""
+        for part in self.parts:
+            part.restore(records)
         for record in records[-1:] if self.record_holds_state else records:
             self.apply_record(record)
 

@@ -9,7 +9,6 @@ pass it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ class Finetune(Method):
     """Linear head over all seen classes, trained task after task (the lower bound)."""
 
     scenarios = frozenset({"cil", "dil", "til"})
+    record_holds_state = True  # the head over every class seen so far
     Config = FinetuneConfig
 
     def __init__(self, *args, **kwargs) -> None:
@@ -46,9 +46,8 @@ class Finetune(Method):
     def end_task(self) -> TaskRecord:
         return TaskRecord({"head.weight": self.head.weight.detach().clone(), "head.bias": self.head.bias.detach().clone()})
 
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        if records:
-            self.head.load(records[-1].tensors["head.weight"], records[-1].tensors["head.bias"])
+    def apply_record(self, record: TaskRecord) -> None:
+        self.head.load(record.tensors["head.weight"], record.tensors["head.bias"])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,7 +30,6 @@ decoder small enough to have no prior of its own answers every image with the ne
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from torch import nn
 
 from pipeline.backbones.captioner import Captioner
 from pipeline.memory import TaskRecord
-from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, TaskInfo, register_method
+from pipeline.methods.base import Batch, Method, MethodParams, ParamGroup, register_method
 from pipeline.methods.exemplars import ExemplarMemory
 from pipeline.methods.zeroshot import require_clip
 
@@ -95,6 +94,7 @@ class GMM(Method):
     Config = GMMConfig
     zero_shot = True
     eval_stat_names = ("exact_match", "similarity_match")
+    record_holds_state = True  # the adapter after the last task (exemplars come from every record)
     cfg: GMMConfig
 
     def __init__(self, *args, **kwargs) -> None:
@@ -115,17 +115,7 @@ class GMM(Method):
             if cfg.memory_size and self.consumes_data
             else None
         )
-
-    def begin_task(self, task: TaskInfo) -> None:
-        super().begin_task(task)
-        if self.exemplars is not None:
-            self.exemplars.begin_task(task)
-
-    def task_buffers(self) -> dict[str, torch.Tensor]:
-        return self.exemplars.buffers() if self.exemplars is not None else {}
-
-    def task_stats(self) -> dict[str, Any]:
-        return dict(self.exemplars.stats) if self.exemplars is not None else {}
+        self.parts = [self.exemplars] if self.exemplars is not None else []
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("projection", list(self.proj.parameters()), self.cfg.lr), ParamGroup("lora", self.lora, self.cfg.lr)]
@@ -199,18 +189,12 @@ class GMM(Method):
 
     def end_task(self) -> TaskRecord:
         assert self.task is not None
-        record = TaskRecord({k: v.detach().clone() for k, v in self._state().items()})
-        if self.exemplars is not None:
-            record.tensors.update(self.exemplars.end_task(self.task, self.collective).tensors)
-        return record
+        return TaskRecord({k: v.detach().clone() for k, v in self._state().items()} | self.parts_record())
 
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        if self.exemplars is not None:
-            self.exemplars.restore(records)
-        if records:
-            with torch.no_grad():
-                for key, tensor in self._state().items():
-                    tensor.copy_(records[-1].tensors[key].to(tensor.device))
+    def apply_record(self, record: TaskRecord) -> None:
+        with torch.no_grad():
+            for key, tensor in self._state().items():
+                tensor.copy_(record.tensors[key].to(tensor.device))
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor) -> list[str]:

@@ -17,8 +17,7 @@ exemplars and the head; the previous model is the last record's head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +54,13 @@ class Replay(Finetune):
         self.exemplars = ExemplarMemory(
             self.name, cfg.memory_size, self.backbone.feature_dim, self.device, herding_pool=cfg.herding_pool, seed=cfg.seed
         )
+        self.parts = [self.exemplars]
         self.old_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def begin_task(self, task: TaskInfo) -> None:
         if self.head.num_classes:  # the previous model, before the head grows
             self.old_head = (self.head.weight.detach().clone(), self.head.bias.detach().clone())
         super().begin_task(task)
-        self.exemplars.begin_task(task)
-
-    def task_buffers(self) -> dict[str, torch.Tensor]:
-        return self.exemplars.buffers()
 
     def memory_features(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features and labels of the live exemplars decoded at ``size``."""
@@ -98,18 +94,9 @@ class Replay(Finetune):
         return targets
 
     def end_task(self) -> TaskRecord:
-        assert self.task is not None
-        exemplars = self.exemplars.end_task(self.task, self.collective)
         record = super().end_task()
-        record.tensors.update(exemplars.tensors)
+        record.tensors.update(self.parts_record())
         return record
-
-    def task_stats(self) -> dict[str, Any]:
-        return dict(self.exemplars.stats)
-
-    def restore(self, records: Sequence[TaskRecord]) -> None:
-        super().restore(records)
-        self.exemplars.restore(records)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
