@@ -16,6 +16,7 @@ import torch
 
 from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.eval.evaluate import reduce_eval_stats
 from pipeline.memory import MemoryStore
 from pipeline.methods import Method, available_methods, create_method, method_class, resolve_method_params
 from pipeline.train.loop import StepSettings, train_phase
@@ -89,6 +90,8 @@ def test_a_method_learns_two_tasks_and_its_store_restores_it_exactly(case, tmp_p
         assert set(loaded.tensors) == set(record.tensors) and loaded.meta == record.meta
         assert all(torch.equal(loaded.tensors[k], record.tensors[k].cpu()) for k in record.tensors)
         after.append(scores(method))
+        stats = reduce_eval_stats(method)  # raises for a stat eval_stat_names does not declare
+        assert set(stats) == set(method.eval_stat_names)
 
     fresh = make(name, params, BACKBONES[kind]() if name == "gmm" else backbone)  # LoRA edits its backbone in place
     fresh.restore(store.load_all(backbone_id=backbone.backbone_id))
