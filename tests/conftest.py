@@ -41,6 +41,26 @@ def blobs_task(
     return task
 
 
+def new_method(name: str, backbone: Any, collective: Any = None, *, seed: int | None = 0, **params: Any) -> Any:
+    """``create_method`` of ``name`` with ``params`` on ``backbone``, after ``torch.manual_seed(seed)``
+    (``seed=None``: the global generator as it is)."""
+    import torch
+
+    from pipeline.config import MethodConfig
+    from pipeline.methods import create_method, resolve_method_params
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return create_method(resolve_method_params(MethodConfig(name=name, **params)), backbone, collective)
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> Any:
+    """(n, 3, size, size) standard-normal images (already normalised) from a seeded generator."""
+    import torch
+
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 def two_task_plan(holdout: float = 0.0) -> Any:
     """Two 2-class blobs tasks, 64 training rows each, as the driver resolves them (StreamPlan)."""
     from pipeline.config import StreamConfig

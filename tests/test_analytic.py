@@ -19,7 +19,7 @@ from pipeline.methods.ranpac import RIDGES
 from pipeline.train.collective import TorchCollective
 from pipeline.train.loop import StepSettings, train_phase
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, new_method
 
 PARAMS = {"ranpac": {"projection_dim": 48, "validation_share": 0.3}, "slda": {}}
 NAMES = ("a", "b", "c", "d", "e", "f")
@@ -42,7 +42,7 @@ BACKBONE = create_backbone(BackboneConfig(**TINY_VIT))
 
 
 def make(name: str, collective=None):
-    return create_method(resolve_method_params(MethodConfig(name=name, **PARAMS[name])), BACKBONE, collective)
+    return new_method(name, BACKBONE, collective, seed=None, **PARAMS[name])
 
 
 def run(method, tasks, rank: int = 0, world: int = 1):

@@ -17,6 +17,7 @@ from pipeline.train.checkpoint import PhaseState
 from pipeline.train.collective import TorchCollective
 from pipeline.train.loop import CheckpointPolicy, StepSettings, train_phase
 
+from conftest import new_method
 from test_methods import flat_backbone
 
 INFO = TaskInfo(index=0, id="t", classes=(0, 1, 2), num_seen_classes=3, class_names=("0", "1", "2"))
@@ -35,8 +36,7 @@ def batches(ids: list[int], size: int, seed: int = 0) -> list[dict[str, torch.Te
 
 
 def make_method(name: str, collective=None, **params):
-    torch.manual_seed(0)
-    method = create_method(resolve_method_params(MethodConfig(name=name, **params)), flat_backbone(), collective)
+    method = new_method(name, flat_backbone(), collective, **params)
     method.begin_task(INFO)
     return method
 

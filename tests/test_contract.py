@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from pipeline.backbones import create_backbone
-from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.config import BackboneConfig
 from pipeline.eval.evaluate import reduce_eval_stats
 from pipeline.memory import MemoryStore
-from pipeline.methods import Method, available_methods, create_method, method_class, resolve_method_params
+from pipeline.methods import Method, available_methods, method_class
 from pipeline.train.loop import StepSettings, train_phase
 from pipeline.train.progress import make_phases
 from pipeline.train.worker import phase_task_info
 
-from conftest import TINY_VIT, task_batches, two_task_plan
+from conftest import TINY_VIT, new_method, task_batches, two_task_plan
 from test_checkpoint import STATE_CASES
 
 BACKBONES = {
@@ -50,8 +50,7 @@ def test_every_library_method_has_a_contract_case():
 
 
 def make(name: str, params: dict[str, Any], backbone) -> Method:
-    torch.manual_seed(0)
-    return create_method(resolve_method_params(MethodConfig(name=name, **params)), backbone)
+    return new_method(name, backbone, **params)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

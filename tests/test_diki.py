@@ -17,6 +17,8 @@ from pipeline.methods.gaussian import (
     unpack_upper,
 )
 
+from conftest import random_images
+
 NAMES = ("cat", "dog", "emu")
 
 
@@ -30,7 +32,7 @@ def diki(backbone, **params):
 
 
 def images(n: int = 6, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, 32, seed)
 
 
 def test_before_training_diki_is_zeroshot_exactly():

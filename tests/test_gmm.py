@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.methods import TaskInfo, create_method, resolve_method_params
 from pipeline.methods.gmm import IGNORE, answer_span, match_scores
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, new_method, random_images
 
 COCA = create_backbone(BackboneConfig(name="open_clip:strata-tiny-coca"))
 NAMES = ("cat", "golden retriever")
@@ -24,14 +24,12 @@ TASK = TaskInfo(index=0, id="t", classes=(0, 1), num_seen_classes=2, class_names
 
 
 def make(backbone=COCA, **params):
-    torch.manual_seed(0)
-    method = create_method(resolve_method_params(MethodConfig(name="gmm", **params)), backbone)
+    method = new_method("gmm", backbone, **params)
     method.begin_task(TASK)
     return method
 
 
-def images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+images = random_images
 
 
 def test_only_the_answer_and_its_end_token_are_targets():

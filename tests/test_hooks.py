@@ -8,7 +8,7 @@ from torch import nn
 from pipeline.backbones import create_backbone
 from pipeline.config import BackboneConfig
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, random_images
 
 TINY_CNN = {"name": "timm:test_convnext"}
 TINY_CLIP = {"name": "open_clip:strata-tiny-clip"}
@@ -20,7 +20,7 @@ def build(spec: dict):
 
 
 def images(n: int = 3, size: int = 16) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return random_images(n, size, seed=1)
 
 
 def run_tower(backbone, tower: str, x):

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backbones import create_backbone
-from pipeline.config import BackboneConfig, MethodConfig
-from pipeline.methods import TaskInfo, create_method, resolve_method_params
+from pipeline.config import BackboneConfig
+from pipeline.methods import TaskInfo
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, new_method
 
 BACKBONE = create_backbone(BackboneConfig(**TINY_VIT))
 FIRST = TaskInfo(index=0, id="a", classes=(0, 1), num_seen_classes=2, class_names=("0", "1"))
@@ -18,8 +18,7 @@ SECOND = TaskInfo(index=1, id="b", classes=(2, 3), num_seen_classes=4, class_nam
 
 
 def make(name: str = "lwf", **params):
-    torch.manual_seed(0)
-    return create_method(resolve_method_params(MethodConfig(name=name, **params)), BACKBONE)
+    return new_method(name, BACKBONE, **params)
 
 
 def batches(n: int, labels: tuple[int, ...], seed: int) -> list[dict[str, torch.Tensor]]:

@@ -4,11 +4,11 @@ from torch import nn
 from pipeline.backbones import create_backbone
 from pipeline.backbones.factory import Backbone, InputSpec
 from pipeline.config import BackboneConfig
-from pipeline.methods import TaskInfo, create_method, resolve_method_params
+from pipeline.methods import TaskInfo, resolve_method_params
 from pipeline.config import MethodConfig
 from pipeline.train.loop import StepSettings, train_phase
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, new_method
 
 
 def flat_backbone() -> Backbone:
@@ -25,7 +25,7 @@ def task(index: int, classes: tuple[int, ...], seen: int) -> TaskInfo:
 
 
 def method(name: str, backbone: Backbone, **params):
-    return create_method(resolve_method_params(MethodConfig(name=name, **params)), backbone)
+    return new_method(name, backbone, seed=None, **params)
 
 
 def test_ncm_means_are_exact_and_merge_across_tasks():

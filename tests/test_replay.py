@@ -12,18 +12,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.backbones import create_backbone
-from pipeline.config import BackboneConfig, MethodConfig
+from pipeline.config import BackboneConfig
 from pipeline.data.ray_data import decode_image
 from pipeline.data.sources import read_chunks
 from pipeline.data.stream import StreamPlan, TaskPlan, task_rows
 from pipeline.memory import MemoryStore
-from pipeline.methods import Batch, create_method, resolve_method_params
+from pipeline.methods import Batch
 from pipeline.methods.exemplars import herding
 from pipeline.train.collective import TorchCollective
 from pipeline.train.worker import phase_task_info
 from pipeline.train.progress import Phase
 
-from conftest import TINY_VIT, task_batches, two_task_plan
+from conftest import TINY_VIT, new_method, task_batches, two_task_plan
 
 BACKBONE = create_backbone(BackboneConfig(**TINY_VIT))
 
@@ -37,8 +37,7 @@ def batches(task: TaskPlan, size: int = 8) -> list[Batch]:
 
 
 def make(collective=None, **params):
-    torch.manual_seed(0)
-    return create_method(resolve_method_params(MethodConfig(name="replay", **params)), BACKBONE, collective)
+    return new_method("replay", BACKBONE, collective, **params)
 
 
 def learn(method, data: list[Batch]) -> None:
