@@ -129,6 +129,7 @@ def icarl(stream: str) -> list[str]:
 # fine-tuning data holds 2,000 exemplars: DoubleClass/GMM's 20_20_order3_2000exp/task{i}.json).
 VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {
     "gmm+exemplars": ("gmm", replay_memory),
+    "gmm+lora": ("gmm", lambda stream: ["method.lora_rank=8"]),  # LoRA on the decoder's attention (issue 27)
     "icarl": ("replay", icarl),
     "ranpac+ssf": ("ranpac", lambda stream: ["method.first_task_adaptation=true"]),  # the paper's Phase 1
 }
