@@ -90,7 +90,7 @@ def strata_run(data: Path, args: argparse.Namespace, workers: int = 1) -> dict[s
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(validate_config(stream_config(data, args, Path(tmp) / "out", workers)))
-    return {"samples": summary["samples_seen"][0], "train_s": summary["train_wall_s"][0], "wall_s": summary["wall_s"]}
+    return {"samples": summary.samples_seen[0], "train_s": summary.train_wall_s[0], "wall_s": summary.wall_s}
 
 
 class ParquetImages(torch.utils.data.Dataset):

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray()
     summary = run(cfg, fresh=args.fresh)
-    print(json.dumps({k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}))
+    print(json.dumps(summary.headline()))
     return 0
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.errors import RunInterrupted, StrataError
+
+if TYPE_CHECKING:
+    from pipeline.run.summary import RunSummary
 
 console = Console()
 
@@ -115,19 +118,17 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
-    table = Table(title=f"{summary['method']} · {summary['scenario']} · {len(summary['tasks'])} tasks")
+def _print_summary(summary: RunSummary, output_dir: str) -> None:
+    table = Table(title=f"{summary.method} · {summary.scenario} · {len(summary.tasks)} tasks")
     table.add_column("after task")
-    for task in summary["tasks"]:
+    for task in summary.tasks:
         table.add_column(task, justify="right")
-    for task, row in zip(summary["tasks"], summary["accuracy_matrix"], strict=True):
+    for task, row in zip(summary.tasks, summary.accuracy_matrix, strict=True):
         table.add_row(task, *(_fmt(v) for v in row))
     console.print(table)
-    console.print(
-        "  ".join(f"{k} {_fmt(summary[k])}" for k in ("avg_acc", "last_acc", "forgetting", "bwt", "transfer"))
-        + f"  wall {summary['wall_s']:.1f}s"
-    )
-    console.print(f"summary: {output_dir}/summary.json   mlflow run: {summary['mlflow_run_id']}")
+    shown = ("avg_acc", "last_acc", "forgetting", "bwt", "transfer")
+    console.print("  ".join(f"{k} {_fmt(getattr(summary, k))}" for k in shown) + f"  wall {summary.wall_s:.1f}s")
+    console.print(f"summary: {output_dir}/summary.json   mlflow run: {summary.mlflow_run_id}")
 
 
 @main.command("sweep")

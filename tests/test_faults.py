@@ -150,8 +150,8 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
     whole = run(validate_config(config("whole", kill_step=0)))
     killed = run(validate_config(config("killed", kill_step=4)))
     assert (tmp_path / "killed" / "killed").exists()  # the fault happened
-    assert killed["samples_seen"] == whole["samples_seen"] == [48]
-    assert killed["resumes"] == 1 and whole["resumes"] == 0
+    assert killed.samples_seen == whole.samples_seen == [48]
+    assert killed.resumes == 1 and whole.resumes == 0
     store = MemoryStore(str(tmp_path / "killed" / "out" / "memory"))
     for task, record in enumerate(store.load_all()):  # every sample entered a gradient step once, restart or not
         visits = record.tensors["visits"]
@@ -162,7 +162,7 @@ def test_a_worker_killed_mid_task_resumes_from_its_in_task_checkpoint_and_trains
     # Predictions are NCM's: sums of the same rows in another order, so the matrices are equal up to
     # float64 rounding, i.e. exactly. (Two workers take blocks as they ask for them, so the probe's
     # batches, and its weights, differ between any two runs; its resume is bitwise in test_checkpoint.)
-    assert killed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert killed.accuracy_matrix == whole.accuracy_matrix
 
 
 def test_an_output_dir_in_object_storage_keeps_the_run_file_for_the_next_driver():

@@ -15,6 +15,7 @@ from pipeline.cli import main
 from pipeline.config import validate_config
 from pipeline.memory import MemoryStore
 from pipeline.run import run
+from pipeline.run.summary import RunSummary
 
 from conftest import REPO, blobs_task, run_config, strata_process
 from test_data import png
@@ -42,7 +43,8 @@ def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow
     }  # fmt: skip
     cfg = validate_config(run_config(tmp_path, tasks, **sections))
     summary = run(cfg)
-    store = MemoryStore(summary["memory_store"])
+    assert RunSummary.from_json(json.loads((tmp_path / "out" / "summary.json").read_text())) == summary  # written as returned
+    store = MemoryStore(summary.memory_store)
     for entry, n in zip(store.entries(), rows, strict=True):
         record = store.load(entry)
         visits = record.tensors["visits"]
@@ -50,18 +52,18 @@ def test_every_sample_reaches_exactly_one_worker_once_and_ray_actors_do_not_grow
         assert int(visits[n:].sum()) == 0
         per_rank = record.tensors["per_rank"][:2].tolist()
         assert sum(per_rank) == n and min(per_rank) > 0  # both workers got a share
-    assert summary["samples_seen"] == list(rows)
-    actors = [stats["ray_actor_processes"] for stats in summary["task_stats"]]
+    assert summary.samples_seen == list(rows)
+    actors = [stats["ray_actor_processes"] for stats in summary.task_stats]
     assert actors[1] == actors[5], f"Ray actor processes at the start of each task: {actors}"
-    matrix = summary["accuracy_matrix"]
-    assert summary["scored_rows"] == [2, 5]
+    matrix = summary.accuracy_matrix
+    assert summary.scored_rows == [2, 5]
     assert [i for i, row in enumerate(matrix) if any(v is not None for v in row)] == [2, 5]
     assert None not in matrix[2][:3] + matrix[5] and matrix[2][3:] == [None] * 3
-    assert summary["avg_acc"] == pytest.approx((sum(matrix[2][:3]) / 3 + sum(matrix[5]) / 6) / 2, abs=1e-12)
-    assert summary["forgetting"] == pytest.approx(
+    assert summary.avg_acc == pytest.approx((sum(matrix[2][:3]) / 3 + sum(matrix[5]) / 6) / 2, abs=1e-12)
+    assert summary.forgetting == pytest.approx(
         sum(matrix[2][j] - matrix[5][j] for j in range(3)) / 3, abs=1e-12
     )  # tasks 4, 5: no earlier score
-    assert summary["last_acc"] == pytest.approx(sum(matrix[5]) / 6, abs=1e-12) and summary["mtil_average"] is None
+    assert summary.last_acc == pytest.approx(sum(matrix[5]) / 6, abs=1e-12) and summary.mtil_average is None
 
 
 def digit_pairs_in_train_split() -> list[int]:

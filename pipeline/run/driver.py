@@ -38,7 +38,7 @@ from pipeline.run.preflight import (
     shared_dirs,
 )
 from pipeline.run.session import find_user_error, fit, init_ray
-from pipeline.run.summary import run_summary, write_outputs
+from pipeline.run.summary import RunSummary, write_outputs
 from pipeline.run.run_state import RUN_FILE, RunState, config_sha256
 from pipeline.train.progress import Progress, make_phases
 from pipeline.train.worker import WorkerJob, train_loop_per_worker
@@ -132,7 +132,7 @@ def run(
     fresh: bool = False,
     on_progress: Listener | None = None,
     log_to_driver: bool = True,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train and evaluate the stream; write OUTPUT_DIR/summary.json and return it.
 
     ``callbacks`` go to Ray Train's RunConfig (a Tune trial passes ``TuneReportCallback``, so every
@@ -172,8 +172,8 @@ def run(
             raise
         raise error from None
     progress = Progress.from_checkpoint(result.checkpoint, start)
-    summary = run_summary(cfg, plan, progress, store, run_, time.time() - started)
-    write_outputs(cfg, plan, summary, store, out, run_)
+    summary = RunSummary.build(cfg, plan, progress, store, run_, time.time() - started)
+    write_outputs(summary, store, out, run_)
     _close(run_, state, out, "finished", store)
     return summary
 

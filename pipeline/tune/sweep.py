@@ -306,7 +306,7 @@ def sweep(sweep_cfg: SweepConfig) -> dict[str, Any]:
         tags = {"strata.sweep_run_id": parent.run_id, "strata.sweep_role": "final"} if parent else {}
         best_config["tracking"]["run_name"] = f"sweep {root.name}: best config on test"
         summary = run(validate_config(best_config, "best config"), tracking_tags=tags)
-        report["final"] = {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt", "mlflow_run_id")}
+        report["final"] = summary.headline()
     root.write_text("sweep_summary.json", json.dumps(report, indent=1))
     if parent:
         _close_parent(parent, report, trials, sweep_cfg, root, num_tasks)
