@@ -24,7 +24,7 @@ from pipeline.config import CLUSTER_MAX_FAILURES, StrataConfig, dump_config, wit
 from pipeline.data.stream import StreamPlan, resolve_stream
 from pipeline.errors import ConfigError, RunInterrupted, StoreError
 from pipeline.memory import MemoryStore, RecordEntry
-from pipeline.methods import Method, method_class, resolve_method_params
+from pipeline.methods import Method, MethodParams, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
 from pipeline.train.live import Listener, ProgressBoard
@@ -53,9 +53,11 @@ def max_failures(cfg: StrataConfig) -> int:
     return CLUSTER_MAX_FAILURES if os.environ.get("RAY_ADDRESS") else 0
 
 
-def _resolved_config(cfg: StrataConfig) -> StrataConfig:
+def _resolved_config(cfg: StrataConfig) -> tuple[StrataConfig, MethodParams]:
+    """The config with the method's parameters resolved (defaults filled in, train.lr where the
+    method has none), as config.yaml and MLflow show it, and those parameters as the workers get them."""
     params = resolve_method_params(cfg.method, cfg.train.lr)
-    return cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})
+    return with_absolute_paths(cfg.model_copy(update={"method": cfg.method.model_validate(params.model_dump())})), params
 
 
 def _learned_tasks(
@@ -158,8 +160,8 @@ def run(
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
     board = ProgressBoard.remote() if on_progress is not None else None
     job = WorkerJob(
-        cfg, resolve_method_params(cfg.method), plan, make_phases(len(plan.tasks), opened.method_cls.trains_jointly), start,
-        opened.image_size, CheckpointLocator(opened.storage, state.train_run_name), run_.tracking_uri if run_ else None,
+        cfg, opened.method, plan, make_phases(len(plan.tasks), opened.method_cls.trains_jointly), start,
+        CheckpointLocator(opened.storage, state.train_run_name), run_.tracking_uri if run_ else None,
         run_.run_id if run_ else None, board,
     )  # fmt: skip
     trainer = _trainer(cfg, job, opened.use_gpu, opened.storage, state.train_run_name, callbacks)
@@ -183,6 +185,7 @@ class _Opened:
     """A run checked and opened, Ray up: everything ``run`` needs before the fit."""
 
     cfg: StrataConfig
+    method: MethodParams
     method_cls: type[Method]
     plan: StreamPlan
     store: MemoryStore
@@ -192,32 +195,32 @@ class _Opened:
     learned: int
     use_gpu: bool
     storage: str
-    image_size: int
     own_ray: bool
 
 
 def _open(cfg: StrataConfig, fresh: bool, log_to_driver: bool) -> _Opened:
     """Resolve the config, refuse what can be refused before Ray starts, start or join Ray, check
     the cluster, open the run file and count the tasks the store already holds."""
-    cfg = with_absolute_paths(_resolved_config(cfg))
+    cfg, method = _resolved_config(cfg)
     store = MemoryStore(cfg.memory_uri)
     method_cls, plan = _check_inputs(cfg, store)
-    backbone = create_backbone(cfg.backbone)
+    # Built here only to refuse bad weights (unreadable, misfitting, not downloadable) before
+    # anything is written, and for the id the store's records must carry; the workers build their own.
+    backbone_id = create_backbone(cfg.backbone).backbone_id
     own_ray = init_ray(log_to_driver=log_to_driver)
     try:  # a refusal here leaves no Ray of ours running behind it
         use_gpu = cfg.train.use_gpu if cfg.train.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
         storage = _check_cluster(cfg, use_gpu)
         out = OutputDir(cfg.output_dir)
         state, continuing = _open_run(cfg, out, store, fresh)
-        learned = _learned_tasks(cfg, plan, store, backbone.backbone_id, method_cls.trains_jointly, continuing)
+        learned = _learned_tasks(cfg, plan, store, backbone_id, method_cls.trains_jointly, continuing)
         if sum(1 for t in plan.tasks if not t.train.chunks) > learned:  # planned from records of tasks that train again
             plan = _plan(cfg, store.entries()[:learned])
     except BaseException:
         if own_ray:
             ray.shutdown()
         raise
-    image_size = cfg.data.image_size or backbone.input_spec.size
-    return _Opened(cfg, method_cls, plan, store, out, state, continuing, learned, use_gpu, storage, image_size, own_ray)
+    return _Opened(cfg, method, method_cls, plan, store, out, state, continuing, learned, use_gpu, storage, own_ray)
 
 
 def _user_facing(exc: RunInterrupted | Exception, out: OutputDir, store: MemoryStore, own_ray: bool) -> BaseException:

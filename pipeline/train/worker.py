@@ -51,7 +51,6 @@ class WorkerJob:
     plan: StreamPlan
     phases: tuple[Phase, ...]
     start: Progress  # where the stream starts when there is no checkpoint yet (later than 0 with memory.resume)
-    size: int  # image side the data is decoded to
     checkpoints: CheckpointLocator
     tracking_uri: str | None = None
     run_id: str | None = None
@@ -73,13 +72,14 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
     )
 
 
-def phase_dataset(job: WorkerJob, phase_index: int) -> PhaseDataset:
+def phase_dataset(job: WorkerJob, phase_index: int, size: int) -> PhaseDataset:
+    """The phase's training rows, decoded to ``size`` pixels a side."""
     cfg, plan = job.cfg, job.plan
     parts = tuple(
         (plan.tasks[i].train, plan.tasks[i].label_map, i, cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None)
         for i in job.phases[phase_index].tasks
     )
-    return PhaseDataset(phase_index, parts, job.size, cfg.data.decode_cpus, cfg.data.decode_tasks, job.checkpoints)
+    return PhaseDataset(phase_index, parts, size, cfg.data.decode_cpus, cfg.data.decode_tasks, job.checkpoints)
 
 
 def train_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -129,6 +129,7 @@ class _WorkerStream:
         self.device = ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
         self.backbone = create_backbone(cfg.backbone).to(self.device)
+        self.size = cfg.data.image_size or self.backbone.input_spec.size  # the side images are decoded to
         self.method = create_method(job.method, self.backbone, self.collective)
         self.store = MemoryStore(cfg.memory_uri)
         self.progress, self.in_phase = read_checkpoint(ray.train.get_checkpoint(), job.start)
@@ -143,7 +144,7 @@ class _WorkerStream:
         self.poster = ProgressPoster(job.board if self.rank == 0 else None)
         self.local_batch = max(1, cfg.train.batch_size // max(self.world, 1))
         self.test_sets = TestSets(
-            plan, use_validation=cfg.eval.split == "validation", size=job.size, decode_cpus=cfg.data.decode_cpus,
+            plan, use_validation=cfg.eval.split == "validation", size=self.size, decode_cpus=cfg.data.decode_cpus,
             decode_tasks=cfg.data.decode_tasks, rank=self.rank, world=self.world,
             batch_size=max(1, cfg.eval.batch_size // max(self.world, 1)), device=self.device, cache_dir=cache_dir,
             cache_bytes=cfg.eval.cache_mb * 2**20,
@@ -200,7 +201,7 @@ class _WorkerStream:
         broadcast_parameters(method.trainable_parameters(), self.collective)
         # A method with nothing to learn does not read its data.
         split = (
-            PhaseSplit.open(phase_dataset(self.job, phase_index), f"train_{phase_index}", rank, self.world)
+            PhaseSplit.open(phase_dataset(self.job, phase_index, self.size), f"train_{phase_index}", rank, self.world)
             if method.consumes_data
             else None
         )
