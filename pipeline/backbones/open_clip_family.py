@@ -3,14 +3,19 @@
 ``open_clip:NAME`` builds ``open_clip.create_model(NAME)``; ``pretrained`` is its pretrained tag
 (``openai``, ``laion2b_s34b_b88k``, ... for users with network or a cache); ``checkpoint`` loads a
 local file. strata's tiny test configs (``strata-tiny-clip``, ``strata-tiny-coca``) are
-registered through open_clip's own config mechanism on import.
+registered through open_clip's own config mechanism.
+
+open_clip is imported when a backbone of this family is first built, not with this module: it
+takes seconds, and every Ray worker imports the methods (and so this module) whatever backbone
+the run uses.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
-import open_clip
 import torch
 from torch import nn
 
@@ -18,8 +23,6 @@ from pipeline.backbones.factory import Backbone, InputSpec, load_checkpoint, reg
 from pipeline.backbones.hooks import AttentionKind
 from pipeline.config import BackboneConfig
 from pipeline.errors import ConfigError
-
-open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -135,8 +138,18 @@ def local_dir_files(model_name: str) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
 
 
+@cache
+def open_clip_library() -> ModuleType:
+    """open_clip, imported once, with strata's own model configs added."""
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
+    return open_clip
+
+
 @register_family("open_clip", local_files=local_dir_files)
 def _open_clip(model_name: str, cfg: BackboneConfig) -> Backbone:
+    open_clip = open_clip_library()
     pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) else None
     if cfg.pretrained is True:
         raise ConfigError("backbone.pretrained: open_clip needs a pretrained tag (e.g. 'openai'), not true")
