@@ -20,6 +20,7 @@ from pipeline.errors import RunInterrupted, StrataError
 
 if TYPE_CHECKING:
     from pipeline.run.summary import RunSummary
+    from pipeline.train.live import Event
 
 console = Console()
 
@@ -90,28 +91,27 @@ class _TaskBars:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: Event) -> None:
+        from pipeline.train.live import Step, TaskDone, TaskStarted
+
         progress = self._progress
-        if event["event"] == "task":
-            label = f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}"
-            self._task = progress.add_task(label, total=event["samples"] or None, loss="")
-        elif event["event"] == "step" and self._task is not None:
-            loss = "" if event["loss"] is None else f"loss {event['loss']:.4f}"
-            progress.update(self._task, completed=event["samples"], loss=loss)
-        elif event["event"] == "done":
+        if isinstance(event, TaskStarted):
+            label = f"task {event.row + 1}/{event.num_tasks} {event.task_id}"
+            self._task = progress.add_task(label, total=event.samples or None, loss="")
+        elif isinstance(event, Step) and self._task is not None:
+            progress.update(self._task, completed=event.samples, loss="" if event.loss is None else f"loss {event.loss:.4f}")
+        elif isinstance(event, TaskDone):
             if self._task is not None:
                 progress.remove_task(self._task)
                 self._task = None
-            seen = " ".join("-" if v is None else f"{v:.3f}" for v in event["accuracy"][: event["row"] + 1])
-            loss = "" if event["loss"] is None else f"  loss {event['loss']:.4f}"
+            seen = " ".join("-" if v is None else f"{v:.3f}" for v in event.accuracy[: event.row + 1])
+            loss = "" if event.loss is None else f"  loss {event.loss:.4f}"
             scored = (
                 "not scored (eval.every)"
-                if event["avg_seen_acc"] is None
-                else f"accuracy on seen tasks {event['avg_seen_acc']:.4f} [{seen}]"
+                if event.avg_seen_acc is None
+                else f"accuracy on seen tasks {event.avg_seen_acc:.4f} [{seen}]"
             )
-            progress.console.print(
-                f"task {event['row'] + 1}/{event['num_tasks']} {event['task_id']}: {scored}{loss}  {event['wall_s']:.1f}s"
-            )
+            progress.console.print(f"task {event.row + 1}/{event.num_tasks} {event.task_id}: {scored}{loss}  {event.wall_s:.1f}s")
 
 
 def _fmt(value: float | None) -> str:

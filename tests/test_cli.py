@@ -33,9 +33,9 @@ def test_rank_zero_posts_steps_at_most_every_interval_and_the_console_draws_each
     from rich.console import Console
 
     from pipeline.cli import _TaskBars
-    from pipeline.train.live import ProgressPoster
+    from pipeline.train.live import ProgressPoster, Step, TaskDone, TaskStarted
 
-    posted: list[dict] = []
+    posted: list = []
     board = SimpleNamespace(post=SimpleNamespace(remote=posted.append))
 
     def no_loss() -> float:
@@ -44,12 +44,13 @@ def test_rank_zero_posts_steps_at_most_every_interval_and_the_console_draws_each
     slow = ProgressPoster(board, interval_s=3600)
     slow.task_started(row=0, num_tasks=2, task_id="a", samples=64)
     slow.step(32, no_loss)
-    assert posted == [{"event": "task", "row": 0, "num_tasks": 2, "task_id": "a", "samples": 64}]
+    assert posted == [TaskStarted(row=0, num_tasks=2, task_id="a", samples=64)]
     every = ProgressPoster(board, interval_s=0)
     every.step(32, lambda: 0.25)
     every.step(64, lambda: None)
-    assert posted[1:] == [{"event": "step", "samples": 32, "loss": 0.25}, {"event": "step", "samples": 64, "loss": None}]
+    assert posted[1:] == [Step(samples=32, loss=0.25), Step(samples=64, loss=None)]
     every.task_finished(row=0, num_tasks=2, task_id="a", accuracy=[0.5, None], avg_seen_acc=0.5, loss=0.125, wall_s=1.25)
+    assert posted[3] == TaskDone(0, 2, "a", (0.5, None), 0.5, 0.125, 1.25)
     ProgressPoster(None).step(1, no_loss)  # no board: nothing is asked for
 
     console = Console(record=True, width=200, force_terminal=False)

@@ -6,21 +6,46 @@ actor (fire and forget; step events at most every ``interval_s``), and the drive
 which waits for the fit anyway, takes them and hands them to a listener: ``strata run`` draws a
 progress bar per task from them.
 
-Events: ``{"event": "task", "row", "num_tasks", "task_id", "samples"}`` when a phase starts,
-``{"event": "step", "samples", "loss"}`` as it trains (samples trained so far over all ranks,
-the running mean loss or None), ``{"event": "done", "row", "num_tasks", "task_id", "accuracy",
-"avg_seen_acc", "loss", "wall_s"}`` when it has been evaluated.
+Events: ``TaskStarted`` when a phase starts, ``Step`` as it trains, ``TaskDone`` when it has
+been evaluated.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-Event = dict[str, Any]
+
+@dataclass(frozen=True)
+class TaskStarted:
+    row: int
+    num_tasks: int
+    task_id: str
+    samples: int  # the phase's training samples over all ranks (0 for a method that reads no data)
+
+
+@dataclass(frozen=True)
+class Step:
+    samples: int  # trained so far in the phase, over all ranks
+    loss: float | None  # the running mean loss of rank 0's batches, None for a method without one
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    row: int
+    num_tasks: int
+    task_id: str
+    accuracy: tuple[float | None, ...]  # the accuracy matrix's row (None where not scored)
+    avg_seen_acc: float | None  # None where eval.every did not score this row
+    loss: float | None
+    wall_s: float
+
+
+Event = TaskStarted | Step | TaskDone
 Listener = Callable[[Event], None]
 
 
@@ -50,13 +75,13 @@ class ProgressPoster:
             self._board.post.remote(event)
 
     def task_started(self, *, row: int, num_tasks: int, task_id: str, samples: int) -> None:
-        self._post({"event": "task", "row": row, "num_tasks": num_tasks, "task_id": task_id, "samples": samples})
+        self._post(TaskStarted(row, num_tasks, task_id, samples))
         self._last = time.monotonic()
 
     def step(self, samples: int, loss: Callable[[], float | None]) -> None:
         now = time.monotonic()
         if self._board is not None and now - self._last >= self._interval_s:
-            self._post({"event": "step", "samples": samples, "loss": loss()})
+            self._post(Step(samples, loss()))
             self._last = now
 
     def task_finished(
@@ -70,12 +95,7 @@ class ProgressPoster:
         loss: float | None,
         wall_s: float,
     ) -> None:
-        self._post(
-            {
-                "event": "done", "row": row, "num_tasks": num_tasks, "task_id": task_id, "accuracy": list(accuracy),
-                "avg_seen_acc": avg_seen_acc, "loss": loss, "wall_s": wall_s,
-            }
-        )  # fmt: skip
+        self._post(TaskDone(row, num_tasks, task_id, tuple(accuracy), avg_seen_acc, loss, wall_s))
 
 
 def drain(board: Any, listener: Listener, timeout_s: float = 10.0) -> None:
