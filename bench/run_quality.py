@@ -130,6 +130,7 @@ def icarl(stream: str) -> list[str]:
 VARIANTS: dict[str, tuple[str, Callable[[str], list[str]]]] = {
     "gmm+exemplars": ("gmm", replay_memory),
     "gmm+lora": ("gmm", lambda stream: ["method.lora_rank=8"]),  # LoRA on the decoder's attention (issue 27)
+    "gmm+lr1e-5": ("gmm", lambda stream: ["method.lr=1e-5"]),  # near the official 3e-6: keeps old answers, learns new ones less
     "icarl": ("replay", icarl),
     "ranpac+ssf": ("ranpac", lambda stream: ["method.first_task_adaptation=true"]),  # the paper's Phase 1
 }

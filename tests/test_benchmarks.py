@@ -65,7 +65,7 @@ def test_every_method_runs_on_the_streams_its_scenarios_fit():
     planned = {m for _, m, _ in runs}
     library = {name for name, cls in available_methods().items() if cls.__module__.startswith("pipeline.")}
     assert planned == library | set(run_quality.VARIANTS) and "sample_counter" not in planned
-    assert set(run_quality.VARIANTS) == {"gmm+exemplars", "gmm+lora", "icarl", "ranpac+ssf"}
+    assert set(run_quality.VARIANTS) == {"gmm+exemplars", "gmm+lora", "gmm+lr1e-5", "icarl", "ranpac+ssf"}
     assert run_quality.VARIANTS["ranpac+ssf"][1]("til-mix") == ["method.first_task_adaptation=true"]
     assert run_quality.VARIANTS["gmm+lora"][1]("cil-cifar10") == ["method.lora_rank=8"]
     assert ("cil-cifar10", "icarl", "hybrid-vit") in runs and ("til-mix", "probe", "effl0") in runs
