@@ -128,10 +128,13 @@ def test_sweep_trials_never_read_test_data_and_the_best_config_runs_on_test(ray_
     """The trials run while each task's test source is garbage bytes, which any read (its
     metadata included) refuses; only once the trials are over does it become the real test set,
     for the best config's run on test."""
+    import importlib
+
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.tune import sweep as sweep_module
+
+    sweep_module = importlib.import_module("pipeline.tune.sweep")  # pipeline.tune.sweep is also the function's name
 
     test_file = tmp_path / "test.parquet"
     test_file.write_bytes(b"not parquet: a trial that opened the test set would fail here" * 16)
