@@ -81,3 +81,30 @@ def test_a_job_entrypoint_ends_bad_input_like_the_cli(job, argv, tmp_path, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.yaml" in err[0]
+
+
+def test_a_lost_progress_board_stops_the_live_view_not_the_run(monkeypatch, caplog):
+    """The board's node may leave mid-run (it is pinned to the driver's, but that is Ray's to
+    keep): the fit goes on to its result, the listener stops getting events, a warning says so."""
+    import time
+
+    import ray.exceptions
+
+    from pipeline.run import session
+
+    calls: list[int] = []
+
+    def unreachable(board: object, listener: object) -> None:
+        calls.append(1)
+        raise ray.exceptions.ActorUnavailableError("the board's node is gone", None)
+
+    class SlowFit:
+        def fit(self) -> str:
+            time.sleep(1.0)  # the main thread polls the board every 0.3 s meanwhile
+            return "result"
+
+    monkeypatch.setattr(session, "drain", unreachable)
+    with caplog.at_level("WARNING", logger="strata"):
+        assert session._fit_in_thread(SlowFit(), board=object(), on_progress=lambda event: None) == "result"
+    assert calls == [1]  # asked once, then no more
+    assert "live progress stopped (ActorUnavailableError); the run goes on" in caplog.text

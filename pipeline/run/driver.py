@@ -27,7 +27,7 @@ from pipeline.memory import MemoryStore, RecordEntry
 from pipeline.methods import Method, MethodParams, method_class, resolve_method_params
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 from pipeline.train.checkpoint import CheckpointLocator
-from pipeline.train.live import Listener, ProgressBoard
+from pipeline.train.live import Listener, new_board
 from pipeline.run.outputs import OutputDir
 from pipeline.run.preflight import (
     alive_nodes,
@@ -158,7 +158,7 @@ def run(
     state = state.with_status("running", mlflow_run_id=run_.run_id if run_ else None, tasks_done=learned).save(out)
     if opened.continuing:
         log.info("continuing the unfinished run in %s: %d of %d tasks are in the store", out, learned, len(plan.tasks))
-    board = ProgressBoard.remote() if on_progress is not None else None
+    board = new_board() if on_progress is not None else None
     job = WorkerJob(
         cfg, opened.method, plan, make_phases(len(plan.tasks), opened.method_cls.trains_jointly), start,
         CheckpointLocator(opened.storage, state.train_run_name), run_.tracking_uri if run_ else None,

@@ -16,6 +16,8 @@ from ray.train.torch import TorchTrainer
 from pipeline.errors import RunInterrupted, StrataError
 from pipeline.train.live import Listener, drain
 
+log = logging.getLogger("strata")
+
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
     """Join the cluster at RAY_ADDRESS, or start a local Ray sized so Data and Train can't starve.
@@ -74,7 +76,7 @@ def _fit_in_thread(trainer: TorchTrainer, board: Any | None, on_progress: Listen
     if threading.current_thread() is not threading.main_thread():
         result = trainer.fit()
         if listening:
-            drain(board, on_progress)  # type: ignore[arg-type]
+            _drain(board, on_progress)  # type: ignore[arg-type]
         return result
     outcome: dict[str, Any] = {}
 
@@ -94,15 +96,26 @@ def _fit_in_thread(trainer: TorchTrainer, board: Any | None, on_progress: Listen
         while thread.is_alive():
             thread.join(0.3)
             if listening:
-                drain(board, on_progress)  # type: ignore[arg-type]
+                listening = _drain(board, on_progress)  # type: ignore[arg-type]
         if listening:
-            drain(board, on_progress)  # type: ignore[arg-type]
+            _drain(board, on_progress)  # type: ignore[arg-type]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _drain(board: Any, on_progress: Listener) -> bool:
+    """Hand the board's events to ``on_progress``; False once the board cannot be reached. The
+    live view is the console's, not the run's: without it the run goes on (a warning says so)."""
+    try:
+        drain(board, on_progress)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+        log.warning("live progress stopped (%s); the run goes on", type(exc).__name__)
+        return False
+    return True
 
 
 def find_user_error(exc: BaseException) -> StrataError | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class ProgressBoard:
     def take(self) -> list[Event]:
         events, self._events = self._events, []
         return events
+
+
+def new_board() -> Any:
+    """A ProgressBoard on the caller's (the driver's) node, as Train pins its controller there:
+    left to the scheduler, the board can land on a worker's node, and a node that leaves mid-run
+    would take the run's live view with it."""
+    node = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
 
 class ProgressPoster:
