@@ -492,14 +492,15 @@ def test_registration_is_idempotent_and_the_card_pins_the_records(tmp_path):
     run = TrackedRun.start(cfg.tracking)
     phases = make_phases(2, joint=False)
     progress = Progress(2, phases_done=2, records=2, accuracy_matrix=[[0.5, None], [0.5, 0.5]])
-    register_finished(run, cfg, plan, phases, progress, store, backbone, "seen")
+    register_finished(run, cfg, plan, phases, progress, store, backbone.backbone_id, backbone.input_spec.size, "seen")
     assert progress.model_versions == ["1", "2"]
     progress.model_versions = [None, None]  # as a restarted worker sees it
-    register_finished(run, cfg, plan, phases, progress, store, backbone, "seen")
+    register_finished(run, cfg, plan, phases, progress, store, backbone.backbone_id, backbone.input_spec.size, "seen")
     assert progress.model_versions == ["1", "2"]
     assert len(MlflowClient(cfg.tracking.uri).search_model_versions("name = 'm'")) == 2
     card = load_version(cfg.tracking.uri, "m/2").card
     assert card.records_sha256 == [e.sha256 for e in store.entries()]
+    assert (card.backbone_id, card.image_size) == (backbone.backbone_id, backbone.input_spec.size)
     load_model(card)
     store.truncate(1)  # the second task trained again: another record under the same version number
     store.append(TaskRecord({"classes": torch.tensor([2, 3]), "means": torch.zeros(2, backbone.feature_dim), "counts": torch.ones(2, dtype=torch.int64)}),

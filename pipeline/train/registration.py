@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.backbones import Backbone, weight_files
+from pipeline.backbones import weight_files
 from pipeline.config import StrataConfig
 from pipeline.data.stream import StreamPlan
 from pipeline.serve.pyfunc import LOADER_MODULE
@@ -28,21 +28,23 @@ def model_card(
     plan: StreamPlan,
     row: int,
     records_sha256: list[str],
-    backbone: Backbone,
+    backbone_id: str,
+    image_size: int,
     label_space: str,
     weights: dict[str, str],
 ) -> ModelCard:
     """The registry card of the model after the task that fills accuracy row ``row``; it pins the
-    checksums of the store records and of the backbone's local ``weights`` files it is made of."""
+    checksums of the store records and of the backbone's local ``weights`` files it is made of.
+    ``image_size`` is the side the workers decoded images to, so serving decodes them alike."""
     num_seen = plan.num_seen(row)
     return ModelCard(
         config=cfg.model_dump(mode="json"),
-        backbone_id=backbone.backbone_id,
+        backbone_id=backbone_id,
         memory_store=cfg.memory_uri,
         memory_version=len(records_sha256),
         scenario=plan.scenario,
         label_space=label_space,
-        image_size=cfg.data.image_size or backbone.input_spec.size,
+        image_size=image_size,
         tasks=[{"id": t.id, "classes": list(t.classes), "domain": t.domain} for t in plan.tasks[: row + 1]],
         class_names=list(plan.class_names[:num_seen]),
         records_sha256=records_sha256,
@@ -69,7 +71,8 @@ def register_finished(
     phases: tuple[Phase, ...],
     progress: Progress,
     store: MemoryStore,
-    backbone: Backbone,
+    backbone_id: str,
+    image_size: int,
     label_space: str,
 ) -> None:
     """Register every finished phase of ``progress`` that has no version yet, and set its aliases
@@ -82,7 +85,7 @@ def register_finished(
         phase = phases[p]
         if progress.model_versions[phase.row] is not None:
             continue
-        card = model_card(cfg, plan, phase.row, shas[: p + 1], backbone, label_space, weights)
+        card = model_card(cfg, plan, phase.row, shas[: p + 1], backbone_id, image_size, label_space, weights)
         row = progress.accuracy_matrix[phase.row]
         accuracy = {plan.tasks[j].id: float(v) for j, v in enumerate(row[: phase.row + 1]) if v is not None}
         tags = card_tags(card) | {f"metric.{k}": f"{v:.6g}" for k, v in phase_metrics(progress, phase).items()}

@@ -156,8 +156,9 @@ class _WorkerStream:
     def register(self) -> None:
         if self.run is not None and self.cfg.tracking.model_name:
             register_finished(
-                self.run, self.cfg, self.plan, self.job.phases, self.progress, self.store, self.backbone, self.label_space
-            )
+                self.run, self.cfg, self.plan, self.job.phases, self.progress, self.store,
+                self.backbone.backbone_id, self.size, self.label_space,
+            )  # fmt: skip
 
     def phase(self, phase_index: int) -> None:
         started = time.perf_counter()
