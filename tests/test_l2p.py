@@ -191,3 +191,23 @@ def test_task_stats_mean_cosine_of_query_and_selected_keys():
         method.training_step(b)  # no optimizer step: the keys stay as they are
     method.end_task()
     assert method.task_stats()["key_cosine"] == pytest.approx(float(torch.cat(expected).double().mean()), abs=1e-6)
+
+
+def test_official_cosine_head_switches():
+    """google-research/l2p's norm_pre_logits, weight_norm and temperature: with unit-norm pooled
+    features and an identity head, the logits times the temperature have norm 1; weight_norm puts
+    every non-zero head row at unit norm before the step and leaves zero rows at zero."""
+    backbone, method = l2p(pool_size=4, top_n=2, prompt_length=2, norm_pre_logits=True, temperature=0.25)
+    width = backbone.token_dim
+    method.head.load(torch.eye(width), torch.zeros(width))
+    logits = method.predict(batch(3)["image"])
+    torch.testing.assert_close((logits * 0.25).norm(dim=1), torch.ones(3))
+
+    backbone, method = l2p(pool_size=4, top_n=2, prompt_length=2, weight_norm=True)
+    rows = torch.zeros(3, backbone.token_dim)
+    rows[0, 0], rows[1, :2] = 3.0, torch.tensor([3.0, 4.0])
+    method.head.load(rows, torch.zeros(3))
+    method.training_step(batch())
+    assert method.head.weight[:2].norm(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    torch.testing.assert_close(method.head.weight[1, :2], torch.tensor([0.6, 0.8]))
+    assert torch.equal(method.head.weight[2], torch.zeros(backbone.token_dim))

@@ -26,6 +26,10 @@ a random logit offset against the others for good (what kept L2P 18 points below
 cil-cifar10 while its tasks were learned well). Keys this small move fast relative to their norm,
 so the selected keys turn toward the queries within a task.
 
+The official code's cosine-head switches are options (off there and here): ``norm_pre_logits``
+(the pooled feature at unit norm), ``weight_norm`` (every head row rescaled to unit norm before
+each step) and ``temperature`` (logits divided by it). They do not untie a 2-class task's rows.
+
 Stored per task (the whole pool, versioned): prompts (M, L_p, d), keys (M, d), the head over
 all seen classes; the cumulative selection counts travel in the record's JSON metadata.
 ``task_stats`` gives, per task, the selection histogram and the mean cos(query, selected key)
@@ -39,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from pipeline.memory import TaskRecord
@@ -56,6 +61,12 @@ class L2PConfig(MethodParams):
     init_range: tuple[float, float] = (0.0, 0.01)  # prompts: JAX official (the PyTorch port uses (-1, 1))
     key_init_range: tuple[float, float] = (0.0, 0.01)  # keys: JAX official (the PyTorch port uses (-1, 1))
     head_init: HeadInit = "zeros"  # JAX official: new head rows at zero
+    # The official code's cosine-head switches (all off in its configs): the pooled feature at unit
+    # norm (models/vit.py norm_pre_logits), every head row rescaled to unit norm before each step
+    # (train_continual.py weight_norm), and the logits divided by a temperature.
+    norm_pre_logits: bool = False
+    weight_norm: bool = False
+    temperature: float = Field(1.0, gt=0)
     position: Literal["prepend", "after_cls"] = "prepend"
     prompt_pos_embed: bool = False
     lr: float = 0.03  # official, at lr_reference_batch
@@ -142,10 +153,16 @@ class L2P(Method):
             tokens = self.backbone.tokens(images)
         start = 0 if cfg.position == "prepend" else 1
         pooled = tokens[:, start : start + prompts.shape[1]].mean(dim=1)
-        return self.head(pooled), query, idx
+        if cfg.norm_pre_logits:
+            pooled = pooled / (pooled.norm(dim=-1, keepdim=True) + 1e-10)
+        return self.head(pooled) / cfg.temperature, query, idx
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         assert self.task is not None
+        if self.cfg.weight_norm:
+            with torch.no_grad():
+                weight = self.head.weight
+                weight.div_(weight.norm(dim=1, keepdim=True) + 1e-10)
         logits, query, idx = self._forward(batch["image"], training=True)
         outside = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
         outside[list(self.task.classes)] = False
