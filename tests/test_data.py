@@ -214,6 +214,34 @@ def test_label_sorted_source_gives_mixed_batches_and_every_row_once(ray_session,
     assert sum(len(b["label"].unique()) for b in chunk_order_only) / len(chunk_order_only) < 2  # what the issue saw
 
 
+def test_block_rows_cut_a_small_split_for_an_even_share_and_keep_large_blocks_for_a_large_one():
+    from pipeline.data.ray_data import OUTPUT_ROWS, block_rows
+
+    assert block_rows(834, 2) == 27  # ceil(834 / (2 x 16)): 31 blocks, shares within a block
+    assert block_rows(1343, 2) == 42
+    assert block_rows(10_000, 2) == OUTPUT_ROWS == block_rows(4096, 2)
+    assert block_rows(4097, 2) == OUTPUT_ROWS and block_rows(4095, 2) == 128
+    assert block_rows(5, 4) == 1 and block_rows(0, 2) == 1
+
+
+@pytest.mark.ray
+def test_a_small_split_comes_in_blocks_of_block_rows(ray_session, tmp_path):
+    """The blocks the streaming split hands out: 834 rows for two workers in blocks of at most
+    27 (in blocks of 128, one worker took 512 of them and the lockstep loop ran 128 steps of
+    batch 8 instead of 105)."""
+    from pipeline.data.ray_data import block_rows, split_dataset
+
+    labels = [i % 2 for i in range(834)]
+    path = write_parquet(tmp_path / "t.parquet", labels, ["a", "b"], row_group_size=500, images=[png(0, size=4)] * 834)
+    task = resolve_stream(stream(pq_task("t", path, path)), rows_per_chunk=256).tasks[0]
+    dataset = split_dataset(
+        task.train, label_map=task.label_map, task_index=0, size=4, decode_cpus=0.25, shuffle_seed=0,
+        rows_per_block=block_rows(task.train.num_samples, 2),
+    )  # fmt: skip
+    sizes = [len(block["label"]) for block in dataset.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == 834 and max(sizes) <= 27 and len(sizes) >= 31
+
+
 @pytest.mark.ray
 def test_test_sets_score_every_row_on_one_rank_and_decode_each_share_once_per_run(ray_session, tmp_path, monkeypatch):
     """Two ranks' shares of a test set cover it exactly once; the second evaluation of a share

@@ -28,7 +28,8 @@ from pipeline.data.sources import Chunk, read_chunks, read_units
 from pipeline.data.stream import ALL_ROWS, RowSelection, SplitPlan
 from pipeline.errors import DataError
 
-OUTPUT_ROWS = 128
+OUTPUT_ROWS = 128  # the most decoded rows in one block
+BLOCKS_PER_WORKER = 16  # the fewest blocks a worker's share of a split is cut into
 
 # The decode stage's task cap is an upper bound sized to the cluster: a task whose rows come in
 # fewer blocks uses fewer tasks, as intended. Ray Data warns about that in whichever process
@@ -127,6 +128,17 @@ def decode_concurrency(cap: int | None) -> int:
     return cluster_cpus(ray.nodes(), cores) if ray.is_initialized() else cores
 
 
+def block_rows(samples: int, world: int) -> int:
+    """Decoded rows per block for a split of ``samples`` rows shared by ``world`` workers.
+
+    The streaming split hands out whole blocks, so two workers' shares differ by about a block,
+    and the lockstep loop runs as many steps as the larger share needs (the other worker's
+    batches come short). Blocks of ``OUTPUT_ROWS`` gave 834 rows as 512 + 322 (128 steps of
+    batch 8 instead of 105); at most a ``BLOCKS_PER_WORKER``-th of a share keeps the difference
+    to a few steps, and a large split keeps ``OUTPUT_ROWS``."""
+    return max(1, min(OUTPUT_ROWS, -(-samples // (max(world, 1) * BLOCKS_PER_WORKER))))
+
+
 def split_dataset(
     split: SplitPlan,
     *,
@@ -137,13 +149,14 @@ def split_dataset(
     decode_tasks: int | None = None,
     shuffle_seed: int | None = None,
     consumed: np.ndarray | None = None,
+    rows_per_block: int = OUTPUT_ROWS,
 ) -> ray.data.Dataset:
     """The split as a lazy dataset of decoded batches, in two stages: read tasks stream their read
     units (one per Parquet row group, ``sources.read_units``) and hand on encoded rows; at most
     ``decode_concurrency(decode_tasks)`` decode tasks turn them into images. ``shuffle_seed``
     shuffles the order of the read units. ``consumed`` (bool by sample id) leaves out rows an
     in-task checkpoint holds already; units with no row left are not read at all. Blocks hold
-    at most a chunk's rows of decoded images (``data.rows_per_chunk``)."""
+    at most ``rows_per_block`` decoded images (``block_rows``)."""
     units = read_units(split.chunks)
     if consumed is not None:
         units = [u for u in units if not all(consumed[c.first_id : c.first_id + c.num_rows].all() for c in u)]
@@ -152,10 +165,10 @@ def split_dataset(
     items: list[dict[str, Any]] = [{"unit": json.dumps([dataclasses.asdict(c) for c in u])} for u in units]
     tasks = decode_concurrency(decode_tasks)
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    # A block of at most a chunk's rows of decoded images: blocks are what the streaming split
-    # hands to the workers, and a read unit's rows would otherwise coalesce into blocks of
-    # Ray Data's default 128 MiB, too few to share a small task among workers.
-    ds.context.target_max_block_size = max((c.num_rows for c in split.chunks), default=1) * 3 * size * size
+    # Blocks of at most ``rows_per_block`` decoded images: blocks are what the streaming split
+    # hands to the workers, and a decode task's outputs would otherwise coalesce into blocks of
+    # Ray Data's default 128 MiB, too few to share a small task evenly among workers.
+    ds.context.target_max_block_size = rows_per_block * 3 * size * size
     ds = ds.map_batches(
         read_rows,
         batch_size=1,
@@ -165,7 +178,7 @@ def split_dataset(
     )
     return ds.map_batches(
         decode_rows,
-        batch_size=OUTPUT_ROWS,
+        batch_size=rows_per_block,
         batch_format="pyarrow",
         num_cpus=decode_cpus,
         compute=ray.data.TaskPoolStrategy(size=tasks),

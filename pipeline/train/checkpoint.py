@@ -29,7 +29,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
 from pipeline import jsonout
-from pipeline.data.ray_data import split_dataset
+from pipeline.data.ray_data import block_rows, split_dataset
 from pipeline.data.stream import SplitPlan
 from pipeline.train.progress import Progress
 
@@ -170,6 +170,7 @@ class PhaseDataset:
     decode_cpus: float
     decode_tasks: int | None
     checkpoints: CheckpointLocator
+    world: int  # the workers that share it: blocks are cut to split it evenly (``block_rows``)
 
     def __call__(self) -> ray.data.Dataset:
         consumed = self.checkpoints.consumed(self.phase_index)
@@ -183,6 +184,7 @@ class PhaseDataset:
                 decode_tasks=self.decode_tasks,
                 shuffle_seed=seed,
                 consumed=consumed.get(task),
+                rows_per_block=block_rows(split.num_samples, self.world),
             )  # fmt: skip
             for split, label_map, task, seed in self.parts
         ]

@@ -72,14 +72,14 @@ def phase_task_info(plan: StreamPlan, phase: Phase) -> TaskInfo:
     )
 
 
-def phase_dataset(job: WorkerJob, phase_index: int, size: int) -> PhaseDataset:
-    """The phase's training rows, decoded to ``size`` pixels a side."""
+def phase_dataset(job: WorkerJob, phase_index: int, size: int, world: int) -> PhaseDataset:
+    """The phase's training rows, decoded to ``size`` pixels a side, for ``world`` workers to share."""
     cfg, plan = job.cfg, job.plan
     parts = tuple(
         (plan.tasks[i].train, plan.tasks[i].label_map, i, cfg.seed * 1000 + i if cfg.data.shuffle_chunks else None)
         for i in job.phases[phase_index].tasks
     )
-    return PhaseDataset(phase_index, parts, size, cfg.data.decode_cpus, cfg.data.decode_tasks, job.checkpoints)
+    return PhaseDataset(phase_index, parts, size, cfg.data.decode_cpus, cfg.data.decode_tasks, job.checkpoints, world)
 
 
 def train_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -202,7 +202,7 @@ class _WorkerStream:
         broadcast_parameters(method.trainable_parameters(), self.collective)
         # A method with nothing to learn does not read its data.
         split = (
-            PhaseSplit.open(phase_dataset(self.job, phase_index, self.size), f"train_{phase_index}", rank, self.world)
+            PhaseSplit.open(phase_dataset(self.job, phase_index, self.size, self.world), f"train_{phase_index}", rank, self.world)
             if method.consumes_data
             else None
         )
