@@ -27,9 +27,11 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# ruff's lint rules, and the layers of docs/architecture.md as import-linter contracts (pyproject.toml).
+# ruff's lint rules and its formatting, and the layers of docs/architecture.md as import-linter
+# contracts (pyproject.toml).
 lint: setup
-	$(BIN)/ruff check pipeline tests bench jobs
+	$(BIN)/ruff check pipeline tests bench jobs deploy
+	$(BIN)/ruff format --check pipeline tests bench jobs deploy
 	$(BIN)/lint-imports
 
 # In a throwaway venv (pip-tools' own dependencies must not move the project's); pip's configured

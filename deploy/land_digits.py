@@ -39,9 +39,15 @@ def digits_parquet(path: Path, split: str, digits: list[int]) -> Path:
 
 
 def land_digits(landing: str, folder: str, digits: list[int], *, ready: bool = True) -> str:
-    manifest = {"train": {"type": "parquet", "path": "train.parquet"}, "test": {"type": "parquet", "path": "test.parquet"}, "class_subset": digits}
+    manifest = {
+        "train": {"type": "parquet", "path": "train.parquet"},
+        "test": {"type": "parquet", "path": "test.parquet"},
+        "class_subset": digits,
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        files = {f"{split}.parquet": str(digits_parquet(Path(tmp) / f"{split}.parquet", split, digits)) for split in ("train", "test")}
+        files = {
+            f"{split}.parquet": str(digits_parquet(Path(tmp) / f"{split}.parquet", split, digits)) for split in ("train", "test")
+        }
         if ready:
             return land_task(landing, folder, files, manifest)
         fs, root = fsspec.core.url_to_fs(landing)  # an upload still in progress: data without _READY
