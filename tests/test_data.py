@@ -215,13 +215,14 @@ def test_label_sorted_source_gives_mixed_batches_and_every_row_once(ray_session,
 
 
 def test_block_rows_cut_a_small_split_for_an_even_share_and_keep_large_blocks_for_a_large_one():
-    from pipeline.data.ray_data import OUTPUT_ROWS, block_rows
+    from pipeline.data.ray_data import MIN_BLOCK_ROWS, OUTPUT_ROWS, block_rows
 
     assert block_rows(834, 2) == 27  # ceil(834 / (2 x 16)): 31 blocks, shares within a block
     assert block_rows(1343, 2) == 42
     assert block_rows(10_000, 2) == OUTPUT_ROWS == block_rows(4096, 2)
     assert block_rows(4097, 2) == OUTPUT_ROWS and block_rows(4095, 2) == 128
-    assert block_rows(5, 4) == 1 and block_rows(0, 2) == 1
+    assert block_rows(600, 2) == 19 and block_rows(500, 2) == MIN_BLOCK_ROWS == 16  # ceil(500 / 32) = 16
+    assert block_rows(400, 2) == block_rows(5, 4) == block_rows(0, 2) == MIN_BLOCK_ROWS
 
 
 @pytest.mark.ray

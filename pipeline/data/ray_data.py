@@ -30,6 +30,7 @@ from pipeline.errors import DataError
 
 OUTPUT_ROWS = 128  # the most decoded rows in one block
 BLOCKS_PER_WORKER = 16  # the fewest blocks a worker's share of a split is cut into
+MIN_BLOCK_ROWS = 16  # below this, Ray Data's per-block cost outweighs the balance
 
 # The decode stage's task cap is an upper bound sized to the cluster: a task whose rows come in
 # fewer blocks uses fewer tasks, as intended. Ray Data warns about that in whichever process
@@ -135,8 +136,11 @@ def block_rows(samples: int, world: int) -> int:
     and the lockstep loop runs as many steps as the larger share needs (the other worker's
     batches come short). Blocks of ``OUTPUT_ROWS`` gave 834 rows as 512 + 322 (128 steps of
     batch 8 instead of 105); at most a ``BLOCKS_PER_WORKER``-th of a share keeps the difference
-    to a few steps, and a large split keeps ``OUTPUT_ROWS``."""
-    return max(1, min(OUTPUT_ROWS, -(-samples // (max(world, 1) * BLOCKS_PER_WORKER))))
+    to a few steps, and a large split keeps ``OUTPUT_ROWS``. A tiny split still gets blocks of
+    ``MIN_BLOCK_ROWS``: every block costs Ray Data an object and a hand-over, and blocks of one
+    or two rows slowed the test suite's sweep (104 s, against 97 s at 16 and 88 s in one block
+    per worker; one run each)."""
+    return max(MIN_BLOCK_ROWS, min(OUTPUT_ROWS, -(-samples // (max(world, 1) * BLOCKS_PER_WORKER))))
 
 
 def split_dataset(
