@@ -76,12 +76,14 @@ def main() -> int:
     clip = method.clip
     result = {"run": str(args.run), "after": args.after, "task": args.task, "rows": len(ids),
               "labels": torch.bincount(labels, minlength=len(candidates)).tolist(), "variants": {}}  # fmt: skip
+    names = [plan.class_names[c] for c in candidates]
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in VARIANTS}
+    gates: dict[str, list[torch.Tensor]] = {name: [] for name in VARIANTS}
     with torch.no_grad():
-        for name, (image_gate, text_gate) in VARIANTS.items():
-            predictions, gates = [], []
-            for start in range(0, len(images), 100):
-                batch = backbone.normalize(images[start : start + 100])
-                tasks, shipped = method.infer_tasks(clip.features(batch))
+        for start in range(0, len(images), 100):
+            batch = backbone.normalize(images[start : start + 100])
+            tasks, shipped = method.infer_tasks(clip.features(batch))  # the frozen forward, once per batch
+            for name, (image_gate, text_gate) in VARIANTS.items():
                 weight = image_gate(shipped)
                 text_weight = weight.mean() if text_gate is None else text_gate(shipped)
                 with clip.routing(tasks, gate=weight):
@@ -91,19 +93,18 @@ def main() -> int:
                     with clip.routing(int(t), gate=text_weight.float().expand(len(prompts))):
                         text = clip.encode_text(prompts)
                     logits[tasks == t] = clip_logits(clip, image[tasks == t], text)
-                if text_gate is None and image_gate is VARIANTS["shipped"][0]:  # the replica is the method's own scoring
-                    assert torch.equal(
-                        logits.argmax(1), method.score(batch, candidates, [plan.class_names[c] for c in candidates]).argmax(1)
-                    )
-                predictions.append(torch.tensor(candidates)[logits.argmax(1)])
-                gates.append(weight)
-            predicted = torch.cat(predictions)
-            result["variants"][name] = {
-                "accuracy": float((predicted == labels).float().mean()),
-                "image_gate": float(torch.cat(gates).mean()),
-                "predicted": torch.bincount(predicted, minlength=len(candidates)).tolist(),
-            }
-            print(f"{name:26s} {json.dumps(result['variants'][name])}", flush=True)
+                if name == "shipped":  # the replica is the method's own scoring
+                    assert torch.equal(logits.argmax(1), method.score(batch, candidates, names).argmax(1))
+                predictions[name].append(torch.tensor(candidates)[logits.argmax(1)])
+                gates[name].append(weight)
+    for name in VARIANTS:
+        predicted = torch.cat(predictions[name])
+        result["variants"][name] = {
+            "accuracy": float((predicted == labels).float().mean()),
+            "image_gate": float(torch.cat(gates[name]).mean()),
+            "predicted": torch.bincount(predicted, minlength=len(candidates)).tolist(),
+        }
+        print(f"{name:26s} {json.dumps(result['variants'][name])}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as fh:
         fh.write(json.dumps(result) + "\n")
